@@ -1,0 +1,323 @@
+"""Typed, frozen configuration: dataclasses, YAML loading, `--set a.b=c` overrides, validation.
+
+Field names mirror HuggingFace's where one exists, so checkpoint conversion is a rename.
+Every error names the offending key (dotted path) and, when loaded from disk, the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LAYER_TYPES = ("full", "ssa", "blend")
+ARCHITECTURES = ("loza", "longcat_flash", "deepseek_v3")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """YaRN RoPE scaling with DeepSeek-V3 / HuggingFace semantics."""
+  type: str = "yarn"
+  factor: float = 1.0
+  original_max_position_embeddings: int = 4096
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  mscale: float = 1.0
+  mscale_all_dim: float = 0.0
+  attention_factor: float | None = None   # overrides the mscale ratio when set
+  truncate: bool = True                   # round the correction range to whole dims
+
+  def __post_init__(self):
+    if self.type != "yarn":
+      raise ValueError(f"rope_scaling.type: only 'yarn' is supported, got {self.type!r}")
+    if self.factor < 1.0:
+      raise ValueError(f"rope_scaling.factor must be >= 1, got {self.factor}")
+    if self.original_max_position_embeddings < 1:
+      raise ValueError("rope_scaling.original_max_position_embeddings must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder-only MLA transformer (DeepSeek-V3 / LongCat-Flash naming)."""
+  architecture: str = "loza"
+  vocab_size: int = 256
+  hidden_size: int = 128
+  intermediate_size: int = 384
+  num_hidden_layers: int = 4
+  num_attention_heads: int = 4
+  num_key_value_heads: int | None = None   # None = num_attention_heads (MLA default)
+  q_lora_rank: int = 0                     # 0 = direct q projection
+  kv_lora_rank: int = 64
+  qk_nope_head_dim: int = 32
+  qk_rope_head_dim: int = 16
+  v_head_dim: int = 32
+  rope_theta: float = 10000.0
+  rope_interleave: bool = True             # rotate (x[2i], x[2i+1]) pairs, as DeepSeek-V3 weights expect
+  rope_scaling: RopeScaling | None = None
+  max_position_embeddings: int = 4096
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = False
+  initializer_range: float = 0.02
+  dtype: str = "float32"                   # compute dtype
+  param_dtype: str = "float32"
+  remat: bool = False                      # rematerialise each decoder layer in the backward pass
+
+  def __post_init__(self):
+    if self.architecture not in ARCHITECTURES:
+      raise ValueError(f"model.architecture: unknown {self.architecture!r}; choose one of {ARCHITECTURES}")
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+    if self.qk_nope_head_dim < 0 or self.q_lora_rank < 0:
+      raise ValueError("model.qk_nope_head_dim and model.q_lora_rank must be >= 0")
+    if self.qk_rope_head_dim % 2:
+      raise ValueError(f"model.qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+    if self.num_attention_heads % self.kv_heads:
+      raise ValueError(f"model.num_key_value_heads={self.kv_heads} must divide "
+                       f"model.num_attention_heads={self.num_attention_heads}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f"model.{name}: unknown dtype {getattr(self, name)!r}; choose one of {DTYPES}")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_key_value_heads or self.num_attention_heads
+
+  @property
+  def qk_head_dim(self) -> int:
+    return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+  @property
+  def attention_sublayers_per_layer(self) -> int:
+    return 2 if self.architecture == "longcat_flash" else 1
+
+  @property
+  def num_attention_sublayers(self) -> int:
+    return self.num_hidden_layers * self.attention_sublayers_per_layer
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """Per-sublayer attention layout and the SSA pattern (DESIGN.md §1)."""
+  layer_types: tuple[str, ...] | None = None   # one of full|ssa|blend per attention sublayer; None = all full
+  block_size: int = 128
+  sink_blocks: int = 1
+  local_blocks: int = 7
+  granularity: str = "layer"                   # blend alpha: one per layer, or one per head
+  impl: str = "auto"                           # attention implementation (loza_jax.attention registry)
+
+  def __post_init__(self):
+    if self.layer_types is not None:
+      bad = [(i, t) for i, t in enumerate(self.layer_types) if t not in LAYER_TYPES]
+      if bad:
+        i, t = bad[0]
+        raise ValueError(f"attention.layer_types[{i}]: {t!r} is not one of {LAYER_TYPES}")
+    if self.block_size < 1 or self.local_blocks < 1 or self.sink_blocks < 0:
+      raise ValueError("attention: need block_size >= 1, local_blocks >= 1, sink_blocks >= 0; got "
+                       f"{self.block_size}, {self.local_blocks}, {self.sink_blocks}")
+    if self.granularity not in ("layer", "head"):
+      raise ValueError(f"attention.granularity: {self.granularity!r} is not 'layer' or 'head'")
+
+  def types_for(self, n_sublayers: int) -> tuple[str, ...]:
+    return self.layer_types if self.layer_types is not None else ("full",) * n_sublayers
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh shape; -1 in one axis takes the remaining devices."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  context: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Data pipeline settings (the trainer's data module reads these)."""
+  source: str = "stdlib"            # stdlib | files | synthetic
+  paths: tuple[str, ...] = ()
+  tokenizer: str = "byte"           # byte | path to a tokenizer.json
+  seq_len: int = 256
+  retrieval_fraction: float = 0.0
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation and run settings (the trainer fills in their use)."""
+  run_dir: str = "runs/default"
+  steps: int = 100
+  batch_size: int = 8
+  learning_rate: float = 3e-3
+  warmup_steps: int = 10
+  weight_decay: float = 0.1
+  grad_clip: float = 1.0
+  seed: int = 0
+  log_every: int = 10
+  checkpoint_every: int = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything a run needs; `attention.layer_types` must match the model's sublayer count."""
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+  def __post_init__(self):
+    n = self.model.num_attention_sublayers
+    lt = self.attention.layer_types
+    if lt is not None and len(lt) != n:
+      raise ValueError(f"attention.layer_types has {len(lt)} entries but the model has {n} attention "
+                       f"sublayers ({self.model.num_hidden_layers} layers x "
+                       f"{self.model.attention_sublayers_per_layer})")
+
+  @property
+  def layer_types(self) -> tuple[str, ...]:
+    return self.attention.types_for(self.model.num_attention_sublayers)
+
+
+# ----------------------------------------------------------------------------------------
+# Dict <-> dataclass with strict type checking.
+
+
+def _type_name(tp) -> str:
+  return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+  """Check/convert a YAML value to the annotated type; raise ValueError naming `key`."""
+  origin = typing.get_origin(tp)
+  if origin in (typing.Union, types.UnionType):
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+      return None
+    errors = []
+    for arg in args:
+      if arg is type(None):
+        continue
+      try:
+        return _convert(value, arg, key)
+      except ValueError as e:
+        errors.append(str(e))
+    raise ValueError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+  if dataclasses.is_dataclass(tp):
+    if isinstance(value, tp):
+      return value
+    if not isinstance(value, dict):
+      raise ValueError(f"{key}: expected a mapping for {tp.__name__}, got {type(value).__name__} {value!r}")
+    return from_dict(tp, value, prefix=key)
+  if origin is tuple:
+    if not isinstance(value, (list, tuple)):
+      raise ValueError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+    (elem,) = [a for a in typing.get_args(tp) if a is not Ellipsis]
+    return tuple(_convert(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
+  if tp is bool:
+    if not isinstance(value, bool):
+      raise ValueError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+    return value
+  if tp is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ValueError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+    return value
+  if tp is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ValueError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(float(value)):
+      raise ValueError(f"{key}: expected a finite number, got {value!r}")
+    return float(value)
+  if tp is str:
+    if not isinstance(value, str):
+      raise ValueError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+    return value
+  raise TypeError(f"{key}: unsupported annotation {_type_name(tp)}")
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+  """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise ValueError."""
+  hints = typing.get_type_hints(cls)
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(data) - fields)
+  if unknown:
+    where = f"{prefix}." if prefix else ""
+    raise ValueError(f"unknown key {where}{unknown[0]!r} (valid keys{' of ' + prefix if prefix else ''}: "
+                     f"{sorted(fields)})")
+  kwargs = {name: _convert(v, hints[name], f"{prefix}.{name}" if prefix else name) for name, v in data.items()}
+  return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+  """Plain nested dict (tuples as lists) suitable for YAML/JSON."""
+  def conv(x):
+    if dataclasses.is_dataclass(x):
+      return {f.name: conv(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, tuple):
+      return [conv(v) for v in x]
+    return x
+  return conv(cfg)
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+  """Apply `a.b=c` overrides (values parsed as YAML) to a nested dict, returning a new dict."""
+  data = yaml.safe_load(yaml.safe_dump(data)) or {}
+  for item in overrides:
+    if "=" not in item:
+      raise ValueError(f"--set {item!r}: expected key=value, e.g. train.steps=10")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+      node = node.setdefault(p, {})
+      if not isinstance(node, dict):
+        raise ValueError(f"--set {item!r}: {p!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+  return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+  """Load a YAML config (None = defaults) with overrides; errors name the key and the file."""
+  source = "<defaults>"
+  data: dict = {}
+  if path is not None:
+    path = Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f"config file not found: {path} (try configs/demo_cpu.yaml)")
+    source = str(path)
+    try:
+      data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+      raise ValueError(f"{source}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+      raise ValueError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
+  try:
+    data = apply_overrides(data, overrides)
+    return from_dict(Config, data)
+  except ValueError as e:
+    raise ValueError(f"{source}: {e}") from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+  Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def replace(cfg, **changes):
+  """dataclasses.replace that accepts dotted keys: replace(cfg, **{"attention.layer_types": (...)})."""
+  nested: dict[str, dict] = {}
+  direct = {}
+  for k, v in changes.items():
+    head, _, rest = k.partition(".")
+    if rest:
+      nested.setdefault(head, {})[rest] = v
+    else:
+      direct[k] = v
+  for head, sub in nested.items():
+    direct[head] = replace(getattr(cfg, head), **sub)
+  return dataclasses.replace(cfg, **direct)

@@ -1,0 +1,82 @@
+"""The decoder-only MLA language model (architecture `loza`): embed, N x (MLA + SwiGLU), norm, head."""
+from __future__ import annotations
+
+import flax.linen as nn
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+
+from loza_jax.attention import default_positions
+from loza_jax.config import Config
+from loza_jax.layers import RMSNorm, SwiGLU, constrain, dtype_of
+from loza_jax.mla import MLA
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm residual block: x + MLA(norm(x)), then x + MLP(norm(x))."""
+  config: Config
+  layer_type: str
+
+  @nn.compact
+  def __call__(self, x_BTM, segment_ids_BT, positions_BT):
+    c = self.config.model
+    dt, pdt = dtype_of(c.dtype), dtype_of(c.param_dtype)
+    h = RMSNorm(c.rms_norm_eps, dt, pdt, name="input_layernorm")(x_BTM)
+    x_BTM = x_BTM + MLA(c, self.config.attention, self.layer_type, name="self_attn")(h, segment_ids_BT, positions_BT)
+    h = RMSNorm(c.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(x_BTM)
+    x_BTM = x_BTM + SwiGLU(c.intermediate_size, dt, pdt, c.initializer_range, name="mlp")(h)
+    return constrain(x_BTM, ("batch", "length", "act_embed"))
+
+
+class Transformer(nn.Module):
+  """tokens [B, T] -> logits [B, T, V] (or final normed hidden states with return_hidden=True)."""
+  config: Config
+
+  @nn.compact
+  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, return_hidden: bool = False):
+    cfg = self.config
+    c = cfg.model
+    if c.architecture != "loza":
+      raise ValueError(f"Transformer implements architecture 'loza', config says {c.architecture!r}")
+    dt, pdt = dtype_of(c.dtype), dtype_of(c.param_dtype)
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
+    if positions_BT is None:
+      positions_BT = default_positions(segment_ids_BT)
+    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dt, param_dtype=pdt, name="embed_tokens",
+                     embedding_init=nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range),
+                                                                 ("vocab", "embed")))
+    x_BTM = constrain(embed(tokens_BT), ("batch", "length", "act_embed"))
+    layer_cls = nn.remat(DecoderLayer) if c.remat else DecoderLayer
+    for i, layer_type in enumerate(cfg.layer_types):
+      x_BTM = layer_cls(cfg, layer_type, name=f"layers_{i}")(x_BTM, segment_ids_BT, positions_BT)
+    x_BTM = RMSNorm(c.rms_norm_eps, dt, pdt, name="norm")(x_BTM)
+    if return_hidden:
+      return x_BTM
+    if c.tie_word_embeddings:
+      logits = embed.attend(x_BTM)
+    else:
+      kernel = self.param("lm_head", nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range),
+                                                                  ("embed", "vocab")), (c.hidden_size, c.vocab_size), pdt)
+      logits = jnp.dot(x_BTM, kernel.astype(dt))
+    return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+def build_model(cfg: Config) -> nn.Module:
+  """The Linen module for cfg.model.architecture."""
+  if cfg.model.architecture == "loza":
+    return Transformer(cfg)
+  raise ValueError(f"model.architecture {cfg.model.architecture!r} is not implemented yet")
+
+
+def init_params(cfg: Config, rng: jax.Array, seq_len: int = 8):
+  """Boxed (logically partitioned) params for cfg; unbox with nn.unbox / nn.meta.unbox."""
+  model = build_model(cfg)
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  return model.init(rng, tokens)["params"]
+
+
+def alpha_paths(params) -> list[tuple[str, ...]]:
+  """Paths of all blend alpha parameters, in sublayer order."""
+  flat = traverse_util.flatten_dict(nn.unbox(params))
+  return [k for k in flat if k[-1] == "alpha"]
