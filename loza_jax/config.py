@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,6 +18,7 @@ import yaml
 LAYER_TYPES = ("full", "ssa", "blend")
 ARCHITECTURES = ("loza", "longcat_flash", "deepseek_v3")
 DTYPES = ("float32", "bfloat16", "float16")
+MESH_AXES = ("data", "fsdp", "tensor", "context")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,37 +132,108 @@ class AttentionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh shape; -1 in one axis takes the remaining devices."""
+  """Device mesh shape (-1 in one axis takes the remaining devices) and multi-host start-up."""
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
   context: int = 1
+  distributed: bool = False       # call jax.distributed.initialize() (also when LOZA_DISTRIBUTED=1)
+  coordinator_address: str = ""   # host:port; empty = let JAX detect the cluster
+  num_processes: int = 0          # 0 = detect
+  process_id: int = -1            # -1 = detect
+
+  def __post_init__(self):
+    sizes = {a: getattr(self, a) for a in MESH_AXES}
+    for axis, size in sizes.items():
+      if size == 0 or size < -1:
+        raise ValueError(f"mesh.{axis} must be a positive size or -1 (the rest), got {size}")
+    if sum(size == -1 for size in sizes.values()) > 1:
+      raise ValueError(f"mesh: at most one axis may be -1, got {sizes}")
+
+
+DATA_SOURCES = ("stdlib", "files")
+RETRIEVAL_TASKS = ("passkey", "multikey", "multivalue", "vartrack")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Data pipeline settings (the trainer's data module reads these)."""
-  source: str = "stdlib"            # stdlib | files | synthetic
-  paths: tuple[str, ...] = ()
-  tokenizer: str = "byte"           # byte | path to a tokenizer.json
-  seq_len: int = 256
-  retrieval_fraction: float = 0.0
+  """Document source, tokenizer, packing and the synthetic retrieval mix (train/data.py)."""
+  source: str = "stdlib"            # stdlib (the interpreter's own .py files) | files
+  paths: tuple[str, ...] = ()       # .jsonl / .txt / .parquet files or directories (source: files)
+  text_key: str = "text"            # JSONL / Parquet field holding the document text
+  tokenizer: str = "byte"           # byte | path to a HuggingFace tokenizer.json
+  seq_len: int = 256                # packed row length; a multiple of attention.block_size
+  chunk_bytes: int = 0              # split documents into pieces of this many bytes; 0 = auto from seq_len
+  retrieval_fraction: float = 0.0   # share of documents that are synthetic retrieval tasks
+  retrieval_tasks: tuple[str, ...] = RETRIEVAL_TASKS
+  retrieval_lengths: tuple[int, ...] = ()   # task lengths in tokens; () = seq_len
+  retrieval_loss: str = "answer"    # answer: loss only on the answer span | all: on the whole task text
+  shuffle: bool = True
   seed: int = 0
+
+  def __post_init__(self):
+    if self.source not in DATA_SOURCES:
+      raise ValueError(f"data.source: unknown {self.source!r}; choose one of {DATA_SOURCES}")
+    if self.source == "files" and not self.paths:
+      raise ValueError("data.paths: source 'files' needs at least one path (.jsonl, .txt, .parquet or a directory)")
+    if self.seq_len < 2:
+      raise ValueError(f"data.seq_len must be >= 2, got {self.seq_len}")
+    if self.chunk_bytes < 0:
+      raise ValueError(f"data.chunk_bytes must be >= 0, got {self.chunk_bytes}")
+    if not 0.0 <= self.retrieval_fraction <= 1.0:
+      raise ValueError(f"data.retrieval_fraction must be in [0, 1], got {self.retrieval_fraction}")
+    bad = [t for t in self.retrieval_tasks if t not in RETRIEVAL_TASKS]
+    if bad or not self.retrieval_tasks:
+      raise ValueError(f"data.retrieval_tasks: {bad or 'empty'}; choose from {RETRIEVAL_TASKS}")
+    too_long = [n for n in self.retrieval_lengths if not 1 <= n <= self.seq_len]
+    if too_long:
+      raise ValueError(f"data.retrieval_lengths: {too_long[0]} is not in [1, data.seq_len={self.seq_len}]")
+    if self.retrieval_loss not in ("answer", "all"):
+      raise ValueError(f"data.retrieval_loss: {self.retrieval_loss!r} is not 'answer' or 'all'")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Optimisation and run settings (the trainer fills in their use)."""
+  """Optimisation, logging and checkpoint settings (train/trainer.py)."""
   run_dir: str = "runs/default"
   steps: int = 100
-  batch_size: int = 8
-  learning_rate: float = 3e-3
+  batch_size: int = 8               # global rows per step (split over processes and data x fsdp)
+  learning_rate: float = 3e-3       # peak of the warmup/cosine schedule
+  min_lr_ratio: float = 0.1         # cosine decays to learning_rate * min_lr_ratio
   warmup_steps: int = 10
+  decay_steps: int = 0              # cosine length incl. warmup; 0 = train.steps
   weight_decay: float = 0.1
-  grad_clip: float = 1.0
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  grad_clip: float = 1.0            # global-norm clip; 0 = off
+  z_loss: float = 0.0               # weight of mean(logsumexp(logits)^2)
+  trainable: str = ""               # regex on 'a/b/c' param paths; empty = all params
   seed: int = 0
   log_every: int = 10
-  checkpoint_every: int = 100
+  checkpoint_every: int = 100       # 0 = only at the end
+  keep_checkpoints: int = 3
+  async_checkpointing: bool = True
+  resume: bool = True               # continue from the latest checkpoint in run_dir
+  progress: bool = True             # tqdm bar (process 0)
+  tensorboard: bool = True
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("warmup_steps", "decay_steps", "checkpoint_every", "weight_decay", "grad_clip", "z_loss"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+    if self.learning_rate <= 0:
+      raise ValueError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+    if not 0.0 <= self.min_lr_ratio <= 1.0:
+      raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+    if self.trainable:
+      try:
+        re.compile(self.trainable)
+      except re.error as e:
+        raise ValueError(f"train.trainable: {self.trainable!r} is not a valid regex ({e})") from None
 
 
 @dataclasses.dataclass(frozen=True)
