@@ -1,0 +1,117 @@
+"""flash_attention: SSA / causal attention kernels behind one function with a custom VJP."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas import ssa_bwd, ssa_fwd, tiling
+from kernels_pallas.tile_io import KernelConfig
+
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+def input_problem(q_BTHD, k_BTKD, v_BTKE, block_size: int) -> str | None:
+  """Why the kernels cannot take these inputs (shapes, dtypes, head dims, tile), or None."""
+  if q_BTHD.ndim != 4 or k_BTKD.ndim != 4 or v_BTKE.ndim != 4:
+    return f"expected rank-4 q, k, v; got {q_BTHD.shape}, {k_BTKD.shape}, {v_BTKE.shape}"
+  B, T, H, D = q_BTHD.shape
+  if k_BTKD.shape[:2] != (B, T) or v_BTKE.shape[:3] != k_BTKD.shape[:3] or k_BTKD.shape[3] != D:
+    return f"shapes disagree: q {q_BTHD.shape}, k {k_BTKD.shape}, v {v_BTKE.shape}"
+  if H % k_BTKD.shape[2]:
+    return f"kv heads {k_BTKD.shape[2]} do not divide query heads {H}"
+  dtypes = {jnp.dtype(x.dtype) for x in (q_BTHD, k_BTKD, v_BTKE)}
+  if len(dtypes) != 1:
+    return f"q, k, v must share one dtype, got {sorted(str(d) for d in dtypes)}"
+  if dtypes.pop() not in {jnp.dtype(d) for d in SUPPORTED_DTYPES}:
+    return f"dtype {q_BTHD.dtype} is not one of bfloat16, float16, float32"
+  for name, dim in (("qk head dim D", D), ("v head dim E", v_BTKE.shape[3])):
+    problem = tiling.head_dim_problem(dim)
+    if problem:
+      return f"{name}: {problem}"
+  if block_size < 16 or block_size > 128 or block_size & (block_size - 1):
+    return f"block size {block_size} is not a power of two in [16, 128]"
+  return None
+
+
+def make_config(q_BTHD, k_BTKD, v_BTKE, *, scale, block_size, sink_blocks, local_blocks, interpret,
+                num_warps=None, num_stages=None) -> KernelConfig:
+  """Static kernel parameters for these inputs."""
+  T, H, D = q_BTHD.shape[1:]
+  precision = jax.lax.Precision.HIGHEST if q_BTHD.dtype == jnp.float32 else None
+  return KernelConfig(
+      scale=float(scale), tile=block_size, sink=sink_blocks if local_blocks is not None else 0,
+      local=local_blocks, seq_len=T, n_tiles=-(-T // block_size), d_parts=tiling.head_parts(D),
+      e_parts=tiling.head_parts(v_BTKE.shape[3]), groups=H // k_BTKD.shape[2], interpret=interpret,
+      precision=precision, num_warps=num_warps or (8 if block_size >= 128 else 4),
+      num_stages=num_stages or 2)
+
+
+def flash_attention(q_BTHD, k_BTKD, v_BTKE, segment_ids_BT=None, *, scale: float, block_size: int = 128,
+                    sink_blocks: int = 1, local_blocks: int | None = 7, interpret: bool = False,
+                    check_layout: bool = True, num_warps: int | None = None, num_stages: int | None = None):
+  """SSA (local_blocks set) or causal Full (local_blocks=None) attention -> (o_BTHE, lse_BHT).
+
+  segment_ids_BT: int [B, T], 0 = padding; None = one document per row. Every document must
+  start at a multiple of `block_size` and be one contiguous run of its id; this is checked
+  eagerly for concrete ids and by a jax.debug.callback under tracing (check_layout=False
+  skips it). Document positions are derived from the segment ids.
+  """
+  problem = input_problem(q_BTHD, k_BTKD, v_BTKE, block_size)
+  if problem:
+    raise ValueError(f"flash_attention: {problem}")
+  if local_blocks is not None and (local_blocks < 1 or sink_blocks < 0):
+    raise ValueError(f"flash_attention needs local_blocks >= 1 and sink_blocks >= 0, got "
+                     f"local_blocks={local_blocks}, sink_blocks={sink_blocks}")
+  B, T = q_BTHD.shape[:2]
+  cfg = make_config(q_BTHD, k_BTKD, v_BTKE, scale=scale, block_size=block_size, sink_blocks=sink_blocks,
+                    local_blocks=local_blocks, interpret=interpret, num_warps=num_warps, num_stages=num_stages)
+  if segment_ids_BT is None:
+    seg_BT = jnp.ones((B, T), jnp.int32)
+    start_BN = jnp.zeros((B, cfg.n_tiles), jnp.int32)
+    end_BN = jnp.full((B, cfg.n_tiles), cfg.n_tiles - 1, jnp.int32)
+  else:
+    if tuple(segment_ids_BT.shape) != (B, T):
+      raise ValueError(f"segment_ids must have shape {(B, T)}, got {tuple(segment_ids_BT.shape)}")
+    seg_BT = jnp.asarray(segment_ids_BT).astype(jnp.int32)
+    if check_layout:
+      if isinstance(segment_ids_BT, jax.core.Tracer):
+        tiling.check_layout_traced(seg_BT, block_size)
+      else:
+        tiling.check_layout_eager(seg_BT, block_size)
+    start_BN, end_BN = tiling.tile_layout(seg_BT, block_size)
+  return _attention(q_BTHD, k_BTKD, v_BTKE, seg_BT, start_BN, end_BN, cfg)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attention(q, k, v, seg, start, end, cfg):
+  return ssa_fwd.forward(q, k, v, seg, start, cfg)
+
+
+def _attention_fwd(q, k, v, seg, start, end, cfg):
+  o, lse = ssa_fwd.forward(q, k, v, seg, start, cfg)
+  return (o, lse), (q, k, v, start, end, o, lse)
+
+
+def needs_sink_pass(cfg: KernelConfig) -> bool:
+  """Some query tile reaches past its local window to a sink tile."""
+  return cfg.local is not None and cfg.sink > 0 and cfg.n_tiles > cfg.local
+
+
+def _attention_bwd(cfg, res, cot):
+  q, k, v, start, end, o, lse = res
+  do, dlse = cot
+  do = do.astype(q.dtype)
+  delta = jnp.einsum("bthe,bthe->bht", do.astype(jnp.float32), o.astype(jnp.float32)) - dlse
+  lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)          # rows that see nothing: p = 0
+  dq = ssa_bwd.dq(q, k, v, do, lse, delta, start, cfg)
+  dk, dv = ssa_bwd.dkv(q, k, v, do, lse, delta, end, cfg)
+  if needs_sink_pass(cfg):
+    pk, pv = ssa_bwd.sink_partials(q, k, v, do, lse, delta, start, end, cfg)
+    dk = ssa_bwd.add_sink_partials(dk, pk, start, end, cfg)
+    dv = ssa_bwd.add_sink_partials(dv, pv, start, end, cfg)
+  return dq, dk, dv, None, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
