@@ -68,6 +68,21 @@ class ModelConfig:
   dtype: str = "float32"                   # compute dtype
   param_dtype: str = "float32"
   remat: bool = False                      # rematerialise each decoder layer in the backward pass
+  # Real architectures (HF names). MoE: DeepSeek-V3 and LongCat-Flash; 0 routed experts = dense MLPs only.
+  n_routed_experts: int = 0
+  num_experts_per_tok: int = 0             # top-k (LongCat: moe_topk)
+  moe_intermediate_size: int = 0           # per-expert width (LongCat: expert_ffn_hidden_size)
+  n_shared_experts: int = 0                # DeepSeek-V3 shared experts, fused into one MLP
+  first_k_dense_replace: int = 0           # DeepSeek-V3: the first k layers use a dense MLP
+  n_group: int = 1                         # DeepSeek-V3 group-limited routing
+  topk_group: int = 1
+  routed_scaling_factor: float = 1.0
+  norm_topk_prob: bool = False
+  zero_expert_num: int = 0                 # LongCat-Flash identity ("zero-computation") experts
+  moe_impl: str = "ragged"                 # ragged (sorted grouped matmul) | dense (every expert on every token)
+  mla_scale_q_lora: bool = False           # LongCat-Flash: scale the q latent by sqrt(hidden/q_lora_rank)
+  mla_scale_kv_lora: bool = False          # ... and the kv latent by sqrt(hidden/kv_lora_rank)
+  latent_norm_eps: float | None = None     # eps of q_a/kv_a_layernorm; None = rms_norm_eps (HF uses 1e-6)
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
@@ -86,6 +101,8 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"model.{name}: unknown dtype {getattr(self, name)!r}; choose one of {DTYPES}")
+    if self.architecture != "loza":
+      _check_moe(self)
 
   @property
   def kv_heads(self) -> int:
@@ -102,6 +119,30 @@ class ModelConfig:
   @property
   def num_attention_sublayers(self) -> int:
     return self.num_hidden_layers * self.attention_sublayers_per_layer
+
+
+def _check_moe(c: "ModelConfig") -> None:
+  """Validate the MoE fields of a deepseek_v3 / longcat_flash model."""
+  if c.moe_impl not in ("ragged", "dense"):
+    raise ValueError(f"model.moe_impl: {c.moe_impl!r} is not 'ragged' or 'dense'")
+  if c.n_routed_experts < 1 or c.moe_intermediate_size < 1:
+    raise ValueError(f"model.architecture={c.architecture!r} needs model.n_routed_experts >= 1 and "
+                     f"model.moe_intermediate_size >= 1, got {c.n_routed_experts}, {c.moe_intermediate_size}")
+  n_choices = c.n_routed_experts + c.zero_expert_num
+  if not 1 <= c.num_experts_per_tok <= n_choices:
+    raise ValueError(f"model.num_experts_per_tok must be in [1, {n_choices}], got {c.num_experts_per_tok}")
+  if c.n_group < 1 or c.n_routed_experts % c.n_group or not 1 <= c.topk_group <= c.n_group:
+    raise ValueError(f"model.n_group={c.n_group} must divide model.n_routed_experts={c.n_routed_experts} and "
+                     f"1 <= model.topk_group={c.topk_group} <= n_group")
+  if c.num_experts_per_tok > c.topk_group * (c.n_routed_experts // c.n_group) + c.zero_expert_num:
+    raise ValueError(f"model.num_experts_per_tok={c.num_experts_per_tok} exceeds the experts in "
+                     f"topk_group={c.topk_group} groups")
+  if c.architecture == "longcat_flash" and c.q_lora_rank < 1:
+    raise ValueError("model.q_lora_rank: longcat_flash always uses a q LoRA; set q_lora_rank >= 1")
+  if c.architecture == "deepseek_v3" and c.zero_expert_num:
+    raise ValueError("model.zero_expert_num: zero (identity) experts are a longcat_flash feature")
+  if c.first_k_dense_replace < 0 or c.n_shared_experts < 0 or c.zero_expert_num < 0:
+    raise ValueError("model.first_k_dense_replace, n_shared_experts and zero_expert_num must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
