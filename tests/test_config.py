@@ -1,0 +1,66 @@
+"""Config loading: YAML, overrides, and one error test per validation rule."""
+import textwrap
+
+import pytest
+
+from loza_jax.config import Config, load_config, save_config, to_dict, from_dict, replace
+
+
+def write(tmp_path, text):
+  p = tmp_path / "c.yaml"
+  p.write_text(textwrap.dedent(text))
+  return p
+
+
+def test_shipped_configs_load():
+  demo = load_config("configs/demo_cpu.yaml")
+  assert demo.model.hidden_size == 128 and demo.attention.block_size == 16
+  big = load_config("configs/longcat_flash_attention.yaml")
+  assert (big.model.qk_head_dim, big.model.v_head_dim, big.model.num_attention_heads) == (192, 128, 64)
+  assert big.layer_types == ("full", "ssa")
+
+
+def test_overrides_and_roundtrip(tmp_path):
+  cfg = load_config("configs/demo_cpu.yaml", ["train.steps=7", "attention.layer_types=[ssa, full, blend, full]",
+                                              "model.rope_scaling={factor: 4.0}"])
+  assert cfg.train.steps == 7 and cfg.layer_types == ("ssa", "full", "blend", "full")
+  assert cfg.model.rope_scaling.factor == 4.0
+  save_config(cfg, tmp_path / "out.yaml")
+  assert load_config(tmp_path / "out.yaml") == cfg
+  assert from_dict(Config, to_dict(cfg)) == cfg
+  assert replace(cfg, **{"attention.block_size": 8}).attention.block_size == 8
+
+
+@pytest.mark.parametrize("text,match", [
+    ("model: {hidden_sise: 3}", r"unknown key model\.'hidden_sise'"),
+    ("modle: {}", r"unknown key 'modle'"),
+    ("model: {hidden_size: '128'}", r"model\.hidden_size: expected an integer"),
+    ("model: {tie_word_embeddings: 1}", r"model\.tie_word_embeddings: expected true/false"),
+    ("model: {rope_theta: abc}", r"model\.rope_theta: expected a number"),
+    ("attention: {layer_types: [full, full]}", r"layer_types has 2 entries but the model has 4"),
+    ("attention: {layer_types: [full, full, sparse, full]}", r"layer_types\[2\]: 'sparse'"),
+    ("model: {num_attention_heads: 4, num_key_value_heads: 3}", r"num_key_value_heads=3 must divide"),
+    ("attention: {granularity: token}", r"attention.granularity"),
+    ("attention: {block_size: 0}", r"block_size >= 1"),
+    ("model: {architecture: llama}", r"model.architecture: unknown 'llama'"),
+    ("model: {hidden_size: 0}", r"model.hidden_size must be >= 1"),
+    ("model: {qk_rope_head_dim: 7}", r"qk_rope_head_dim must be even"),
+    ("model: {dtype: fp8}", r"model.dtype: unknown dtype"),
+    ("model: {rope_scaling: {type: ntk}}", r"rope_scaling.type"),
+    ("model: {rope_scaling: {factr: 2}}", r"unknown key model.rope_scaling.'factr'"),
+    ("- a\n- b", r"top level must be a mapping"),
+])
+def test_validation_errors_name_key_and_file(tmp_path, text, match):
+  p = write(tmp_path, text)
+  with pytest.raises(ValueError, match=match) as e:
+    load_config(p)
+  assert str(p) in str(e.value)
+
+
+def test_missing_file_and_bad_override():
+  with pytest.raises(FileNotFoundError, match="nope.yaml"):
+    load_config("nope.yaml")
+  with pytest.raises(ValueError, match="expected key=value"):
+    load_config("configs/demo_cpu.yaml", ["train.steps"])
+  with pytest.raises(ValueError, match="configs/demo_cpu.yaml: unknown key train.'stepz'"):
+    load_config("configs/demo_cpu.yaml", ["train.stepz=3"])
