@@ -278,6 +278,93 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CalibrateConfig:
+  """Stage 1 (train/calibrate.py): train only the blend alphas of a frozen model."""
+  init: str = ""                    # model directory to calibrate (the pipeline fills it in)
+  objective: str = "distill"        # distill: MSE to the frozen full model's final hidden states | lm
+  alpha_l1: float = 0.05            # weight of mean(alpha), pushing towards sparsity
+  learning_rate: float = 0.02
+  steps: int = 100
+  warmup_steps: int = 0
+  seq_len: int = 0                  # 0 = data.seq_len
+  batch_size: int = 0               # 0 = train.batch_size
+  ratio: float = 0.5                # share of sublayers previewed as SSA in calibration.json / alpha.png
+
+  def __post_init__(self):
+    if self.objective not in ("distill", "lm"):
+      raise ValueError(f"calibrate.objective: {self.objective!r} is not 'distill' or 'lm'")
+    if self.steps < 1 or self.seq_len < 0 or self.batch_size < 0 or self.warmup_steps < 0:
+      raise ValueError("calibrate: steps must be >= 1 and seq_len, batch_size, warmup_steps >= 0")
+    if self.alpha_l1 < 0 or self.learning_rate <= 0:
+      raise ValueError("calibrate: alpha_l1 must be >= 0 and learning_rate > 0")
+    if not 0.0 <= self.ratio <= 1.0:
+      raise ValueError(f"calibrate.ratio must be in [0, 1], got {self.ratio}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsifyConfig:
+  """Stage 2 (train/sparsify.py): choose the SSA sublayers and write the sparse model."""
+  init: str = ""                    # model directory (weights to keep)
+  calibration: str = ""             # calibration.json (strategy alpha)
+  strategy: str = "alpha"           # alpha | random | alternating | manual
+  ratio: float = 0.5
+  seed: int = 0                     # for strategy random
+  layers: tuple[int, ...] = ()      # for strategy manual
+  out: str = ""                     # output model directory; "" = <train.run_dir>/model
+
+  def __post_init__(self):
+    if self.strategy not in ("alpha", "random", "alternating", "manual"):
+      raise ValueError(f"sparsify.strategy: unknown {self.strategy!r}; choose alpha|random|alternating|manual")
+    if not 0.0 <= self.ratio <= 1.0:
+      raise ValueError(f"sparsify.ratio must be in [0, 1], got {self.ratio}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MidtrainStage:
+  """One context-length stage of mid-training."""
+  seq_len: int
+  steps: int
+  learning_rate: float = 1e-3
+  warmup_steps: int = 0
+  batch_size: int = 0                       # 0 = train.batch_size
+  rope_scaling: RopeScaling | None = None   # e.g. YaRN factor growing with seq_len
+
+  def __post_init__(self):
+    if self.seq_len < 2 or self.steps < 1 or self.learning_rate <= 0 or self.batch_size < 0:
+      raise ValueError(f"midtrain.stages: need seq_len >= 2, steps >= 1, learning_rate > 0; got {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MidtrainConfig:
+  """Stage 3 (train/midtrain.py): train all weights of the sparse model through context stages."""
+  init: str = ""                            # sparse model directory
+  stages: tuple[MidtrainStage, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Stage 4 (train/evaluate.py): perplexity and the synthetic long-context suite."""
+  models: tuple[str, ...] = ()              # model directories, compared side by side
+  names: tuple[str, ...] = ()               # labels (default: directory names)
+  lengths: tuple[int, ...] = (256,)         # retrieval context lengths in tokens
+  depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+  tasks: tuple[str, ...] = ("passkey", "multikey", "multivalue", "vartrack")
+  samples: int = 4                          # examples per (task, length, depth) cell
+  ppl_rows: int = 8                         # held-out rows of data.seq_len tokens for perplexity
+  ppl_buckets: int = 4                      # position buckets for perplexity
+  batch_size: int = 8
+  seed: int = 1234
+
+  def __post_init__(self):
+    if self.names and len(self.names) != len(self.models):
+      raise ValueError(f"evaluate.names has {len(self.names)} entries for {len(self.models)} evaluate.models")
+    if any(n < 8 for n in self.lengths) or not all(0.0 <= d <= 1.0 for d in self.depths):
+      raise ValueError("evaluate: lengths must be >= 8 tokens and depths in [0, 1]")
+    if self.samples < 1 or self.ppl_rows < 0 or self.ppl_buckets < 1 or self.batch_size < 1:
+      raise ValueError("evaluate: samples, ppl_buckets, batch_size must be >= 1 and ppl_rows >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   """Everything a run needs; `attention.layer_types` must match the model's sublayer count."""
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -285,6 +372,10 @@ class Config:
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  calibrate: CalibrateConfig = dataclasses.field(default_factory=CalibrateConfig)
+  sparsify: SparsifyConfig = dataclasses.field(default_factory=SparsifyConfig)
+  midtrain: MidtrainConfig = dataclasses.field(default_factory=MidtrainConfig)
+  evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
   def __post_init__(self):
     n = self.model.num_attention_sublayers
