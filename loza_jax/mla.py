@@ -30,7 +30,8 @@ class MLA(nn.Module):
     Dn, R, E = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
     dt, pdt = dtype_of(c.dtype), dtype_of(c.param_dtype)
     kw = dict(dtype=dt, param_dtype=pdt, init_std=c.initializer_range)
-    norm = lambda name: RMSNorm(c.rms_norm_eps, dt, pdt, axis_name="norm", name=name)
+    latent_eps = c.rms_norm_eps if c.latent_norm_eps is None else c.latent_norm_eps
+    norm = lambda name: RMSNorm(latent_eps, dt, pdt, axis_name="norm", name=name)
 
     if c.q_lora_rank:
       q_lat = Dense(c.q_lora_rank, ("embed", "q_lora"), name="q_a_proj", **kw)(x_BTM)

@@ -66,6 +66,12 @@ def build_model(cfg: Config) -> nn.Module:
   """The Linen module for cfg.model.architecture."""
   if cfg.model.architecture == "loza":
     return Transformer(cfg)
+  if cfg.model.architecture == "deepseek_v3":
+    from loza_jax.deepseek_v3 import DeepseekV3Transformer
+    return DeepseekV3Transformer(cfg)
+  if cfg.model.architecture == "longcat_flash":
+    from loza_jax.longcat_flash import LongcatFlashTransformer
+    return LongcatFlashTransformer(cfg)
   raise ValueError(f"model.architecture {cfg.model.architecture!r} is not implemented yet")
 
 

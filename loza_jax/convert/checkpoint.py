@@ -1,0 +1,52 @@
+"""Model-only checkpoints: `<dir>/params` (orbax StandardCheckpointer, nested dict of arrays) + `<dir>/config.yaml`.
+
+The same layout as train/checkpoint.py's save_model/load_model, kept here so the library does not
+import the training package.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+import yaml
+
+from loza_jax.config import Config, from_dict, save_config
+
+CONFIG_FILE = "config.yaml"
+PARAMS_DIR = "params"
+
+
+def save_model(directory: str | Path, params: Any, cfg: Config) -> Path:
+  """Write params (numpy or jax arrays) and config.yaml into `directory`, which must not hold a model yet."""
+  directory = Path(directory).absolute()
+  if (directory / PARAMS_DIR).exists():
+    raise FileExistsError(f"save_model: {directory / PARAMS_DIR} already exists; pick a new --out directory")
+  directory.mkdir(parents=True, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(directory / PARAMS_DIR, params)
+    ckptr.wait_until_finished()
+  save_config(cfg, directory / CONFIG_FILE)
+  return directory
+
+
+def load_config_file(directory: str | Path) -> Config:
+  path = Path(directory) / CONFIG_FILE
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found; is {directory} a model directory written by "
+                            "`python -m loza_jax.convert import` or save_model?")
+  try:
+    return from_dict(Config, yaml.safe_load(path.read_text()) or {})
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
+
+
+def load_model(directory: str | Path) -> tuple[Any, Config]:
+  """(params as saved — numpy arrays on the host —, cfg) from a save_model directory."""
+  directory = Path(directory).absolute()
+  cfg = load_config_file(directory)
+  if not (directory / PARAMS_DIR).is_dir():
+    raise FileNotFoundError(f"{directory / PARAMS_DIR} not found; is {directory} a model directory?")
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(directory / PARAMS_DIR)
+  return params, cfg
