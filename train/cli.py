@@ -1,0 +1,40 @@
+"""Shared command line for the stages: `--config X.yaml [--set key=value ...] [--run-dir DIR]`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from loza_jax.config import Config, load_config
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(description=description)
+  ap.add_argument("--config", required=True, help="YAML config, e.g. configs/demo_cpu.yaml")
+  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                  help="override a config value (YAML syntax), e.g. --set train.steps=50; repeatable")
+  ap.add_argument("--run-dir", default=None, help="shorthand for --set train.run_dir=DIR")
+  ap.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+  return ap
+
+
+def setup_logging(level: str = "INFO") -> None:
+  logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                      datefmt="%H:%M:%S", stream=sys.stderr)
+  for noisy in ("absl", "jax._src.xla_bridge", "orbax", "jax._src.distributed"):
+    logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level)))
+
+
+def parse(description: str, argv: Sequence[str] | None = None,
+          ap: argparse.ArgumentParser | None = None) -> tuple[argparse.Namespace, Config]:
+  """Parse argv, set up logging and load the config; config errors exit with their message."""
+  ap = ap or parser(description)
+  args = ap.parse_args(argv)
+  setup_logging(args.log_level)
+  overrides = list(args.set) + ([f"train.run_dir={args.run_dir}"] if args.run_dir else [])
+  try:
+    cfg = load_config(args.config, overrides)
+  except (ValueError, FileNotFoundError) as e:
+    ap.exit(2, f"error: {e}\n")
+  return args, cfg
