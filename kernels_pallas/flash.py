@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import ssa_bwd, ssa_fwd, tiling
-from kernels_pallas.tile_io import KernelConfig
+from kernels_pallas.tile_io import KernelConfig, Tiles
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
@@ -35,28 +35,54 @@ def input_problem(q_BTHD, k_BTKD, v_BTKE, block_size: int) -> str | None:
   return None
 
 
+def default_tiles(block_size: int, interpret: bool) -> dict:
+  """Per-kernel launch shapes. Interpret mode uses whole blocks (fewest grid steps on CPU)."""
+  if interpret or block_size < 64:
+    whole = Tiles(block_size, block_size, 4, 2)
+    return dict(fwd=whole, dq=whole, dkv=whole)
+  half = block_size // 2
+  return dict(fwd=Tiles(block_size, half, 8, 2), dq=Tiles(block_size, half, 8, 2),
+              dkv=Tiles(half, half, 4, 2))
+
+
+def tiles_problem(tiles: dict, block_size: int) -> str | None:
+  """Why a per-kernel tile choice cannot work with this block size, or None."""
+  for name in ("fwd", "dq", "dkv"):
+    t = tiles.get(name)
+    if not isinstance(t, Tiles):
+      return f"tiles[{name!r}] must be a Tiles, got {t!r}"
+    for what, n in (("rows", t.rows), ("cols", t.cols)):
+      if n < 16 or n & (n - 1) or block_size % n:
+        return f"tiles[{name!r}].{what}={n} must be a power of two >= 16 dividing block size {block_size}"
+  return None
+
+
 def make_config(q_BTHD, k_BTKD, v_BTKE, *, scale, block_size, sink_blocks, local_blocks, interpret,
-                num_warps=None, num_stages=None) -> KernelConfig:
+                tiles=None) -> KernelConfig:
   """Static kernel parameters for these inputs."""
   T, H, D = q_BTHD.shape[1:]
+  tiles = {**default_tiles(block_size, interpret), **(tiles or {})}
+  problem = tiles_problem(tiles, block_size)
+  if problem:
+    raise ValueError(f"flash_attention: {problem}")
   precision = jax.lax.Precision.HIGHEST if q_BTHD.dtype == jnp.float32 else None
   return KernelConfig(
       scale=float(scale), tile=block_size, sink=sink_blocks if local_blocks is not None else 0,
       local=local_blocks, seq_len=T, n_tiles=-(-T // block_size), d_parts=tiling.head_parts(D),
       e_parts=tiling.head_parts(v_BTKE.shape[3]), groups=H // k_BTKD.shape[2], interpret=interpret,
-      precision=precision, num_warps=num_warps or (8 if block_size >= 128 else 4),
-      num_stages=num_stages or 2)
+      fwd=tiles["fwd"], dq=tiles["dq"], dkv=tiles["dkv"], precision=precision)
 
 
 def flash_attention(q_BTHD, k_BTKD, v_BTKE, segment_ids_BT=None, *, scale: float, block_size: int = 128,
                     sink_blocks: int = 1, local_blocks: int | None = 7, interpret: bool = False,
-                    check_layout: bool = True, num_warps: int | None = None, num_stages: int | None = None):
+                    check_layout: bool = True, tiles: dict | None = None):
   """SSA (local_blocks set) or causal Full (local_blocks=None) attention -> (o_BTHE, lse_BHT).
 
   segment_ids_BT: int [B, T], 0 = padding; None = one document per row. Every document must
   start at a multiple of `block_size` and be one contiguous run of its id; this is checked
   eagerly for concrete ids and by a jax.debug.callback under tracing (check_layout=False
-  skips it). Document positions are derived from the segment ids.
+  skips it). Document positions are derived from the segment ids. `tiles` overrides the
+  per-kernel launch shapes ({"fwd" | "dq" | "dkv": Tiles}).
   """
   problem = input_problem(q_BTHD, k_BTKD, v_BTKE, block_size)
   if problem:
@@ -66,7 +92,7 @@ def flash_attention(q_BTHD, k_BTKD, v_BTKE, segment_ids_BT=None, *, scale: float
                      f"local_blocks={local_blocks}, sink_blocks={sink_blocks}")
   B, T = q_BTHD.shape[:2]
   cfg = make_config(q_BTHD, k_BTKD, v_BTKE, scale=scale, block_size=block_size, sink_blocks=sink_blocks,
-                    local_blocks=local_blocks, interpret=interpret, num_warps=num_warps, num_stages=num_stages)
+                    local_blocks=local_blocks, interpret=interpret, tiles=tiles)
   if segment_ids_BT is None:
     seg_BT = jnp.ones((B, T), jnp.int32)
     start_BN = jnp.zeros((B, cfg.n_tiles), jnp.int32)

@@ -1,14 +1,14 @@
 """Backward kernels.
 
-- dQ: per (query tile, batch, head), over the same key tiles the forward visited.
-- dK/dV: per (key tile, batch, kv head), over the query tiles that see the key tile through
-  the local window (at most `local` tiles; all later tiles of the document for Full), summing
-  the query heads of the group.
-- Sink dK/dV: the sink tiles are seen by every later query tile of their document. That work
-  is split over chunks of `local + 1` query tiles; each program writes an fp32 partial for one
-  (chunk, sink slot) and XLA adds the partials into the sink tiles. A chunk this short never
-  holds sink visits of two documents: a document starting inside it has fewer than `local`
-  tiles there, and a query tile only reaches past its window after `local` tiles.
+- dQ: per (query rows, batch, head), over the same key tiles the forward visited.
+- dK/dV: per (key rows, batch, kv head), over the query blocks that see the key rows through
+  the local window (at most `local` blocks; all later blocks of the document for Full),
+  summing the query heads of the group.
+- Sink dK/dV: the sink blocks are seen by every later query block of their document. That
+  work is split over chunks of `local + 1` query blocks; each program writes an fp32 partial
+  for one (chunk, sink rows) and XLA adds the partials into the sink blocks. A chunk this short
+  never holds sink visits of two documents: a document starting inside it has fewer than
+  `local` blocks there, and a query block only reaches past its window after `local` blocks.
 
 Inputs: lse with +inf on rows that see nothing (so p = exp(s - lse) = 0 there), and
 delta = rowsum(dO * O) - dlse, which folds the lse cotangent into dS = P * (dP - delta).
@@ -22,13 +22,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels_pallas.ssa_fwd import query_tile_index
+from kernels_pallas.ssa_fwd import key_tile_loops, query_row_tile
 from kernels_pallas.tile_io import (
-    LOG2E, KernelConfig, causal_tile_mask, dot, load, load_parts, row_mask, store, visit_ranges)
+    LOG2E, KernelConfig, causal_mask, dot, load, load_parts, row_mask, store_parts)
 
-
-def _params(cfg):
-  return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+INF = float("inf")
 
 
 # ----------------------------------------------------------------------------------------
@@ -36,35 +34,35 @@ def _params(cfg):
 
 
 def _dq_kernel(start_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg):
-  tile = cfg.tile
-  i = query_tile_index(cfg)
-  rows_ok = row_mask(cfg, i)
-  q = load_parts(q_ref, i, cfg.d_parts, tile, rows_ok)
-  do = load_parts(do_ref, i, cfg.e_parts, tile, rows_ok)
-  lse2 = load(lse_ref, (pl.ds(i * tile, tile),), rows_ok, (tile,), other=float("inf")) * LOG2E
-  delta = load(delta_ref, (pl.ds(i * tile, tile),), rows_ok, (tile,))
+  rows, cols = cfg.dq.rows, cfg.dq.cols
+  r0 = query_row_tile(cfg, rows)
+  rows_ok = row_mask(cfg, r0, rows)
+  q = load_parts(q_ref, r0, rows, cfg.d_parts, rows_ok)
+  do = load_parts(do_ref, r0, rows, cfg.e_parts, rows_ok)
+  lse2 = load(lse_ref, (pl.ds(r0, rows),), rows_ok, (rows,), other=INF) * LOG2E
+  delta = load(delta_ref, (pl.ds(r0, rows),), rows_ok, (rows,))
   qk_scale = cfg.scale * LOG2E
 
-  def visit(j, dq, masked):
-    keys_ok = rows_ok if masked else None
-    k = load_parts(k_ref, j, cfg.d_parts, tile, keys_ok)
-    v = load_parts(v_ref, j, cfg.e_parts, tile, keys_ok)
+  def visit(c, dq, masked):
+    k0 = c * cols
+    keys_ok = row_mask(cfg, k0, cols) if masked else None
+    k = load_parts(k_ref, k0, cols, cfg.d_parts, keys_ok)
+    v = load_parts(v_ref, k0, cols, cfg.e_parts, keys_ok)
     s = sum(dot(qp, kp, trans_b=True, precision=cfg.precision) for qp, kp in zip(q, k)) * qk_scale
     if masked:
-      s = jnp.where(causal_tile_mask(tile), s, float("-inf"))
+      s = jnp.where(causal_mask(r0, rows, k0, cols), s, -INF)
     p = jnp.exp2(s - lse2[:, None])
-    dp = sum(dot(dp_, vp, trans_b=True, precision=cfg.precision) for dp_, vp in zip(do, v))
+    dp = sum(dot(g, vp, trans_b=True, precision=cfg.precision) for g, vp in zip(do, v))
     ds = (p * (dp - delta[:, None])).astype(k[0].dtype)
     return [a + dot(ds, kp, precision=cfg.precision) for a, kp in zip(dq, k)]
 
-  s0, s1, lo = visit_ranges(cfg, i, start_ref[i])
-  dq = [jnp.zeros((tile, size), jnp.float32) for _, size in cfg.d_parts]
+  sink, local, diag = key_tile_loops(cfg, r0, rows, cols, start_ref[r0 // cfg.tile])
+  dq = [jnp.zeros((rows, size), jnp.float32) for _, size in cfg.d_parts]
   body = functools.partial(visit, masked=False)
-  dq = jax.lax.fori_loop(s0, s1, body, dq)
-  dq = jax.lax.fori_loop(lo, i, body, dq)
-  dq = visit(i, dq, masked=True)
-  for (off, size), a in zip(cfg.d_parts, dq):
-    store(dq_ref, (pl.ds(i * tile, tile), pl.ds(off, size)), (a * cfg.scale).astype(dq_ref.dtype), rows_ok)
+  dq = jax.lax.fori_loop(*sink, body, dq)
+  dq = jax.lax.fori_loop(*local, body, dq)
+  dq = jax.lax.fori_loop(*diag, functools.partial(visit, masked=True), dq)
+  store_parts(dq_ref, r0, rows, cfg.d_parts, [a * cfg.scale for a in dq], rows_ok)
 
 
 def dq(q, k, v, do, lse_BHT, delta_BHT, start_BN, cfg: KernelConfig):
@@ -82,73 +80,79 @@ def dq(q, k, v, do, lse_BHT, delta_BHT, start_BN, cfg: KernelConfig):
       pl.BlockSpec((None, None, T), lambda i, b, h: (b, h, 0)),
   ]
   return pl.pallas_call(
-      functools.partial(_dq_kernel, cfg=cfg), grid=(n, B, H), in_specs=in_specs,
+      functools.partial(_dq_kernel, cfg=cfg), grid=(-(-T // cfg.dq.rows), B, H), in_specs=in_specs,
       out_specs=pl.BlockSpec((None, T, None, D), lambda i, b, h: (b, 0, h, 0)),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), compiler_params=_params(cfg),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), compiler_params=cfg.dq.params(),
       interpret=cfg.interpret, name="attention_bwd_dq",
   )(start_BN, q, k, v, do, lse_BHT, delta_BHT)
 
 
 # ----------------------------------------------------------------------------------------
-# dK / dV: shared tile step (transposed scores: rows are keys, columns are queries).
+# dK / dV: shared step (transposed scores: rows are keys, columns are queries).
 
 
-def _kv_step(k, v, q_ref, do_ref, lse_ref, delta_ref, i, g, carry, *, cfg, masked, rows_ok):
-  """Accumulate one (key tile, query tile i, head g) contribution into (dk parts, dv parts)."""
+def _kv_step(k, v, k0, q_ref, do_ref, lse_ref, delta_ref, c, g, carry, *, cfg, masked):
+  """Add the contribution of query rows [c*cols, (c+1)*cols) of head g to (dk parts, dv parts)
+  of the resident key rows [k0, k0 + rows)."""
   dk, dv = carry
-  tile = cfg.tile
-  q = load_parts(q_ref, i, cfg.d_parts, tile, rows_ok, lead=(g,))
-  do = load_parts(do_ref, i, cfg.e_parts, tile, rows_ok, lead=(g,))
-  lse2 = load(lse_ref, (g, pl.ds(i * tile, tile)), rows_ok, (tile,), other=float("inf")) * LOG2E
-  delta = load(delta_ref, (g, pl.ds(i * tile, tile)), rows_ok, (tile,))
+  rows, cols = cfg.dkv.rows, cfg.dkv.cols
+  q0 = c * cols
+  rows_ok = row_mask(cfg, q0, cols)
+  q = load_parts(q_ref, q0, cols, cfg.d_parts, rows_ok, lead=(g,))
+  do = load_parts(do_ref, q0, cols, cfg.e_parts, rows_ok, lead=(g,))
+  lse2 = load(lse_ref, (g, pl.ds(q0, cols)), rows_ok, (cols,), other=INF) * LOG2E
+  delta = load(delta_ref, (g, pl.ds(q0, cols)), rows_ok, (cols,))
   st = sum(dot(kp, qp, trans_b=True, precision=cfg.precision) for kp, qp in zip(k, q)) * (cfg.scale * LOG2E)
   if masked:
-    st = jnp.where(causal_tile_mask(tile, transposed=True), st, float("-inf"))
+    st = jnp.where(causal_mask(q0, cols, k0, rows, transposed=True), st, -INF)
   pt = jnp.exp2(st - lse2[None, :])
-  dv = [a + dot(pt.astype(dp_.dtype), dp_, precision=cfg.precision) for a, dp_ in zip(dv, do)]
-  dpt = sum(dot(vp, dp_, trans_b=True, precision=cfg.precision) for vp, dp_ in zip(v, do))
+  dv = [a + dot(pt.astype(gp.dtype), gp, precision=cfg.precision) for a, gp in zip(dv, do)]
+  dpt = sum(dot(vp, gp, trans_b=True, precision=cfg.precision) for vp, gp in zip(v, do))
   dst = (pt * (dpt - delta[None, :])).astype(q[0].dtype)
   dk = [a + dot(dst, qp, precision=cfg.precision) for a, qp in zip(dk, q)]
   return dk, dv
 
 
 def _zeros_kv(cfg):
-  return ([jnp.zeros((cfg.tile, s), jnp.float32) for _, s in cfg.d_parts],
-          [jnp.zeros((cfg.tile, s), jnp.float32) for _, s in cfg.e_parts])
+  rows = cfg.dkv.rows
+  return ([jnp.zeros((rows, s), jnp.float32) for _, s in cfg.d_parts],
+          [jnp.zeros((rows, s), jnp.float32) for _, s in cfg.e_parts])
 
 
 def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg):
-  tile = cfg.tile
-  j = pl.program_id(0)            # Full: tile 0 sees the most query tiles, so it starts first
-  keys_ok = row_mask(cfg, j)
-  k = load_parts(k_ref, j, cfg.d_parts, tile, keys_ok)
-  v = load_parts(v_ref, j, cfg.e_parts, tile, keys_ok)
+  rows, cols, tile = cfg.dkv.rows, cfg.dkv.cols, cfg.tile
+  k0 = pl.program_id(0) * rows       # Full: the first key rows see the most queries, so they start first
+  j = k0 // tile
+  per_block = tile // cols
+  keys_ok = row_mask(cfg, k0, rows)
+  k = load_parts(k_ref, k0, rows, cfg.d_parts, keys_ok)
+  v = load_parts(v_ref, k0, rows, cfg.e_parts, keys_ok)
   end = end_ref[j]
-  hi = end if cfg.local is None else jnp.minimum(j + cfg.local - 1, end)  # last query tile (incl.)
-  step = functools.partial(_kv_step, k, v, q_ref, do_ref, lse_ref, delta_ref, cfg=cfg)
+  hi = end if cfg.local is None else jnp.minimum(j + cfg.local - 1, end)   # last query block (incl.)
+  step = functools.partial(_kv_step, k, v, k0, q_ref, do_ref, lse_ref, delta_ref, cfg=cfg)
 
   def per_head(g, carry):
-    carry = step(j, g, carry, masked=True, rows_ok=keys_ok)
-    return jax.lax.fori_loop(j + 1, hi + 1, lambda i, c: step(i, g, c, masked=False, rows_ok=row_mask(cfg, i)),
-                             carry)
+    carry = jax.lax.fori_loop(k0 // cols, (j + 1) * per_block,
+                              lambda c, cr: step(c, g, cr, masked=True), carry)
+    return jax.lax.fori_loop((j + 1) * per_block, (hi + 1) * per_block,
+                             lambda c, cr: step(c, g, cr, masked=False), carry)
 
   dk, dv = jax.lax.fori_loop(0, cfg.groups, per_head, _zeros_kv(cfg))
-  for (off, size), a in zip(cfg.d_parts, dk):
-    store(dk_ref, (pl.ds(j * tile, tile), pl.ds(off, size)), (a * cfg.scale).astype(dk_ref.dtype), keys_ok)
-  for (off, size), a in zip(cfg.e_parts, dv):
-    store(dv_ref, (pl.ds(j * tile, tile), pl.ds(off, size)), a.astype(dv_ref.dtype), keys_ok)
+  store_parts(dk_ref, k0, rows, cfg.d_parts, [a * cfg.scale for a in dk], keys_ok)
+  store_parts(dv_ref, k0, rows, cfg.e_parts, dv, keys_ok)
 
 
-def _kv_in_specs(T, n, D, E, G, tiles_index):
-  """BlockSpecs for (meta, q, k, v, do, lse, delta) with grid (tile, b, kv-head-ish)."""
+def _kv_in_specs(T, n, D, E, G, split):
+  """BlockSpecs for (meta, q, k, v, do, lse, delta); split(*program ids) -> (b, kv head)."""
+  bk = lambda f: (lambda *a: f(*split(*a)))
   return [
-      pl.BlockSpec((None, n), lambda *a: (tiles_index(*a)[0], 0)),
-      pl.BlockSpec((None, T, None, G, D), lambda *a: (tiles_index(*a)[0], 0, tiles_index(*a)[1], 0, 0)),
-      pl.BlockSpec((None, T, None, D), lambda *a: (tiles_index(*a)[0], 0, tiles_index(*a)[1], 0)),
-      pl.BlockSpec((None, T, None, E), lambda *a: (tiles_index(*a)[0], 0, tiles_index(*a)[1], 0)),
-      pl.BlockSpec((None, T, None, G, E), lambda *a: (tiles_index(*a)[0], 0, tiles_index(*a)[1], 0, 0)),
-      pl.BlockSpec((None, None, G, T), lambda *a: (tiles_index(*a)[0], tiles_index(*a)[1], 0, 0)),
-      pl.BlockSpec((None, None, G, T), lambda *a: (tiles_index(*a)[0], tiles_index(*a)[1], 0, 0)),
+      pl.BlockSpec((None, n), bk(lambda b, kh: (b, 0))),
+      pl.BlockSpec((None, T, None, G, D), bk(lambda b, kh: (b, 0, kh, 0, 0))),
+      pl.BlockSpec((None, T, None, D), bk(lambda b, kh: (b, 0, kh, 0))),
+      pl.BlockSpec((None, T, None, E), bk(lambda b, kh: (b, 0, kh, 0))),
+      pl.BlockSpec((None, T, None, G, E), bk(lambda b, kh: (b, 0, kh, 0, 0))),
+      pl.BlockSpec((None, None, G, T), bk(lambda b, kh: (b, kh, 0, 0))),
+      pl.BlockSpec((None, None, G, T), bk(lambda b, kh: (b, kh, 0, 0))),
   ]
 
 
@@ -170,9 +174,10 @@ def dkv(q, k, v, do, lse_BHT, delta_BHT, end_BN, cfg: KernelConfig):
   out_specs = [pl.BlockSpec((None, T, None, D), lambda j, b, kh: (b, 0, kh, 0)),
                pl.BlockSpec((None, T, None, E), lambda j, b, kh: (b, 0, kh, 0))]
   return pl.pallas_call(
-      functools.partial(_dkv_kernel, cfg=cfg), grid=(n, B, K), in_specs=in_specs, out_specs=out_specs,
+      functools.partial(_dkv_kernel, cfg=cfg), grid=(-(-T // cfg.dkv.rows), B, K), in_specs=in_specs,
+      out_specs=out_specs,
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=_params(cfg), interpret=cfg.interpret, name="attention_bwd_dkv",
+      compiler_params=cfg.dkv.params(), interpret=cfg.interpret, name="attention_bwd_dkv",
   )(end_BN, qg, k, v, dog, lseg, deltag)
 
 
@@ -181,50 +186,53 @@ def dkv(q, k, v, do, lse_BHT, delta_BHT, end_BN, cfg: KernelConfig):
 
 
 def sink_chunk(cfg: KernelConfig) -> int:
-  """Query tiles per sink program (see module docstring for why local + 1 is the limit)."""
+  """Query blocks per sink program (see module docstring for why local + 1 is the limit)."""
   return cfg.local + 1
 
 
 def _sink_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, pk_ref, pv_ref, *, cfg):
-  tile, C = cfg.tile, sink_chunk(cfg)
-  c, r = pl.program_id(0), pl.program_id(1)
+  rows, cols, tile, C = cfg.dkv.rows, cfg.dkv.cols, cfg.tile, sink_chunk(cfg)
+  per_block = tile // cols
+  c, slot = pl.program_id(0), pl.program_id(1)
+  r, sub = slot // (tile // rows), slot % (tile // rows)     # sink block and key rows inside it
   first = c * C
   start, end = start_ref[first], end_ref[first]
-  jr = jnp.where(start >= 0, start + r, 0)                      # the sink key tile
-  lo = jnp.maximum(first, start + cfg.local + r)                # first query tile past its window
+  exists = (start >= 0) & (start + r <= end)                    # the document has this sink block
+  k0 = jnp.where(exists, start + r, 0) * tile + sub * rows
+  lo = jnp.maximum(first, start + cfg.local + r)                # first query block past its window
   hi = jnp.where(start >= 0, jnp.minimum(first + C - 1, end), -1)
-  keys_ok = row_mask(cfg, jr)
-  k = load_parts(k_ref, jr, cfg.d_parts, tile, keys_ok)
-  v = load_parts(v_ref, jr, cfg.e_parts, tile, keys_ok)
-  step = functools.partial(_kv_step, k, v, q_ref, do_ref, lse_ref, delta_ref, cfg=cfg, masked=False)
+  keys_ok = row_mask(cfg, k0, rows)
+  k = load_parts(k_ref, k0, rows, cfg.d_parts, keys_ok)
+  v = load_parts(v_ref, k0, rows, cfg.e_parts, keys_ok)
+  step = functools.partial(_kv_step, k, v, k0, q_ref, do_ref, lse_ref, delta_ref, cfg=cfg, masked=False)
 
   def per_head(g, carry):
-    return jax.lax.fori_loop(lo, hi + 1, lambda i, cr: step(i, g, cr, rows_ok=row_mask(cfg, i)), carry)
+    return jax.lax.fori_loop(lo * per_block, (hi + 1) * per_block, lambda i, cr: step(i, g, cr), carry)
 
   dk, dv = jax.lax.fori_loop(0, cfg.groups, per_head, _zeros_kv(cfg))
-  for (off, size), a in zip(cfg.d_parts, dk):
-    store(pk_ref, (slice(None), pl.ds(off, size)), a * cfg.scale)
-  for (off, size), a in zip(cfg.e_parts, dv):
-    store(pv_ref, (slice(None), pl.ds(off, size)), a)
+  store_parts(pk_ref, 0, rows, cfg.d_parts, [a * cfg.scale for a in dk], None)
+  store_parts(pv_ref, 0, rows, cfg.e_parts, dv, None)
 
 
 def sink_partials(q, k, v, do, lse_BHT, delta_BHT, start_BN, end_BN, cfg: KernelConfig):
-  """fp32 partial dK, dV of the sink tiles: [B, K, chunks, sink, tile, D/E]."""
+  """fp32 partial dK, dV of the sink blocks: [B, K, chunks, sink, tile, D/E]."""
   B, T, K, D = k.shape
   E = v.shape[3]
-  G, n, tile = cfg.groups, cfg.n_tiles, cfg.tile
+  G, n, tile, rows = cfg.groups, cfg.n_tiles, cfg.tile, cfg.dkv.rows
   nc = -(-n // sink_chunk(cfg))
+  sub = tile // rows
   qg, dog, lseg, deltag = _grouped(q, do, lse_BHT, delta_BHT, K)
   split = lambda c, r, bk: (bk // K, bk % K)
   in_specs = _kv_in_specs(T, n, D, E, G, split)
   in_specs.insert(0, pl.BlockSpec((None, n), lambda c, r, bk: (bk // K, 0)))
-  out_specs = [pl.BlockSpec((None, None, None, None, tile, D), lambda c, r, bk: (bk // K, bk % K, c, r, 0, 0)),
-               pl.BlockSpec((None, None, None, None, tile, E), lambda c, r, bk: (bk // K, bk % K, c, r, 0, 0))]
+  out_index = lambda c, r, bk: (bk // K, bk % K, c, r // sub, r % sub, 0)
+  out_specs = [pl.BlockSpec((None, None, None, None, rows, D), out_index),
+               pl.BlockSpec((None, None, None, None, rows, E), out_index)]
   out_shape = [jax.ShapeDtypeStruct((B, K, nc, cfg.sink, tile, D), jnp.float32),
                jax.ShapeDtypeStruct((B, K, nc, cfg.sink, tile, E), jnp.float32)]
   return pl.pallas_call(
-      functools.partial(_sink_kernel, cfg=cfg), grid=(nc, cfg.sink, B * K), in_specs=in_specs,
-      out_specs=out_specs, out_shape=out_shape, compiler_params=_params(cfg),
+      functools.partial(_sink_kernel, cfg=cfg), grid=(nc, cfg.sink * sub, B * K), in_specs=in_specs,
+      out_specs=out_specs, out_shape=out_shape, compiler_params=cfg.dkv.params(),
       interpret=cfg.interpret, name="ssa_attention_bwd_sink",
   )(start_BN, end_BN, qg, k, v, dog, lseg, deltag)
 

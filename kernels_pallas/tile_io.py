@@ -15,21 +15,35 @@ NEG_INF = float("-inf")
 
 
 @dataclasses.dataclass(frozen=True)
+class Tiles:
+  """Launch shape of one kernel: `rows` stay resident per program (queries for the forward and
+  dQ, keys for dK/dV), `cols` are the tiles its loop streams; both divide the block size."""
+  rows: int
+  cols: int
+  num_warps: int
+  num_stages: int
+
+  def params(self):
+    return plgpu.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+@dataclasses.dataclass(frozen=True)
 class KernelConfig:
   """Static parameters of one attention call (hashable; used as a custom_vjp nondiff arg)."""
   scale: float
-  tile: int                      # query and key tile = pattern block size
+  tile: int                      # pattern block size: document alignment and visit ranges
   sink: int                      # sink blocks (0 for Full)
   local: int | None              # local blocks; None = Full causal
   seq_len: int                   # T
-  n_tiles: int                   # ceil(T / tile)
+  n_tiles: int                   # ceil(T / tile) blocks
   d_parts: tuple                 # ((offset, size), ...) of the qk head dim
   e_parts: tuple                 # same for the v head dim
   groups: int                    # query heads per kv head
   interpret: bool
+  fwd: Tiles
+  dq: Tiles
+  dkv: Tiles                     # also used by the sink-partial kernel
   precision: object = None       # dot precision: HIGHEST for fp32 inputs
-  num_warps: int = 8
-  num_stages: int = 2
 
   @property
   def ragged(self) -> bool:
@@ -37,11 +51,12 @@ class KernelConfig:
     return self.seq_len % self.tile != 0
 
 
-def row_mask(cfg: KernelConfig, tile_index):
-  """Rows of tile `tile_index` that lie inside the sequence, or None if T is tile-aligned."""
+def row_mask(cfg: KernelConfig, first_row, n: int):
+  """Which of rows [first_row, first_row + n) lie inside the sequence; None if T is
+  block-aligned (then every tile is whole)."""
   if not cfg.ragged:
     return None
-  return tile_index * cfg.tile + jnp.arange(cfg.tile) < cfg.seq_len
+  return first_row + jnp.arange(n) < cfg.seq_len
 
 
 def load(ref, idx, mask_rows=None, shape=None, other=0.0):
@@ -63,13 +78,15 @@ def store(ref, idx, value, mask_rows=None):
   plgpu.store(view, value, mask=m)
 
 
-def load_parts(ref, rows, parts, tile, mask_rows, lead=()):
-  """Load the column slices `parts` of rows [rows*tile, rows*tile+tile) of ref[(*lead?), T, dim]."""
-  out = []
-  for off, size in parts:
-    idx = (pl.ds(rows * tile, tile), *lead, pl.ds(off, size))
-    out.append(load(ref, idx, mask_rows, (tile, size)))
-  return out
+def load_parts(ref, first_row, n, parts, mask_rows, lead=()):
+  """Column slices `parts` of rows [first_row, first_row + n) of ref[T, *lead, dim]."""
+  return [load(ref, (pl.ds(first_row, n), *lead, pl.ds(off, size)), mask_rows, (n, size)) for off, size in parts]
+
+
+def store_parts(ref, first_row, n, parts, values, mask_rows, lead=()):
+  """Store each value of `values` into its column slice of rows [first_row, first_row + n)."""
+  for (off, size), val in zip(parts, values):
+    store(ref, (pl.ds(first_row, n), *lead, pl.ds(off, size)), val.astype(ref.dtype), mask_rows)
 
 
 def dot(a, b, trans_b=False, precision=None):
@@ -88,9 +105,10 @@ def visit_ranges(cfg: KernelConfig, i, start):
   return start, sink_end, lo
 
 
-def causal_tile_mask(tile: int, transposed: bool = False):
-  """Diagonal-tile causal mask [q, k] (or [k, q] if transposed): key index <= query index."""
-  r = jnp.arange(tile)
+def causal_mask(q0, nq: int, k0, nk: int, transposed: bool = False):
+  """Causal mask [nq, nk] (or [nk, nq] if transposed) of query rows from q0, key rows from k0."""
+  q = q0 + jnp.arange(nq)
+  k = k0 + jnp.arange(nk)
   if transposed:
-    return r[:, None] <= r[None, :]
-  return r[None, :] <= r[:, None]
+    return k[:, None] <= q[None, :]
+  return k[None, :] <= q[:, None]

@@ -49,31 +49,26 @@ def tile_layout(segment_ids_BT: jax.Array, tile: int) -> tuple[jax.Array, jax.Ar
   return jnp.where(real, start, -1).astype(jnp.int32), jnp.where(real, end, -1).astype(jnp.int32)
 
 
-def _run_starts(seg_BT):
-  """Boolean [B, T]: token begins a run of a non-zero segment id."""
-  prev = jnp.concatenate([jnp.zeros_like(seg_BT[:, :1]), seg_BT[:, :-1]], axis=1)
-  return (seg_BT != 0) & (seg_BT != prev)
-
-
-def layout_violations(segment_ids_BT: jax.Array, tile: int) -> tuple[jax.Array, jax.Array]:
+def layout_violations(segment_ids_BT, tile: int, xp=jnp):
   """(misaligned_B, repeated_B): per row, the first token index of a document that does not
   start at a multiple of `tile` (-1 if none), and the first token index of a run whose segment
-  id already appeared in an earlier run of that row (-1 if none)."""
-  seg = segment_ids_BT.astype(jnp.int32)
+  id already appeared in an earlier run of that row (-1 if none). xp: numpy or jax.numpy."""
+  seg = segment_ids_BT.astype(xp.int32)
   B, T = seg.shape
-  idx = jnp.arange(T, dtype=jnp.int32)
-  starts = _run_starts(seg)
+  idx = xp.arange(T, dtype=xp.int32)
+  prev = xp.concatenate([xp.zeros_like(seg[:, :1]), seg[:, :-1]], axis=1)
+  starts = (seg != 0) & (seg != prev)
   bad = starts & (idx % tile != 0)
-  misaligned = jnp.where(bad.any(1), jnp.argmax(bad, axis=1), -1)
+  misaligned = xp.where(bad.any(1), xp.argmax(bad, axis=1), -1)
   # A run start whose id equals an earlier run start's id: sort (id, position) pairs of starts.
-  key = jnp.where(starts, seg, -1)
-  order = jnp.lexsort((jnp.broadcast_to(idx, (B, T)), key), axis=1)
-  key_sorted = jnp.take_along_axis(key, order, axis=1)
+  key = xp.where(starts, seg, -1)
+  order = xp.lexsort((xp.broadcast_to(idx, (B, T)), key), axis=1)
+  key_sorted = xp.take_along_axis(key, order, axis=1)
   dup_sorted = (key_sorted[:, 1:] == key_sorted[:, :-1]) & (key_sorted[:, 1:] > 0)
-  dup_pos = jnp.where(dup_sorted, order[:, 1:], T)
+  dup_pos = xp.where(dup_sorted, order[:, 1:], T)
   first_dup = dup_pos.min(axis=1, initial=T)
-  repeated = jnp.where(first_dup < T, first_dup, -1)
-  return misaligned.astype(jnp.int32), repeated.astype(jnp.int32)
+  repeated = xp.where(first_dup < T, first_dup, -1)
+  return misaligned.astype(xp.int32), repeated.astype(xp.int32)
 
 
 def layout_message(misaligned_B, repeated_B, segment_ids_BT, tile: int) -> str | None:
@@ -98,8 +93,9 @@ def layout_message(misaligned_B, repeated_B, segment_ids_BT, tile: int) -> str |
 
 def check_layout_eager(segment_ids_BT, tile: int) -> None:
   """Raise ValueError now if concrete segment ids break the kernel layout rules."""
-  mis, rep = layout_violations(jnp.asarray(segment_ids_BT), tile)
-  msg = layout_message(mis, rep, segment_ids_BT, tile)
+  seg = np.asarray(segment_ids_BT)
+  mis, rep = layout_violations(seg, tile, xp=np)
+  msg = layout_message(mis, rep, seg, tile)
   if msg:
     raise ValueError(msg)
 

@@ -5,8 +5,6 @@ output buffer as NaN, so an element the kernel never writes shows up as NaN and 
 """
 from __future__ import annotations
 
-import zlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,91 +12,17 @@ import pytest
 
 from kernels_pallas import flash_attention
 from kernels_pallas import tiling
+from kernels_pallas.tile_io import Tiles
 from kernels_pallas.triton_attention import unsupported_reason
 from loza_jax import attention as A
 
+from attention_checks import assert_close, assert_lse_close, compare_to_reference, random_inputs, aligned_segments
+
 KERNEL = "pallas_triton_interpret"
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 2e-2}
 
 
-def _rng(request) -> np.random.Generator:
-  return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
-
-
-def _segments(rng, B, T, block, max_docs, lead_pad=False):
-  """Random aligned packing: 1..max_docs documents per row, each starting at a block multiple,
-  ragged lengths, padding (id 0) after each document up to the next block boundary."""
-  seg = np.zeros((B, T), np.int32)
-  for b in range(B):
-    pos = block if (lead_pad and b == 0) else 0
-    n_docs = int(rng.integers(1, max_docs + 1))
-    for d in range(n_docs):
-      if pos >= T:
-        break
-      remaining = T - pos
-      length = remaining if d == n_docs - 1 else int(rng.integers(1, remaining + 1))
-      if d == n_docs - 1 and rng.random() < 0.5:
-        length = max(1, remaining - int(rng.integers(0, block)))  # trailing padding
-      seg[b, pos:pos + length] = 10 * b + d + 1
-      pos += -(-length // block) * block
-  return seg
-
-
-def _inputs(rng, B, T, H, K, D, E, dtype):
-  draw = lambda *shape: jnp.asarray(rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
-  return draw(B, T, H, D), draw(B, T, K, D), draw(B, T, K, E), draw(B, T, H, E), draw(B, H, T)
-
-
-def _assert_close(name, got, ref, tol):
-  """Relative error by norm and by max element (scaled by the reference's largest value);
-  NaN or Inf anywhere fails."""
-  got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
-  ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
-  assert got.shape == ref.shape, f"{name}: shape {got.shape} vs {ref.shape}"
-  assert np.isfinite(got).all(), f"{name}: {np.size(got) - np.isfinite(got).sum()} non-finite values"
-  scale = max(np.abs(ref).max(), 1e-30)
-  rel = np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30)
-  worst = np.abs(got - ref).max() / scale
-  assert rel <= tol and worst <= 4 * tol, f"{name}: rel err {rel:.3g}, max err/max|ref| {worst:.3g}, tol {tol}"
-
-
-def _assert_lse_close(got, ref, tol):
-  got, ref = np.asarray(got), np.asarray(ref)
-  assert not np.isnan(got).any(), "lse has NaN"
-  assert ((got == -np.inf) == (ref == -np.inf)).all(), "lse = -inf on different rows than the reference"
-  fin = np.isfinite(ref)
-  _assert_close("lse", got[fin], ref[fin], tol)
-
-
-def _value_and_grads(impl, pattern, q, k, v, seg, w_o, w_lse):
-  """o, lse and d(sum(o*w_o) + sum(lse*w_lse over visible rows))/d(q, k, v)."""
-  def loss(q, k, v):
-    o, lse = A.attention_with_lse(q, k, v, pattern=pattern, segment_ids=seg, impl=impl)
-    total = jnp.sum(o.astype(jnp.float32) * w_o)
-    if w_lse is not None:
-      total = total + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * w_lse)
-    return total, (o, lse)
-  (_, (o, lse)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-  return o, lse, grads
-
-
-def _compare(request, pattern, B, T, H, K, D, E, dtype, max_docs, *, lse_cot, ref_impl="xla_dense",
-             lead_pad=False):
-  rng = _rng(request)
-  block = pattern.block_size if isinstance(pattern, A.SSA) else 16
-  seg = jnp.asarray(_segments(rng, B, T, block, max_docs, lead_pad))
-  q, k, v, w_o, w_lse = _inputs(rng, B, T, H, K, D, E, dtype)
-  w_lse = w_lse if lse_cot else None
-  got = _value_and_grads(KERNEL, pattern, q, k, v, seg, w_o, w_lse)
-  up = lambda x: x.astype(jnp.float32)
-  ref = _value_and_grads(ref_impl, pattern, up(q), up(k), up(v), seg, w_o, w_lse)
-  tol = TOL[dtype]
-  assert got[0].dtype == dtype and got[1].dtype == jnp.float32
-  _assert_close("o", got[0], ref[0], tol)
-  _assert_lse_close(got[1], ref[1], tol)
-  for name, g, r in zip(("dq", "dk", "dv"), got[2], ref[2]):
-    assert g.dtype == dtype
-    _assert_close(name, g, r, tol)
+def _compare(rng, pattern, B, T, H, K, D, E, dtype, max_docs, **kw):
+  seg, got, _ = compare_to_reference(rng, KERNEL, pattern, B, T, H, K, D, E, dtype, max_docs, **kw)
   return seg, got
 
 
@@ -116,19 +40,19 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_kernel_matches_dense_oracle(request, case):
+def test_kernel_matches_dense_oracle(rng, case):
   pattern, B, T, H, K, D, E, dtype, max_docs, lse_cot = CASES[case]
-  _compare(request, pattern, B, T, H, K, D, E, dtype, max_docs, lse_cot=lse_cot, lead_pad=(case == "ssa_bf16"))
+  _compare(rng, pattern, B, T, H, K, D, E, dtype, max_docs, lse_cot=lse_cot, lead_pad=(case == "ssa_bf16"))
 
 
 @pytest.mark.parametrize("pattern", [A.SSA(16, 1, 2), A.Full()], ids=["ssa", "full"])
-def test_kernel_matches_xla_impl(request, pattern):
-  _compare(request, pattern, 2, 120, 2, 1, 32, 32, jnp.float32, 2, lse_cot=True, ref_impl="xla")
+def test_kernel_matches_xla_impl(rng, pattern):
+  _compare(rng, pattern, 2, 120, 2, 1, 32, 32, jnp.float32, 2, lse_cot=True, ref_impl="xla")
 
 
-def test_padding_rows_and_keys(request):
+def test_padding_rows_and_keys(rng):
   """Padding queries give o = 0, lse = -inf, dq = 0; padding keys get dk = dv = 0."""
-  seg, (o, lse, (dq, dk, dv)) = _compare(request, A.SSA(16, 1, 2), 1, 96, 2, 1, 32, 16, jnp.float32, 3,
+  seg, (o, lse, (dq, dk, dv)) = _compare(rng, A.SSA(16, 1, 2), 1, 96, 2, 1, 32, 16, jnp.float32, 3,
                                          lse_cot=True, lead_pad=True)
   pad = np.asarray(seg[0]) == 0
   assert pad.any()
@@ -137,19 +61,57 @@ def test_padding_rows_and_keys(request):
   assert (np.asarray(dk)[0, pad] == 0).all() and (np.asarray(dv)[0, pad] == 0).all()
 
 
-def test_full_direct_block32_matches_ssa_when_window_covers(request):
+def test_full_direct_block32_matches_ssa_when_window_covers(rng):
   """flash_attention with a 32-token Full tile; SSA whose window covers T equals Full."""
-  rng = _rng(request)
-  q, k, v, _, _ = _inputs(rng, 1, 100, 2, 2, 32, 32, jnp.float32)
-  seg = jnp.asarray(_segments(rng, 1, 100, 32, 2))
+  q, k, v, _, _ = random_inputs(rng, 1, 100, 2, 2, 32, 32, jnp.float32)
+  seg = jnp.asarray(aligned_segments(rng, 1, 100, 32, 2))
   o_full, lse_full = flash_attention(q, k, v, seg, scale=0.2, block_size=32, local_blocks=None, interpret=True)
   o_ssa, lse_ssa = flash_attention(q, k, v, seg, scale=0.2, block_size=32, sink_blocks=1, local_blocks=4,
                                    interpret=True)
   o_ref, lse_ref = A.attention_with_lse(q, k, v, pattern=A.Full(), segment_ids=seg, scale=0.2, impl="xla_dense")
-  _assert_close("o full", o_full, o_ref, 1e-5)
-  _assert_close("o ssa", o_ssa, o_ref, 1e-5)
-  _assert_lse_close(lse_full, lse_ref, 1e-5)
-  _assert_lse_close(lse_ssa, lse_ref, 1e-5)
+  assert_close("o full", o_full, o_ref, 1e-5)
+  assert_close("o ssa", o_ssa, o_ref, 1e-5)
+  assert_lse_close(lse_full, lse_ref, 1e-5)
+  assert_lse_close(lse_ssa, lse_ref, 1e-5)
+
+
+SUB_TILES = {
+    "rows32_cols16": dict(fwd=Tiles(32, 16, 4, 2), dq=Tiles(16, 32, 4, 2), dkv=Tiles(16, 16, 4, 2)),
+    "rows16_cols32": dict(fwd=Tiles(16, 32, 4, 2), dq=Tiles(32, 16, 4, 2), dkv=Tiles(32, 16, 4, 2)),
+}
+
+
+@pytest.mark.parametrize("local", [2, None], ids=["ssa_sink2", "full"])
+@pytest.mark.parametrize("tiles", list(SUB_TILES))
+def test_sub_tiles_match_oracle(rng, tiles, local):
+  """Kernels streaming tiles smaller than the 32-token block (the GPU launch shapes)."""
+  B, T, H, K, D, E = 2, 230, 4, 2, 48, 32
+  seg = jnp.asarray(aligned_segments(rng, B, T, 32, 3))
+  q, k, v, w_o, w_lse = random_inputs(rng, B, T, H, K, D, E, jnp.float32)
+  pattern = A.SSA(32, 2, local) if local else A.Full()
+
+  def loss(fn):
+    def f(q, k, v):
+      o, lse = fn(q, k, v)
+      return jnp.sum(o * w_o) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * w_lse), (o, lse)
+    return jax.jit(jax.value_and_grad(f, (0, 1, 2), has_aux=True))(q, k, v)
+
+  (_, (o, lse)), grads = loss(lambda q, k, v: flash_attention(
+      q, k, v, seg, scale=0.3, block_size=32, sink_blocks=2, local_blocks=local, interpret=True,
+      tiles=SUB_TILES[tiles]))
+  (_, (o_ref, lse_ref)), grads_ref = loss(lambda q, k, v: A.attention_with_lse(
+      q, k, v, pattern=pattern, segment_ids=seg, scale=0.3, impl="xla_dense"))
+  assert_close("o", o, o_ref, 1e-5)
+  assert_lse_close(lse, lse_ref, 1e-5)
+  for name, g, r in zip(("dq", "dk", "dv"), grads, grads_ref):
+    assert_close(name, g, r, 1e-5)
+
+
+def test_bad_tiles_raise():
+  q, k, v = _small_qkv()
+  with pytest.raises(ValueError, match="must be a power of two >= 16 dividing block size 32"):
+    flash_attention(q, k, v, scale=1.0, block_size=32, local_blocks=2, interpret=True,
+                    tiles=dict(fwd=Tiles(64, 32, 4, 2)))
 
 
 def test_nan_never_passes():
@@ -157,9 +119,9 @@ def test_nan_never_passes():
   bad = ref.copy()
   bad[1, 2] = np.nan
   with pytest.raises(AssertionError):
-    _assert_close("x", bad, ref, 1e-5)
+    assert_close("x", bad, ref, 1e-5)
   with pytest.raises(AssertionError):
-    _assert_lse_close(np.array([np.nan, 0.0]), np.array([0.0, 0.0]), 1e-5)
+    assert_lse_close(np.array([np.nan, 0.0]), np.array([0.0, 0.0]), 1e-5)
 
 
 def _misaligned():
@@ -171,7 +133,7 @@ def _misaligned():
 
 def _small_qkv(T=64):
   rng = np.random.default_rng(0)
-  q, k, v, _, _ = _inputs(rng, 2, T, 2, 1, 16, 16, jnp.float32)
+  q, k, v, _, _ = random_inputs(rng, 2, T, 2, 1, 16, 16, jnp.float32)
   return q, k, v
 
 

@@ -1,0 +1,65 @@
+"""Pallas Triton attention kernels on a GPU against the XLA references in fp32.
+
+Run on a GPU machine: pytest -m gpu tests/test_kernels_gpu.py (skipped elsewhere).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from loza_jax import attention as A
+
+from attention_checks import compare_to_reference
+
+pytestmark = pytest.mark.gpu
+KERNEL = "pallas_triton"
+MLA = dict(H=16, D=192, E=128)
+
+
+def _report(name, errs):
+  print(f"{name}: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+
+
+@pytest.mark.parametrize("B, T, K, max_docs", [(1, 32768, 16, 1), (2, 16384 + 77, 4, 3)],
+                         ids=["ssa_32k_one_doc", "ssa_16k_packed_ragged_gqa"])
+def test_ssa_real_size(rng, B, T, K, max_docs):
+  """SSA(128, 1, 7), MLA head dims, bf16, against the blockwise XLA reference in fp32."""
+  _, _, errs = compare_to_reference(rng, KERNEL, A.SSA(128, 1, 7), B, T, MLA["H"], K, MLA["D"], MLA["E"],
+                                    jnp.bfloat16, max_docs, lse_cot=True, ref_impl="xla")
+  _report(f"ssa B={B} T={T} K={K}", errs)
+
+
+def test_full_real_size(rng):
+  """Causal Full, MLA head dims, bf16, packed ragged documents, against XLA flash in fp32."""
+  _, _, errs = compare_to_reference(rng, KERNEL, A.Full(), 2, 4096 + 33, MLA["H"], 16, MLA["D"], MLA["E"],
+                                    jnp.bfloat16, 3, lse_cot=True, ref_impl="xla", block=128)
+  _report("full B=2 T=4129", errs)
+
+
+def test_fp32_inputs(rng):
+  """fp32 inputs use IEEE fp32 dots: 1e-5 against the dense oracle."""
+  _, _, errs = compare_to_reference(rng, KERNEL, A.SSA(64, 1, 3), 2, 700, 4, 2, 192, 128, jnp.float32, 3,
+                                    lse_cot=True)
+  _report("ssa fp32", errs)
+
+
+_SWEEP = np.random.default_rng(20261128)
+SWEEP_CASES = []
+for _ in range(8):
+  pattern = [A.SSA(128, 1, 7), A.SSA(64, 2, 3), A.SSA(128, 0, 2), A.SSA(32, 1, 4), A.Full()][_SWEEP.integers(5)]
+  H, K = [(4, 4), (4, 2), (4, 1), (8, 2)][_SWEEP.integers(4)]
+  D, E = [(64, 64), (128, 128), (192, 128), (128, 64)][_SWEEP.integers(4)]
+  dtype = [jnp.bfloat16, jnp.float16][_SWEEP.integers(2)]
+  SWEEP_CASES.append((pattern, int(_SWEEP.integers(1, 3)), int(_SWEEP.integers(100, 3000)), H, K, D, E, dtype,
+                      int(_SWEEP.integers(1, 4)), bool(_SWEEP.integers(2))))
+
+
+@pytest.mark.parametrize("case", SWEEP_CASES, ids=lambda c: f"{c[0]}-B{c[1]}-T{c[2]}-H{c[3]}K{c[4]}-D{c[5]}E{c[6]}")
+def test_random_sweep(rng, case):
+  """Random patterns, head layouts, head dims and dtypes against the dense oracle."""
+  pattern, B, T, H, K, D, E, dtype, max_docs, lse_cot = case
+  block = pattern.block_size if isinstance(pattern, A.SSA) else 128
+  _, _, errs = compare_to_reference(rng, KERNEL, pattern, B, T, H, K, D, E, dtype, max_docs, lse_cot=lse_cot,
+                                    block=block)
+  _report(str(case), errs)
