@@ -424,6 +424,9 @@ def build_dataset(cfg: Config, rows: int, *, seed: int | None = None, process_in
     text = text.shuffle(seed=seed)
   text = text.repeat()
   if d.retrieval_fraction > 0:
+    for kind in d.retrieval_tasks:   # fail now, not on the first draw of a task that cannot fit
+      make_retrieval_example(kind, min(d.retrieval_lengths or (d.seq_len,)), 0.5, np.random.default_rng(0),
+                             corpus, tokenizer)
     tasks = grain.MapDataset.source(RetrievalSource(corpus, tokenizer, d, seed))
     ds = tasks if d.retrieval_fraction >= 1 else grain.MapDataset.mix(
         [text, tasks], weights=[1.0 - d.retrieval_fraction, d.retrieval_fraction])

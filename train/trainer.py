@@ -235,7 +235,7 @@ class Trainer:
     tokens = jnp.zeros((1, min(cfg.data.seq_len, 8 * cfg.attention.block_size)), jnp.int32)
     self._boxed_params = jax.eval_shape(lambda: self.model.init(self._init_rng, tokens)["params"])
     self.param_shardings = shd.tree_shardings(self._boxed_params, self.mesh, self.rules)
-    abstract_params = nn.unbox(self._boxed_params)
+    self._abstract_params = abstract_params = nn.unbox(self._boxed_params)
     self.trainable_paths = sorted(k for k in _flat(abstract_params) if self.is_trainable(k))
     if not self.trainable_paths:
       raise ValueError(f"train.trainable={cfg.train.trainable!r} (or the trainable= argument) selects no parameter; "
@@ -273,10 +273,11 @@ class Trainer:
 
   def init_state(self) -> TrainState:
     """Fresh state: params from `init_params` (checked and resharded) or initialised sharded."""
+    if self._init_params is not None:
+      params = nn.unbox(self._init_params)
+      check_compatible(self._abstract_params, params, "init_params")
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       if self._init_params is not None:
-        params = nn.unbox(self._init_params)
-        check_compatible(nn.unbox(self._boxed_params), params, "init_params")
         params = jax.device_put(params, self.param_shardings)
         return jax.jit(self._make_state, out_shardings=self.state_shardings)(params)
       tokens = jnp.zeros((1, min(self.cfg.data.seq_len, 8 * self.cfg.attention.block_size)), jnp.int32)
@@ -297,7 +298,7 @@ class Trainer:
     (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
     updates, opt_state = self.tx.update(grads, state.opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": self.schedule(state.step), **aux}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": self.schedule(state.step), **aux}
     new = TrainState(step=state.step + 1, params=merge_params(trainable, frozen), opt_state=opt_state, rng=rng)
     return new, metrics
 
