@@ -138,10 +138,15 @@ def merge_params(trainable, frozen):
 
 
 def make_schedule(cfg: Config) -> optax.Schedule:
+  """Linear warmup to the peak over warmup_steps, cosine to peak * min_lr_ratio at decay_steps.
+
+  Step s (0-based) uses the value at s + 1, so the first update is not wasted on lr = 0.
+  """
   t = cfg.train
-  decay = t.decay_steps or t.steps
-  return optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, min(t.warmup_steps, max(decay - 1, 0)),
-                                            max(decay, 1), t.learning_rate * t.min_lr_ratio)
+  decay = max(t.decay_steps or t.steps, 1)
+  base = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, min(t.warmup_steps, decay - 1), decay,
+                                            t.learning_rate * t.min_lr_ratio)
+  return lambda step: base(step + 1)
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
@@ -216,7 +221,8 @@ class Trainer:
 
   def __init__(self, cfg: Config, model: nn.Module | None = None, *, loss_fn: LossFn | None = None,
                trainable: Trainable = None, init_params: Any = None, mesh=None, run_dir: str | Path | None = None,
-               hooks: Sequence[Callable[["Trainer", int], None]] = (), print_fn: Callable[[str], None] | None = None):
+               hooks: Sequence[Callable[["Trainer", int], None]] = (), print_fn: Callable[[str], None] | None = None,
+               tx: optax.GradientTransformation | None = None):
     self.cfg = cfg
     self.model = model or build_model(cfg)
     self.loss_fn = loss_fn or make_lm_loss(self.model, cfg.train.z_loss)
@@ -226,7 +232,7 @@ class Trainer:
     self.run_dir = Path(run_dir or cfg.train.run_dir)
     self.hooks = tuple(hooks)
     self.print_fn = print_fn
-    self.tx = make_optimizer(cfg)
+    self.tx = tx or make_optimizer(cfg)     # a custom optimizer (e.g. with a projection) may replace it
     self.schedule = make_schedule(cfg)
     self._check_batch_layout()
 
