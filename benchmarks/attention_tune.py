@@ -21,12 +21,9 @@ from kernels_pallas.tile_io import Tiles
 
 B, H, D, E = 1, 16, 192, 128
 
-FWD = [Tiles(128, 64, 8, 2), Tiles(128, 64, 8, 3), Tiles(128, 128, 8, 2), Tiles(64, 64, 4, 3),
-       Tiles(128, 32, 8, 3), Tiles(64, 128, 4, 2)]
-DQ = [Tiles(128, 64, 8, 2), Tiles(128, 32, 8, 2), Tiles(64, 64, 4, 2), Tiles(64, 64, 8, 2),
-      Tiles(64, 32, 4, 3), Tiles(128, 64, 8, 1)]
-DKV = [Tiles(64, 64, 4, 2), Tiles(64, 64, 8, 2), Tiles(128, 32, 8, 2), Tiles(128, 64, 8, 2),
-       Tiles(64, 32, 4, 3), Tiles(32, 64, 4, 2)]
+FWD = [Tiles(128, 64, 8, 3), Tiles(128, 64, 8, 4), Tiles(128, 128, 8, 2), Tiles(128, 64, 8, 2)]
+DQ = [Tiles(128, 64, 8, 2), Tiles(128, 64, 8, 3), Tiles(64, 32, 4, 3), Tiles(64, 64, 4, 3)]
+DKV = [Tiles(64, 32, 4, 3), Tiles(64, 32, 4, 4), Tiles(64, 32, 8, 3), Tiles(128, 64, 8, 2)]
 
 
 def inputs(T):
@@ -47,11 +44,12 @@ def tune(T, local, rows_out):
   start = jnp.zeros((B, n), jnp.int32)
   end = jnp.full((B, n), n - 1, jnp.int32)
   o, lse = jax.jit(lambda q, k, v: ssa_fwd.forward(q, k, v, seg, start, base))(q, k, v)
-  delta = jnp.einsum("bthe,bthe->bht", do.astype(jnp.float32), o.astype(jnp.float32))
+  dlse = jnp.zeros_like(lse)
+  _, delta = jax.jit(lambda *a: ssa_bwd.dq(*a, start, base))(q, k, v, o, do, lse, dlse)
   name = "ssa" if local else "full"
   jobs = [("fwd", t, lambda c: jax.jit(lambda q, k, v: ssa_fwd.forward(q, k, v, seg, start, c)), (q, k, v))
           for t in FWD]
-  jobs += [("dq", t, lambda c: jax.jit(lambda *a: ssa_bwd.dq(*a, start, c)), (q, k, v, do, lse, delta))
+  jobs += [("dq", t, lambda c: jax.jit(lambda *a: ssa_bwd.dq(*a, start, c)), (q, k, v, o, do, lse, dlse))
            for t in DQ]
   jobs += [("dkv", t, lambda c: jax.jit(lambda *a: ssa_bwd.dkv(*a, end, c)), (q, k, v, do, lse, delta))
            for t in DKV]
@@ -74,7 +72,7 @@ def tune(T, local, rows_out):
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--seq", type=int, default=131072)
-  p.add_argument("--full-seq", type=int, default=32768)
+  p.add_argument("--full-seq", type=int, default=0)
   args = p.parse_args(argv)
   rows = []
   tune(args.seq, 7, rows)

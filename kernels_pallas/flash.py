@@ -35,14 +35,20 @@ def input_problem(q_BTHD, k_BTKD, v_BTKE, block_size: int) -> str | None:
   return None
 
 
-def default_tiles(block_size: int, interpret: bool) -> dict:
-  """Per-kernel launch shapes. Interpret mode uses whole blocks (fewest grid steps on CPU)."""
-  if interpret or block_size < 64:
+def default_tiles(block_size: int, interpret: bool, full: bool = False, dtype=jnp.bfloat16) -> dict:
+  """Per-kernel launch shapes (picked with benchmarks/attention_tune.py on an H100 at
+  D=192, E=128; see kernels_pallas/NOTES.md). Interpret mode uses whole blocks (fewest grid
+  steps on CPU); fp32 inputs use smaller tiles so that fp32 operands fit in shared memory."""
+  if interpret or block_size < 32:
     whole = Tiles(block_size, block_size, 4, 2)
     return dict(fwd=whole, dq=whole, dkv=whole)
-  half = block_size // 2
-  return dict(fwd=Tiles(block_size, half, 8, 2), dq=Tiles(block_size, half, 8, 2),
-              dkv=Tiles(half, half, 4, 2))
+  b = lambda n: min(n, block_size)
+  if jnp.dtype(dtype) == jnp.float32:
+    small = Tiles(b(64), b(32), 4, 2)
+    return dict(fwd=small, dq=small, dkv=Tiles(b(32), b(32), 4, 2))
+  fwd = Tiles(b(128), b(64), 8 if b(128) >= 128 else 4, 3)
+  dq = Tiles(b(64), b(32), 4, 3) if full else Tiles(b(128), b(64), 8 if b(128) >= 128 else 4, 2)
+  return dict(fwd=fwd, dq=dq, dkv=Tiles(b(64), b(32), 4, 3))
 
 
 def tiles_problem(tiles: dict, block_size: int) -> str | None:
@@ -61,7 +67,7 @@ def make_config(q_BTHD, k_BTKD, v_BTKE, *, scale, block_size, sink_blocks, local
                 tiles=None) -> KernelConfig:
   """Static kernel parameters for these inputs."""
   T, H, D = q_BTHD.shape[1:]
-  tiles = {**default_tiles(block_size, interpret), **(tiles or {})}
+  tiles = {**default_tiles(block_size, interpret, local_blocks is None, q_BTHD.dtype), **(tiles or {})}
   problem = tiles_problem(tiles, block_size)
   if problem:
     raise ValueError(f"flash_attention: {problem}")
@@ -129,9 +135,8 @@ def _attention_bwd(cfg, res, cot):
   q, k, v, start, end, o, lse = res
   do, dlse = cot
   do = do.astype(q.dtype)
-  delta = jnp.einsum("bthe,bthe->bht", do.astype(jnp.float32), o.astype(jnp.float32)) - dlse
   lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)          # rows that see nothing: p = 0
-  dq = ssa_bwd.dq(q, k, v, do, lse, delta, start, cfg)
+  dq, delta = ssa_bwd.dq(q, k, v, o, do, lse, dlse.astype(jnp.float32), start, cfg)
   dk, dv = ssa_bwd.dkv(q, k, v, do, lse, delta, end, cfg)
   if needs_sink_pass(cfg):
     pk, pv = ssa_bwd.sink_partials(q, k, v, do, lse, delta, start, end, cfg)

@@ -10,8 +10,9 @@
   never holds sink visits of two documents: a document starting inside it has fewer than
   `local` blocks there, and a query block only reaches past its window after `local` blocks.
 
-Inputs: lse with +inf on rows that see nothing (so p = exp(s - lse) = 0 there), and
-delta = rowsum(dO * O) - dlse, which folds the lse cotangent into dS = P * (dP - delta).
+Inputs: lse with +inf on rows that see nothing (so p = exp(s - lse) = 0 there). The dQ
+kernel also computes delta = rowsum(dO * O) - dlse, which folds the lse cotangent into
+dS = P * (dP - delta), and writes it for the dK/dV kernels.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas.ssa_fwd import key_tile_loops, query_row_tile
 from kernels_pallas.tile_io import (
-    LOG2E, KernelConfig, causal_mask, dot, load, load_parts, row_mask, store_parts)
+    LOG2E, KernelConfig, causal_mask, dot, load, load_parts, row_mask, store, store_parts)
 
 INF = float("inf")
 
@@ -33,18 +34,21 @@ INF = float("inf")
 # dQ
 
 
-def _dq_kernel(start_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg):
+def _dq_kernel(start_ref, q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, dq_ref, delta_ref, *, cfg):
   rows, cols = cfg.dq.rows, cfg.dq.cols
   r0 = query_row_tile(cfg, rows)
   rows_ok = row_mask(cfg, r0, rows)
   q = load_parts(q_ref, r0, rows, cfg.d_parts, rows_ok)
   do = load_parts(do_ref, r0, rows, cfg.e_parts, rows_ok)
+  o = load_parts(o_ref, r0, rows, cfg.e_parts, rows_ok)
   lse2 = load(lse_ref, (pl.ds(r0, rows),), rows_ok, (rows,), other=INF) * LOG2E
-  delta = load(delta_ref, (pl.ds(r0, rows),), rows_ok, (rows,))
+  dlse = load(dlse_ref, (pl.ds(r0, rows),), rows_ok, (rows,))
+  delta = sum(jnp.sum(g.astype(jnp.float32) * op.astype(jnp.float32), axis=1) for g, op in zip(do, o)) - dlse
   qk_scale = cfg.scale * LOG2E
+  n, tile_of, diag = key_tile_loops(cfg, r0, rows, cols, start_ref[r0 // cfg.tile])
 
   def visit(c, dq, masked):
-    k0 = c * cols
+    k0 = (c if masked else tile_of(c)) * cols
     keys_ok = row_mask(cfg, k0, cols) if masked else None
     k = load_parts(k_ref, k0, cols, cfg.d_parts, keys_ok)
     v = load_parts(v_ref, k0, cols, cfg.e_parts, keys_ok)
@@ -56,35 +60,28 @@ def _dq_kernel(start_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_re
     ds = (p * (dp - delta[:, None])).astype(k[0].dtype)
     return [a + dot(ds, kp, precision=cfg.precision) for a, kp in zip(dq, k)]
 
-  sink, local, diag = key_tile_loops(cfg, r0, rows, cols, start_ref[r0 // cfg.tile])
   dq = [jnp.zeros((rows, size), jnp.float32) for _, size in cfg.d_parts]
-  body = functools.partial(visit, masked=False)
-  dq = jax.lax.fori_loop(*sink, body, dq)
-  dq = jax.lax.fori_loop(*local, body, dq)
+  dq = jax.lax.fori_loop(0, n, functools.partial(visit, masked=False), dq)
   dq = jax.lax.fori_loop(*diag, functools.partial(visit, masked=True), dq)
   store_parts(dq_ref, r0, rows, cfg.d_parts, [a * cfg.scale for a in dq], rows_ok)
+  store(delta_ref, (pl.ds(r0, rows),), delta, rows_ok)
 
 
-def dq(q, k, v, do, lse_BHT, delta_BHT, start_BN, cfg: KernelConfig):
-  """dQ_BTHD in the query dtype."""
+def dq(q, k, v, o, do, lse_BHT, dlse_BHT, start_BN, cfg: KernelConfig):
+  """(dQ_BTHD in the query dtype, delta_BHT = rowsum(dO * O) - dlse in fp32)."""
   B, T, H, D = q.shape
   E = v.shape[3]
   G, n = cfg.groups, cfg.n_tiles
-  in_specs = [
-      pl.BlockSpec((None, n), lambda i, b, h: (b, 0)),
-      pl.BlockSpec((None, T, None, D), lambda i, b, h: (b, 0, h, 0)),
-      pl.BlockSpec((None, T, None, D), lambda i, b, h: (b, 0, h // G, 0)),
-      pl.BlockSpec((None, T, None, E), lambda i, b, h: (b, 0, h // G, 0)),
-      pl.BlockSpec((None, T, None, E), lambda i, b, h: (b, 0, h, 0)),
-      pl.BlockSpec((None, None, T), lambda i, b, h: (b, h, 0)),
-      pl.BlockSpec((None, None, T), lambda i, b, h: (b, h, 0)),
-  ]
+  rows_spec = lambda X, kv=False: pl.BlockSpec((None, T, None, X), lambda i, b, h: (b, 0, h // G if kv else h, 0))
+  row_vec = pl.BlockSpec((None, None, T), lambda i, b, h: (b, h, 0))
+  in_specs = [pl.BlockSpec((None, n), lambda i, b, h: (b, 0)), rows_spec(D), rows_spec(D, True),
+              rows_spec(E, True), rows_spec(E), rows_spec(E), row_vec, row_vec]
   return pl.pallas_call(
       functools.partial(_dq_kernel, cfg=cfg), grid=(-(-T // cfg.dq.rows), B, H), in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, T, None, D), lambda i, b, h: (b, 0, h, 0)),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), compiler_params=cfg.dq.params(),
-      interpret=cfg.interpret, name="attention_bwd_dq",
-  )(start_BN, q, k, v, do, lse_BHT, delta_BHT)
+      out_specs=[rows_spec(D), row_vec],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32)],
+      compiler_params=cfg.dq.params(), interpret=cfg.interpret, name="attention_bwd_dq",
+  )(start_BN, q, k, v, o, do, lse_BHT, dlse_BHT)
 
 
 # ----------------------------------------------------------------------------------------

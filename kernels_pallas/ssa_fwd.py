@@ -1,10 +1,9 @@
 """Forward kernel: flash-style online softmax per (query tile, batch, head).
 
 Each program loads its query rows once (a tile of the pattern block, or the whole block) and
-visits only the key tiles the pattern needs:
-the document's sink tiles that lie before the local window, the local tiles before the
-diagonal (both unmasked: they are whole tiles of the same document), and finally the
-diagonal tile with the causal mask. Full attention is the same loop with an unbounded window.
+visits only the key tiles the pattern needs: the document's sink tiles that lie before the
+local window and the local tiles before the diagonal block (one unmasked loop: they are whole
+tiles of the same document), then the diagonal block with the causal mask. Full attention is the same loop with an unbounded window.
 """
 from __future__ import annotations
 
@@ -29,13 +28,18 @@ def query_row_tile(cfg: KernelConfig, rows: int):
 
 
 def key_tile_loops(cfg: KernelConfig, r0, rows: int, cols: int, start):
-  """For query rows [r0, r0 + rows) of block i: ranges of key tiles (units of `cols` rows) to
-  visit unmasked (sink, then local) and the masked range over the diagonal block."""
+  """For query rows [r0, r0 + rows) of block i: (n, tile_of, diag). The unmasked key tiles
+  (units of `cols` rows) are tile_of(c) for c in [0, n): the sink tiles, then the local tiles
+  before the diagonal block, in one loop so the software pipeline fills once. `diag` is the
+  masked range over the diagonal block."""
   i = r0 // cfg.tile
   per_block = cfg.tile // cols
   s0, s1, lo = visit_ranges(cfg, i, start)
+  n_sink = (s1 - s0) * per_block
+  n = n_sink + (i - lo) * per_block
+  tile_of = lambda c: jnp.where(c < n_sink, s0 * per_block + c, lo * per_block + (c - n_sink))
   diag_end = (r0 + rows + cols - 1) // cols
-  return (s0 * per_block, s1 * per_block), (lo * per_block, i * per_block), (i * per_block, diag_end)
+  return n, tile_of, (i * per_block, diag_end)
 
 
 def _fwd_kernel(start_ref, seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: KernelConfig):
@@ -45,9 +49,11 @@ def _fwd_kernel(start_ref, seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg:
   q = load_parts(q_ref, r0, rows, cfg.d_parts, rows_ok)
   qk_scale = cfg.scale * LOG2E
 
+  n, tile_of, diag = key_tile_loops(cfg, r0, rows, cols, start_ref[r0 // cfg.tile])
+
   def visit(c, carry, masked):
     acc, m, l = carry
-    k0 = c * cols
+    k0 = (c if masked else tile_of(c)) * cols
     keys_ok = row_mask(cfg, k0, cols) if masked else None    # only the diagonal block can be the tail
     k = load_parts(k_ref, k0, cols, cfg.d_parts, keys_ok)
     s = sum(dot(qp, kp, trans_b=True, precision=cfg.precision) for qp, kp in zip(q, k)) * qk_scale
@@ -62,12 +68,9 @@ def _fwd_kernel(start_ref, seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg:
     acc = [a * alpha[:, None] + dot(p, vp, precision=cfg.precision) for a, vp in zip(acc, v)]
     return acc, m_new, l
 
-  sink, local, diag = key_tile_loops(cfg, r0, rows, cols, start_ref[r0 // cfg.tile])
   carry = ([jnp.zeros((rows, size), jnp.float32) for _, size in cfg.e_parts],
            jnp.full((rows,), MASK, jnp.float32), jnp.zeros((rows,), jnp.float32))
-  body = functools.partial(visit, masked=False)
-  carry = jax.lax.fori_loop(*sink, body, carry)
-  carry = jax.lax.fori_loop(*local, body, carry)
+  carry = jax.lax.fori_loop(0, n, functools.partial(visit, masked=False), carry)
   acc, m, l = jax.lax.fori_loop(*diag, functools.partial(visit, masked=True), carry)
 
   seg = load(seg_ref, (pl.ds(r0, rows),), rows_ok, (rows,), other=0)

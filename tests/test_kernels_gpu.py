@@ -45,14 +45,19 @@ def test_fp32_inputs(rng):
 
 
 _SWEEP = np.random.default_rng(20261128)
-SWEEP_CASES = []
-for _ in range(8):
-  pattern = [A.SSA(128, 1, 7), A.SSA(64, 2, 3), A.SSA(128, 0, 2), A.SSA(32, 1, 4), A.Full()][_SWEEP.integers(5)]
-  H, K = [(4, 4), (4, 2), (4, 1), (8, 2)][_SWEEP.integers(4)]
-  D, E = [(64, 64), (128, 128), (192, 128), (128, 64)][_SWEEP.integers(4)]
-  dtype = [jnp.bfloat16, jnp.float16][_SWEEP.integers(2)]
-  SWEEP_CASES.append((pattern, int(_SWEEP.integers(1, 3)), int(_SWEEP.integers(100, 3000)), H, K, D, E, dtype,
-                      int(_SWEEP.integers(1, 4)), bool(_SWEEP.integers(2))))
+# Structure chosen to cover patterns, head layouts (MHA/GQA/MQA), head dims and dtypes;
+# batch, length, packing and the lse cotangent drawn at random.
+_STRUCTURES = [
+    (A.SSA(64, 2, 3), 4, 1, 64, 64, jnp.float16),
+    (A.SSA(128, 0, 2), 8, 2, 128, 64, jnp.bfloat16),
+    (A.SSA(32, 1, 4), 4, 4, 128, 128, jnp.float16),
+    (A.Full(), 4, 1, 64, 64, jnp.float16),
+    (A.SSA(128, 1, 7), 8, 2, 192, 128, jnp.bfloat16),
+    (A.Full(), 8, 2, 128, 128, jnp.bfloat16),
+]
+SWEEP_CASES = [(pattern, int(_SWEEP.integers(1, 3)), int(_SWEEP.integers(100, 3000)), H, K, D, E, dtype,
+                int(_SWEEP.integers(1, 4)), bool(_SWEEP.integers(2)))
+               for pattern, H, K, D, E, dtype in _STRUCTURES]
 
 
 @pytest.mark.parametrize("case", SWEEP_CASES, ids=lambda c: f"{c[0]}-B{c[1]}-T{c[2]}-H{c[3]}K{c[4]}-D{c[5]}E{c[6]}")
