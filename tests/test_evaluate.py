@@ -1,0 +1,99 @@
+"""Evaluation: an independent scorer agrees with the generator; a perfect copier scores 100%, random ~0."""
+import re
+
+import numpy as np
+import pytest
+
+from loza_jax.config import load_config
+from train import data as data_lib
+from train.evaluate import accuracy_table, evaluate_logits_fn, greedy_answer, perplexity, retrieval_cases
+
+CFG = ["evaluate.lengths=[256, 400]", "evaluate.depths=[0.0, 0.5, 1.0]", "evaluate.samples=2",
+       "evaluate.ppl_rows=2", "evaluate.ppl_buckets=4", "attention.block_size=16"]
+
+
+def independent_answer(kind: str, prompt: str) -> str:
+  """Solve the task from the prompt text alone, with regexes written for this test."""
+  if kind == "passkey":
+    (v,) = re.findall(r"The pass key is (\d+)\. Remember it\.", prompt)
+    return v
+  if kind == "multikey":
+    key = re.search(r"What is the magic number for ([a-z]+-[a-z]+)\? Answer: $", prompt).group(1)
+    (v,) = re.findall(rf"The magic number for {re.escape(key)} is (\d+)\.", prompt)
+    return v
+  if kind == "multivalue":
+    key = re.search(r"List all magic numbers for ([a-z]+-[a-z]+)\. Answer: $", prompt).group(1)
+    return ", ".join(re.findall(rf"The magic number for {re.escape(key)} is (\d+)\.", prompt))
+  if kind == "vartrack":
+    value = re.search(r"Which variables equal (\d+)\? Answer: $", prompt).group(1)
+    assign = re.findall(r"^VAR ([A-Z]{5}) = (\S+)$", prompt, flags=re.M)
+    found, changed = {value}, True
+    names = []
+    while changed:
+      changed = False
+      for name, rhs in assign:
+        if rhs in found and name not in found:
+          found.add(name)
+          names.append(name)
+          changed = True
+    return " ".join(names)
+  raise AssertionError(kind)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  cfg = load_config("configs/demo_cpu.yaml", CFG)
+  tok = data_lib.load_tokenizer("byte")
+  corpus = data_lib.load_corpus(cfg.data)
+  return cfg, tok, corpus
+
+
+def test_generator_answers_match_independent_scorer(setup):
+  cfg, tok, corpus = setup
+  cases = retrieval_cases(cfg, corpus, tok)
+  assert len(cases) == 4 * 2 * 3 * 2
+  for c in cases:
+    assert independent_answer(c.kind, c.example.prompt) == c.example.answer, c.kind
+    assert len(c.tokens) <= c.length
+    assert data_lib.score_answer(c.example, c.example.answer) == 1.0
+    assert data_lib.score_answer(c.example, "0000000") == 0.0
+
+
+def test_perfect_copier_scores_100_and_random_scores_chance(setup):
+  cfg, tok, corpus = setup
+  V = cfg.model.vocab_size
+
+  def copier(tokens, seg):  # constructed model: puts all mass on the true next token
+    logits = np.full(tokens.shape + (V,), -10.0, np.float32)
+    nxt = np.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+    np.put_along_axis(logits, nxt[..., None], 10.0, axis=-1)
+    return logits
+
+  rng = np.random.default_rng(0)
+  rand = lambda tokens, seg: rng.standard_normal(tokens.shape + (V,)).astype(np.float32)
+  perfect = evaluate_logits_fn(copier, cfg, corpus=corpus, tokenizer=tok, progress=False)
+  assert perfect["retrieval"]["overall"] == 1.0
+  assert all(v == 1.0 for v in perfect["retrieval"]["cells"].values())
+  assert perfect["perplexity"]["ppl"] < 1.001
+  chance = evaluate_logits_fn(rand, cfg, corpus=corpus, tokenizer=tok, progress=False)
+  assert chance["retrieval"]["overall"] < 0.05
+  assert chance["perplexity"]["ppl"] > 100   # ~ uniform over 256 bytes (plus noise)
+
+
+def test_greedy_answer_stops_after_first_error():
+  np.testing.assert_array_equal(greedy_answer(np.array([1, 2, 9, 4]), np.array([1, 2, 3, 4])), [1, 2, 9])
+  np.testing.assert_array_equal(greedy_answer(np.array([1, 2]), np.array([1, 2])), [1, 2])
+
+
+def test_accuracy_table_and_perplexity_buckets():
+  scored = [{"kind": "passkey", "length": 8, "depth": 0.5, "score": 1.0},
+            {"kind": "passkey", "length": 8, "depth": 0.5, "score": 0.0},
+            {"kind": "multikey", "length": 16, "depth": 0.5, "score": 1.0}]
+  t = accuracy_table(scored, ["passkey", "multikey"], [8, 16], [0.5])
+  assert t["per_task"] == {"passkey": 0.5, "multikey": 1.0} and t["cells"]["passkey|8|0.5"] == 0.5
+  V, T = 4, 8
+  tokens = np.array([[0, 1, 2, 3, 0, 1, 2, 3]])
+  row = {"tokens": tokens, "segment_ids": np.ones_like(tokens), "positions": np.arange(T)[None]}
+  uniform = lambda t, s: np.zeros(t.shape + (V,), np.float32)
+  r = perplexity(uniform, [row], 2, T)
+  assert r["ppl"] == pytest.approx(4.0) and [b["tokens"] for b in r["buckets"]] == [3, 4]

@@ -1,0 +1,125 @@
+"""Mid-train: resume training of all weights of the sparse model through context-length stages.
+
+python -m train.midtrain --config configs/demo_cpu.yaml --set midtrain.init=runs/demo/sparse/model
+
+Each entry of midtrain.stages sets seq_len, steps, learning rate (warm-up then cosine within the
+stage) and optionally rope_scaling (e.g. a YaRN factor growing with seq_len). All stages share one
+checkpoint series in train.run_dir, so a killed run resumes at its last checkpoint, in whichever
+stage; stages.json records each transition. The final model goes to <train.run_dir>/model.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+from tqdm.auto import tqdm
+
+from loza_jax.config import Config, MidtrainStage, replace
+from train import cli
+from train import data as data_lib
+from train.checkpoint import Checkpointer, load_model
+from train.pretrain import export
+from train.trainer import Trainer, make_optimizer, make_schedule
+
+STAGE_SEED_STRIDE = 7_919
+
+
+def stage_config(base: Config, model_cfg: Config, stage: MidtrainStage, index: int) -> Config:
+  """The run config of one stage: the sparse model (with the stage's RoPE scaling) and its schedule."""
+  model = model_cfg.model if stage.rope_scaling is None else replace(model_cfg.model, rope_scaling=stage.rope_scaling)
+  return replace(base, **{
+      "model": model,
+      "attention": model_cfg.attention,
+      "data.seq_len": stage.seq_len,
+      "data.seed": base.data.seed + STAGE_SEED_STRIDE * index,
+      "train.batch_size": stage.batch_size or base.train.batch_size,
+      "train.steps": stage.steps,
+      "train.learning_rate": stage.learning_rate,
+      "train.warmup_steps": stage.warmup_steps,
+      "train.decay_steps": stage.steps,
+  })
+
+
+def stage_bounds(stages: Sequence[MidtrainStage]) -> list[tuple[int, int]]:
+  """[(first global step, end global step)] per stage."""
+  out, start = [], 0
+  for s in stages:
+    out.append((start, start + s.steps))
+    start += s.steps
+  return out
+
+
+def _record(run_dir: Path, entry: dict) -> None:
+  path = run_dir / "stages.json"
+  log = json.loads(path.read_text()) if path.is_file() else []
+  log = [e for e in log if e["stage"] != entry["stage"]] + [entry]
+  path.write_text(json.dumps(sorted(log, key=lambda e: e["stage"]), indent=2) + "\n")
+
+
+def midtrain(cfg: Config, init: str | Path, *, hooks: Sequence[Callable] = (), print_fn=None) -> Path:
+  """Run (or resume) every stage; returns the exported final model directory."""
+  stages = cfg.midtrain.stages
+  if not stages:
+    raise ValueError("midtrain.stages is empty: give at least one {seq_len, steps} stage")
+  params, model_cfg = load_model(init)
+  for i, st in enumerate(stages):
+    if st.seq_len % model_cfg.attention.block_size:
+      raise ValueError(f"midtrain.stages[{i}].seq_len={st.seq_len} must be a multiple of attention.block_size="
+                       f"{model_cfg.attention.block_size}")
+  run_dir = Path(cfg.train.run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  say = print_fn or print
+  trainer = None
+  for i, (stage, (start, end)) in enumerate(zip(stages, stage_bounds(stages))):
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+    latest = ckpt.latest_step() or 0
+    ckpt.close()
+    scfg = stage_config(cfg, model_cfg, stage, i)
+    base_schedule = make_schedule(scfg)
+    schedule = lambda step, s0=start, f=base_schedule: f(step - s0)
+    trainer = Trainer(scfg, init_params=params, tx=make_optimizer(scfg, schedule), schedule=schedule,
+                      run_dir=run_dir, hooks=hooks, print_fn=print_fn)
+    if latest >= end:
+      say(f"stage {i} (seq_len {stage.seq_len}, steps {start}->{end}) already done")
+      continue
+    say(f"stage {i}: seq_len {stage.seq_len}, steps {start}->{end}, lr {stage.learning_rate}, rope_scaling "
+        f"{stage.rope_scaling}" + (f" (resuming at step {latest})" if latest > start else ""))
+    entry = {"stage": i, "seq_len": stage.seq_len, "start_step": start, "end_step": end,
+             "learning_rate": stage.learning_rate,
+             "rope_scaling": None if stage.rope_scaling is None else stage.rope_scaling.__dict__,
+             "started_unix": time.time()}
+    rows = scfg.train.batch_size // jax.process_count()
+    data_iter = iter(data_lib.build_dataset(scfg, rows, process_index=jax.process_index(),
+                                            process_count=jax.process_count()))
+    result = trainer.fit(data_iter, steps=end, restore_data=latest > start)
+    if result.stopped != "done" or result.step < end:
+      raise RuntimeError(f"stage {i} stopped at step {result.step}: {result.stopped}")
+    entry.update(finished_unix=time.time(), final_loss=result.last_metrics.get("loss"))
+    if jax.process_index() == 0:
+      _record(run_dir, entry)
+  if trainer.state is None:  # every stage was already done: load the final state for export
+    trainer.restore_or_init(None, Checkpointer(run_dir / "checkpoints"))
+  return export(trainer, run_dir / "model")
+
+
+def main(argv: Sequence[str] | None = None, hooks: Sequence[Callable] = ()) -> int:
+  ap = cli.parser(__doc__.splitlines()[0])
+  ap.add_argument("--init", default=None, help="sparse model directory (overrides midtrain.init)")
+  args, cfg = cli.parse(__doc__.splitlines()[0], argv, ap)
+  init = args.init or cfg.midtrain.init
+  if not init:
+    ap.exit(2, "error: no model to mid-train: pass --init DIR or --set midtrain.init=DIR\n")
+  try:
+    out = midtrain(cfg, init, hooks=hooks, print_fn=tqdm.write)
+  except (ValueError, FileNotFoundError) as e:
+    ap.exit(2, f"error: {e}\n")
+  print(f"mid-trained model -> {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

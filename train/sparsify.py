@@ -1,0 +1,127 @@
+"""Sparsify: choose the SSA sublayers and write the sparse model (same weights, new layer_types).
+
+python -m train.sparsify --config configs/demo_cpu.yaml --set sparsify.init=runs/demo/pretrain/model \
+    --set sparsify.calibration=runs/demo/calibrate/calibration.json [--set sparsify.ratio=0.5]
+
+Strategies (sparsify.strategy): alpha (lowest calibrated α first), random (seeded), alternating,
+manual (sparsify.layers). Writes the model to sparsify.out (default <train.run_dir>/model) with
+selection.json beside it.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+from flax import traverse_util
+
+from loza_jax.config import Config, replace
+from loza_jax.sparsity import Selection, select_layers
+from train import cli
+from train.calibrate import ALPHA, model_fingerprint
+from train.checkpoint import load_model, save_model
+
+
+def read_calibration(path: str | Path, model_cfg: Config) -> dict:
+  """calibration.json, checked against the model it is applied to."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"sparsify.calibration: {path} not found (run train.calibrate first, or use "
+                            "sparsify.strategy=random|alternating|manual)")
+  try:
+    cal = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"sparsify.calibration: {path} is not valid JSON ({e})") from None
+  want = model_fingerprint(model_cfg)
+  got = cal.get("model_fingerprint", {})
+  diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+  if diff:
+    detail = ", ".join(f"{k}: calibration {a!r} vs model {b!r}" for k, (a, b) in diff.items())
+    raise ValueError(f"sparsify.calibration: {path} was made for a different model ({detail})")
+  return cal
+
+
+def choose(cfg: Config, model_cfg: Config) -> Selection:
+  s = cfg.sparsify
+  n = model_cfg.model.num_attention_sublayers
+  alphas = None
+  if s.strategy == "alpha":
+    if not s.calibration:
+      raise ValueError("sparsify.calibration: strategy 'alpha' needs the calibration.json written by train.calibrate")
+    cal = read_calibration(s.calibration, model_cfg)
+    alphas = [r["alpha"] for r in cal["alpha"]]
+    geom = cal.get("ssa", {})
+    mine = {"block_size": cfg.attention.block_size, "sink_blocks": cfg.attention.sink_blocks,
+            "local_blocks": cfg.attention.local_blocks}
+    if geom and geom != mine:
+      raise ValueError(f"sparsify: the calibration used SSA {geom} but this config asks for {mine}; "
+                       "calibrate with the SSA geometry you deploy")
+  if s.strategy == "manual" and not s.layers:
+    raise ValueError("sparsify.layers: strategy 'manual' needs a list of sublayer indices")
+  return select_layers(s.strategy, n, s.ratio, alphas=alphas, seed=s.seed, manual=s.layers or None)
+
+
+def zigzag_layer_string(layer_types: Sequence[str]) -> str:
+  """One '0'/'1' per attention sublayer, '1' = SSA (LongCat ZigZag `layer_type`)."""
+  return "".join("1" if t == "ssa" else "0" for t in layer_types)
+
+
+def sparse_config(cfg: Config, model_cfg: Config, selection: Selection) -> Config:
+  """The model's config with the chosen layer_types and this config's SSA geometry."""
+  return replace(model_cfg, **{
+      "attention.layer_types": selection.layer_types(),
+      "attention.block_size": cfg.attention.block_size,
+      "attention.sink_blocks": cfg.attention.sink_blocks,
+      "attention.local_blocks": cfg.attention.local_blocks,
+  })
+
+
+def drop_alphas(params):
+  flat = traverse_util.flatten_dict(nn.unbox(params), sep="/")
+  return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k.split("/")[-1] != ALPHA}, sep="/")
+
+
+def sparsify(cfg: Config, init: str | Path, out: str | Path) -> tuple[Path, dict]:
+  """Write the sparse model for `init` to `out`; returns (out, selection record)."""
+  params, model_cfg = load_model(init)
+  if model_cfg.attention.layer_types and "blend" in model_cfg.attention.layer_types:
+    model_cfg = replace(model_cfg, **{"attention.layer_types": None})
+  selection = choose(cfg, model_cfg)
+  new_cfg = sparse_config(cfg, model_cfg, selection)
+  out = Path(out)
+  if out.exists():
+    shutil.rmtree(out)
+  save_model(out, drop_alphas(params), new_cfg)
+  record = {"init": str(init), "strategy": selection.strategy, "ratio": selection.ratio,
+            "ssa_layers": list(selection.ssa_layers), "layer_types": list(selection.layer_types()),
+            "zigzag_layer_type": zigzag_layer_string(selection.layer_types()),
+            "sparsity": len(selection.ssa_layers) / selection.num_sublayers,
+            "calibration": cfg.sparsify.calibration or None}
+  if jax.process_index() == 0:
+    (out / "selection.json").write_text(json.dumps(record, indent=2) + "\n")
+  return out, record
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  ap = cli.parser(__doc__.splitlines()[0])
+  ap.add_argument("--init", default=None, help="model directory (overrides sparsify.init)")
+  args, cfg = cli.parse(__doc__.splitlines()[0], argv, ap)
+  init = args.init or cfg.sparsify.init
+  if not init:
+    ap.exit(2, "error: no model to sparsify: pass --init DIR or --set sparsify.init=DIR\n")
+  out = cfg.sparsify.out or str(Path(cfg.train.run_dir) / "model")
+  try:
+    out, rec = sparsify(cfg, init, out)
+  except (ValueError, FileNotFoundError) as e:
+    ap.exit(2, f"error: {e}\n")
+  print(f"sparse model -> {out}: strategy {rec['strategy']}, ratio {rec['ratio']}, SSA sublayers "
+        f"{rec['ssa_layers']} (layer_type {rec['zigzag_layer_type']})")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
