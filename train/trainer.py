@@ -149,11 +149,11 @@ def make_schedule(cfg: Config) -> optax.Schedule:
   return lambda step: base(step + 1)
 
 
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+def make_optimizer(cfg: Config, schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
   """Global-norm clipping then AdamW on the schedule; no weight decay on vectors and scalars."""
   t = cfg.train
   decay_mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
-  adamw = optax.adamw(make_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
+  adamw = optax.adamw(schedule or make_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
                       mask=decay_mask)
   return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip else adamw
 
@@ -222,7 +222,7 @@ class Trainer:
   def __init__(self, cfg: Config, model: nn.Module | None = None, *, loss_fn: LossFn | None = None,
                trainable: Trainable = None, init_params: Any = None, mesh=None, run_dir: str | Path | None = None,
                hooks: Sequence[Callable[["Trainer", int], None]] = (), print_fn: Callable[[str], None] | None = None,
-               tx: optax.GradientTransformation | None = None):
+               tx: optax.GradientTransformation | None = None, schedule: optax.Schedule | None = None):
     self.cfg = cfg
     self.model = model or build_model(cfg)
     self.loss_fn = loss_fn or make_lm_loss(self.model, cfg.train.z_loss)
@@ -233,7 +233,7 @@ class Trainer:
     self.hooks = tuple(hooks)
     self.print_fn = print_fn
     self.tx = tx or make_optimizer(cfg)     # a custom optimizer (e.g. with a projection) may replace it
-    self.schedule = make_schedule(cfg)
+    self.schedule = schedule or make_schedule(cfg)   # what `lr` logs; pass the one `tx` uses
     self._check_batch_layout()
 
     rng = jax.random.PRNGKey(cfg.train.seed)
@@ -362,15 +362,19 @@ class Trainer:
     self.state = self.init_state()
     return 0
 
-  def fit(self, data_iter: Iterator[dict[str, np.ndarray]], steps: int | None = None) -> FitResult:
-    """Train until state.step == steps (default train.steps), checkpointing and logging on the way."""
+  def fit(self, data_iter: Iterator[dict[str, np.ndarray]], steps: int | None = None,
+          restore_data: bool = True) -> FitResult:
+    """Train until state.step == steps (default train.steps), checkpointing and logging on the way.
+
+    restore_data=False resumes the model state but starts `data_iter` afresh (a new data stage).
+    """
     t = self.cfg.train
     steps = t.steps if steps is None else steps
     if jax.process_index() == 0:
       self.run_dir.mkdir(parents=True, exist_ok=True)
       save_config(self.cfg, self.run_dir / "config.yaml")
     ckpt = Checkpointer(self.run_dir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpointing)
-    start = self.restore_or_init(data_iter, ckpt)
+    start = self.restore_or_init(data_iter if restore_data else None, ckpt)
     last_saved = start if start else None
     logger = MetricsLogger(self.run_dir, t.tensorboard, start)
     n_dev = jax.device_count()
