@@ -182,3 +182,14 @@ def test_text_and_parquet_files(tmp_path):
   except ImportError:
     with pytest.raises(ImportError, match="pyarrow"):
       data.file_corpus([str(tmp_path / "c.parquet")])
+
+
+def test_hf_tokenizer_needs_the_package(tmp_path):
+  try:
+    import tokenizers  # noqa: F401
+    pytest.skip("tokenizers is installed")
+  except ImportError:
+    pass
+  (tmp_path / "tokenizer.json").write_text("{}")
+  with pytest.raises(ImportError, match="tokenizers"):
+    data.load_tokenizer(str(tmp_path / "tokenizer.json"))

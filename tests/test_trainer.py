@@ -171,3 +171,24 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
   for k, v in _flat(p_ref).items():
     np.testing.assert_array_equal(v, _flat(p_run)[k], err_msg=k)
   assert list((tmp_path / "run" / "tb").iterdir()), "TensorBoard event files expected"
+
+
+def test_pretrain_cli_reports_data_errors(tmp_path):
+  from train import pretrain
+  cfg_yaml = write_tiny_yaml(tmp_path / "c.yaml", ["data.source=files", f"data.paths=[{tmp_path / 'nope.jsonl'}]"])
+  with pytest.raises(SystemExit, match=r"error: data.paths: .*nope.jsonl does not exist"):
+    pretrain.main(["--config", str(cfg_yaml), "--run-dir", str(tmp_path / "run")])
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text('{"text": ""}\n')
+  cfg_yaml = write_tiny_yaml(tmp_path / "c.yaml", ["data.source=files", f"data.paths=[{empty}]"])
+  with pytest.raises(SystemExit, match="no non-empty documents"):
+    pretrain.main(["--config", str(cfg_yaml), "--run-dir", str(tmp_path / "run")])
+
+
+def test_resume_false_refuses_to_overwrite(tmp_path):
+  cfg = tiny_cfg(tmp_path / "run", ["train.steps=2"])
+  Trainer(cfg).fit(iter(data.build_dataset(cfg, 4)))
+  again = tiny_cfg(tmp_path / "run", ["train.steps=2", "train.resume=false"])
+  with pytest.raises(ValueError, match="train.resume=false"):
+    Trainer(again).fit(iter(data.build_dataset(again, 4)))
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]

@@ -64,16 +64,22 @@ def main(argv: Sequence[str] | None = None, hooks: Sequence[Callable] = ()) -> i
     raise SystemExit(f"error: train.batch_size={cfg.train.batch_size} is not divisible by the "
                      f"{jax.process_count()} processes")
   rows = cfg.train.batch_size // jax.process_count()
-  tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
+  try:
+    tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
+  except (FileNotFoundError, ImportError) as e:
+    raise SystemExit(f"error: {e}") from e
   if tokenizer.vocab_size > cfg.model.vocab_size:
     raise SystemExit(f"error: data.tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                      f"{cfg.model.vocab_size}")
-  trainer = Trainer(cfg, hooks=hooks, print_fn=say)
-  train_iter = iter(data_lib.build_dataset(cfg, rows, process_index=jax.process_index(),
-                                           process_count=jax.process_count(), tokenizer=tokenizer))
-  held_out = eval_batches(cfg, rows)
-  unigram = unigram_baseline(held_out, cfg.model.vocab_size)
-  result = trainer.fit(train_iter)
+  try:
+    trainer = Trainer(cfg, hooks=hooks, print_fn=say)
+    train_iter = iter(data_lib.build_dataset(cfg, rows, process_index=jax.process_index(),
+                                             process_count=jax.process_count(), tokenizer=tokenizer))
+    held_out = eval_batches(cfg, rows)
+    unigram = unigram_baseline(held_out, cfg.model.vocab_size)
+    result = trainer.fit(train_iter)
+  except (ValueError, FileNotFoundError, ImportError) as e:   # config, data and checkpoint problems
+    raise SystemExit(f"error: {e}") from e
   if result.stopped != "done":
     say(f"stopped at step {result.step}: {result.stopped}")
     return 1

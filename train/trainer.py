@@ -374,6 +374,10 @@ class Trainer:
       self.run_dir.mkdir(parents=True, exist_ok=True)
       save_config(self.cfg, self.run_dir / "config.yaml")
     ckpt = Checkpointer(self.run_dir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpointing)
+    if not t.resume and ckpt.all_steps():
+      ckpt.close()
+      raise ValueError(f"train.resume=false but {ckpt.directory} already holds checkpoints {ckpt.all_steps()}; "
+                       "pick a new train.run_dir (or delete them) so nothing saved is overwritten")
     start = self.restore_or_init(data_iter if restore_data else None, ckpt)
     last_saved = start if start else None
     logger = MetricsLogger(self.run_dir, t.tensorboard, start)
@@ -456,8 +460,3 @@ class Trainer:
       if bar is not None:
         bar.close()
     return FitResult(step=step, stopped=stopped, last_metrics=last)
-
-  # --- export ---------------------------------------------------------------------------
-
-  def params(self):
-    return self.state.params if self.state is not None else None
