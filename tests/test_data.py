@@ -176,6 +176,7 @@ def test_text_and_parquet_files(tmp_path):
   (tmp_path / "b.md").write_text("# title\n")
   corpus = data.file_corpus([str(tmp_path)])
   assert sorted(corpus.read(i) for i in range(len(corpus))) == [b"# title\n", b"hello world\n"]
+  assert sorted(corpus.read_range(i, 2, 5) for i in range(len(corpus))) == [b"llo", b"tit"]
   (tmp_path / "c.parquet").write_bytes(b"PAR1")
   try:
     import pyarrow  # noqa: F401

@@ -131,6 +131,15 @@ class Corpus:
       f.seek(d.offset)
       return json.loads(f.readline())[self.text_key].encode("utf-8")
 
+  def read_range(self, i: int, start: int, end: int) -> bytes:
+    """Bytes [start, end) of document i (only that range is read for plain files)."""
+    d = self._docs[i]
+    if d.kind != "file":
+      return self.read(i)[start:end]
+    with open(d.path, "rb") as f:
+      f.seek(start)
+      return f.read(end - start)
+
   @property
   def total_bytes(self) -> int:
     return sum(d.size for d in self._docs)
@@ -235,7 +244,7 @@ class ChunkSource:
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     doc, start, end = (int(x) for x in self.spans[i])
-    tokens = self.tokenizer.encode(self.corpus.read(doc)[start:end])[: self.max_tokens]
+    tokens = self.tokenizer.encode(self.corpus.read_range(doc, start, end))[: self.max_tokens]
     if len(tokens) == 0:   # a span of only undecodable bytes
       tokens = self.tokenizer.encode(" ")[:1]
     return {"tokens": tokens, "loss_mask": np.ones_like(tokens)}
@@ -320,7 +329,7 @@ def _filler(corpus: Corpus, rng, n_bytes: int) -> str:
   start = int(rng.integers(max(corpus.size(doc) - n_bytes, 0) + 1))
   out = b""
   while len(out) < n_bytes:
-    out += corpus.read(doc)[start:start + n_bytes - len(out)]
+    out += corpus.read_range(doc, start, start + n_bytes - len(out))
     doc, start = (doc + 1) % len(corpus), 0
   return out.decode("utf-8", errors="ignore")
 

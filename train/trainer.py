@@ -346,10 +346,14 @@ class Trainer:
 
   # --- the loop -------------------------------------------------------------------------
 
-  def _say(self, msg: str) -> None:
+  def _say(self, msg: str, level: int = logging.INFO) -> None:
+    """Process 0 only: print_fn when given (and logging for warnings and errors), else logging."""
     if jax.process_index() != 0:
       return
-    (self.print_fn or log.info)(msg)
+    if self.print_fn is not None:
+      self.print_fn(msg)
+    if self.print_fn is None or level >= logging.WARNING:
+      log.log(level, msg)
 
   def restore_or_init(self, data_iter=None, checkpointer: Checkpointer | None = None) -> int:
     """Restore the newest readable checkpoint (and the data iterator) when train.resume; else init."""
@@ -409,7 +413,7 @@ class Trainer:
         if not _finite(rec["loss"]):
           ok = False
           self._say(f"step {s}: loss is {rec['loss']}; stopping. Last good checkpoint: "
-                    f"{ckpt.directory / str(last_saved) if last_saved is not None else 'none'}")
+                    f"{ckpt.directory / str(last_saved) if last_saved is not None else 'none'}", logging.ERROR)
           break
         rec.update(step_time=dt, tokens_per_s=tokens_per_step / dt, tflops_per_device=flops_step / dt / n_dev / 1e12)
         logger.write(rec)
