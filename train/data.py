@@ -11,7 +11,6 @@ starting at a multiple of `attention.block_size` (grain's first-fit packing with
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
