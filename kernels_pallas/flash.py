@@ -35,7 +35,8 @@ def input_problem(q_BTHD, k_BTKD, v_BTKE, block_size: int) -> str | None:
   return None
 
 
-def default_tiles(block_size: int, interpret: bool, full: bool = False, dtype=jnp.bfloat16) -> dict:
+def default_tiles(block_size: int, interpret: bool, full: bool = False, dtype=jnp.bfloat16,
+                  head_dims: int = 320) -> dict:
   """Per-kernel launch shapes (picked with benchmarks/attention_tune.py on an H100 at
   D=192, E=128; see kernels_pallas/NOTES.md). Interpret mode uses whole blocks (fewest grid
   steps on CPU); fp32 inputs use smaller tiles so that fp32 operands fit in shared memory."""
@@ -46,9 +47,13 @@ def default_tiles(block_size: int, interpret: bool, full: bool = False, dtype=jn
   if jnp.dtype(dtype) == jnp.float32:
     small = Tiles(b(64), b(32), 4, 2)
     return dict(fwd=small, dq=small, dkv=Tiles(b(32), b(32), 4, 2))
-  fwd = Tiles(b(128), b(64), 8 if b(128) >= 128 else 4, 3)
-  dq = Tiles(b(64), b(32), 4, 3) if full else Tiles(b(128), b(64), 8 if b(128) >= 128 else 4, 2)
-  return dict(fwd=fwd, dq=dq, dkv=Tiles(b(64), b(32), 4, 3))
+  w = 8 if b(128) >= 128 else 4
+  if full or head_dims > 320:     # wide heads: 128-key tiles would not fit two stages in shared memory
+    fwd = Tiles(b(128), b(64), w, 3 if head_dims <= 320 else 2)
+  else:
+    fwd = Tiles(b(128), b(128), w, 2)
+  small = Tiles(b(64), b(32), 4, 3)
+  return dict(fwd=fwd, dq=small, dkv=small)
 
 
 def tiles_problem(tiles: dict, block_size: int) -> str | None:
@@ -67,7 +72,8 @@ def make_config(q_BTHD, k_BTKD, v_BTKE, *, scale, block_size, sink_blocks, local
                 tiles=None) -> KernelConfig:
   """Static kernel parameters for these inputs."""
   T, H, D = q_BTHD.shape[1:]
-  tiles = {**default_tiles(block_size, interpret, local_blocks is None, q_BTHD.dtype), **(tiles or {})}
+  tiles = {**default_tiles(block_size, interpret, local_blocks is None, q_BTHD.dtype,
+                           q_BTHD.shape[3] + v_BTKE.shape[3]), **(tiles or {})}
   problem = tiles_problem(tiles, block_size)
   if problem:
     raise ValueError(f"flash_attention: {problem}")

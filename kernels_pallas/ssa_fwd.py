@@ -37,7 +37,10 @@ def key_tile_loops(cfg: KernelConfig, r0, rows: int, cols: int, start):
   s0, s1, lo = visit_ranges(cfg, i, start)
   n_sink = (s1 - s0) * per_block
   n = n_sink + (i - lo) * per_block
-  tile_of = lambda c: jnp.where(c < n_sink, s0 * per_block + c, lo * per_block + (c - n_sink))
+  if cfg.local is None or cfg.sink == 0:          # no sink tiles: plain affine addressing
+    tile_of = lambda c: lo * per_block + c
+  else:
+    tile_of = lambda c: jnp.where(c < n_sink, s0 * per_block + c, lo * per_block + (c - n_sink))
   diag_end = (r0 + rows + cols - 1) // cols
   return n, tile_of, (i * per_block, diag_end)
 
