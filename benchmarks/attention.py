@@ -109,9 +109,12 @@ def device_slug(kind: str) -> str:
   return (m.group(1) if m else re.sub(r"[^A-Za-z0-9]+", "-", kind)).lower()
 
 
-def run(seqs, quick):
+def run(seqs, quick, after_each=lambda rows: None):
+  """Time every impl at every length; `after_each(rows)` runs after each length."""
   scale = D ** -0.5
-  impls = {**our_impls(scale), **cudnn_impls(), **({} if quick else tokamax_impls())}
+  found = {**our_impls(scale), **cudnn_impls(), **({} if quick else tokamax_impls())}
+  order = ["ours ssa", "cudnn window1024", "tokamax window1024", "ours full", "cudnn causal", "tokamax causal"]
+  impls = {name: found[name] for name in order if name in found}
   rows = []                                # (name, T, mode, ms, tflops)
   for T in seqs:
     keys = jax.random.split(jax.random.PRNGKey(T), 3)
@@ -133,6 +136,7 @@ def run(seqs, quick):
           print(f"{name} T={T} {mode} FAILED: {type(e).__name__}: {str(e)[:300]}")
         print(f"{name:20s} T={T:7d} {mode:8s} {rows[-1][3]:10.3f} ms {rows[-1][4]:7.1f} TFLOP/s", flush=True)
     del q, k, v
+    after_each(rows)
   return rows
 
 
@@ -194,19 +198,22 @@ def main(argv=None):
   p.add_argument("--quick", action="store_true", help="skip tokamax")
   args = p.parse_args(argv)
   t0 = time.time()
-  rows = run([int(s) for s in args.seqs.split(",")], args.quick)
-  rat = ratios(rows)
   cmd = "python -m benchmarks.attention " + " ".join(argv if argv is not None else sys.argv[1:])
-  text = report(rows, rat, cmd, time.time() - t0)
   name = f"{datetime.date.today().isoformat()}-{device_slug(jax.devices()[0].device_kind)}-attention.md"
   os.makedirs("benchmarks/results", exist_ok=True)
   path = os.path.join("benchmarks/results", name)
-  with open(path, "w") as f:
-    f.write(text)
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    shutil.copy(path, os.path.join(args.out, name))
-  print(text)
+
+  def write(rows):
+    text = report(rows, ratios(rows), cmd, time.time() - t0)
+    with open(path, "w") as f:
+      f.write(text)
+    if args.out:
+      os.makedirs(args.out, exist_ok=True)
+      shutil.copy(path, os.path.join(args.out, name))
+    return text
+
+  rows = run([int(s) for s in args.seqs.split(",")], args.quick, after_each=write)
+  print(write(rows))
 
 
 if __name__ == "__main__":
