@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m train.demo --config configs/demo_cpu.yaml
+	$(PY) -m train.pipeline --config configs/demo_cpu.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2

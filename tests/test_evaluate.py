@@ -74,9 +74,9 @@ def test_perfect_copier_scores_100_and_random_scores_chance(setup):
   perfect = evaluate_logits_fn(copier, cfg, corpus=corpus, tokenizer=tok, progress=False)
   assert perfect["retrieval"]["overall"] == 1.0
   assert all(v == 1.0 for v in perfect["retrieval"]["cells"].values())
-  assert perfect["perplexity"]["ppl"] < 1.001
+  assert perfect["perplexity"]["ppl"] < 1.001 and perfect["retrieval"]["token_acc"] == 1.0
   chance = evaluate_logits_fn(rand, cfg, corpus=corpus, tokenizer=tok, progress=False)
-  assert chance["retrieval"]["overall"] < 0.05
+  assert chance["retrieval"]["overall"] < 0.05 and chance["retrieval"]["token_acc"] < 0.05
   assert chance["perplexity"]["ppl"] > 100   # ~ uniform over 256 bytes (plus noise)
 
 
@@ -91,6 +91,7 @@ def test_accuracy_table_and_perplexity_buckets():
             {"kind": "multikey", "length": 16, "depth": 0.5, "score": 1.0}]
   t = accuracy_table(scored, ["passkey", "multikey"], [8, 16], [0.5])
   assert t["per_task"] == {"passkey": 0.5, "multikey": 1.0} and t["cells"]["passkey|8|0.5"] == 0.5
+  assert np.isnan(t["token_acc"])
   V, T = 4, 8
   tokens = np.array([[0, 1, 2, 3, 0, 1, 2, 3]])
   row = {"tokens": tokens, "segment_ids": np.ones_like(tokens), "positions": np.arange(T)[None]}

@@ -5,7 +5,8 @@ python -m train.evaluate --config configs/demo_cpu.yaml --set 'evaluate.models=[
 Retrieval tasks (passkey, multi-key and multi-value needle-in-a-haystack, variable tracking) are
 scored on the model's greedy continuation of the question: its argmax tokens over the answer span
 up to and including the first wrong token (after that the greedy text would diverge, so nothing
-more is credited). Writes eval.json, eval.md and plots (accuracy heatmaps, perplexity by
+more is credited). "answer-token acc" is the finer teacher-forced share of answer tokens predicted
+right, useful while a small model is still learning to retrieve. Writes eval.json, eval.md and plots (accuracy heatmaps, perplexity by
 position) to train.run_dir.
 """
 from __future__ import annotations
@@ -101,7 +102,8 @@ def score_cases(logits_fn: LogitsFn, cases: Sequence[Case], tokenizer, batch_siz
       greedy = greedy_answer(pred[row, a0 - 1:a1 - 1], c.tokens[a0:a1])
       text = tokenizer.decode(greedy.tolist())
       results[i] = {"kind": c.kind, "length": c.length, "depth": c.depth, "answer": c.example.answer,
-                    "generated": text, "score": data_lib.score_answer(c.example, text)}
+                    "generated": text, "score": data_lib.score_answer(c.example, text),
+                    "token_acc": float(np.mean(pred[row, a0 - 1:a1 - 1] == c.tokens[a0:a1]))}
     bar.update(len(idx))
   bar.close()
   out = [results[i] for i in range(len(cases))]
@@ -149,6 +151,7 @@ def accuracy_table(scored: Sequence[dict], tasks, lengths, depths) -> dict:
   per_task = {k: float(np.mean([r["score"] for r in scored if r["kind"] == k])) for k in tasks}
   per_length = {str(n): float(np.mean([r["score"] for r in scored if r["length"] == n])) for n in lengths}
   return {"overall": float(np.mean([r["score"] for r in scored])) if scored else None,
+          "token_acc": float(np.mean([r.get("token_acc", np.nan) for r in scored])) if scored else None,
           "per_task": per_task, "per_length": per_length, "cells": cells}
 
 
@@ -205,13 +208,13 @@ def plot_results(results: dict[str, dict], cfg: Config, out_dir: Path) -> list[s
 
 def markdown(results: dict[str, dict], cfg: Config) -> str:
   e = cfg.evaluate
-  head = ["model", "ppl"] + list(e.tasks) + [f"len {n}" for n in e.lengths] + ["retrieval"]
+  head = ["model", "ppl"] + list(e.tasks) + [f"len {n}" for n in e.lengths] + ["retrieval", "answer-token acc"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, r in results.items():
     rt = r["retrieval"]
     row = [name, f"{r['perplexity']['ppl']:.3f}" if r["perplexity"]["buckets"] and r["perplexity"]["ppl"] else "-"]
     row += [f"{rt['per_task'][k]:.2f}" for k in e.tasks] + [f"{rt['per_length'][str(n)]:.2f}" for n in e.lengths]
-    row.append(f"{rt['overall']:.2f}")
+    row += [f"{rt['overall']:.2f}", f"{rt['token_acc']:.2f}"]
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines) + "\n"
 
