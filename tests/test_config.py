@@ -12,6 +12,12 @@ def write(tmp_path, text):
   return p
 
 
+@pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path("configs").glob("*.yaml")))
+def test_every_shipped_config_loads(path):
+  cfg = load_config(path)
+  assert len(cfg.layer_types) == cfg.model.num_attention_sublayers
+
+
 def test_shipped_configs_load():
   demo = load_config("configs/demo_cpu.yaml")
   assert demo.model.hidden_size == 128 and demo.attention.block_size == 16
