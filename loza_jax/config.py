@@ -210,6 +210,7 @@ class DataConfig:
   retrieval_lengths: tuple[int, ...] = ()   # task lengths in tokens; () = seq_len
   retrieval_loss: str = "answer"    # answer: loss only on the answer span | all: on the whole task text
   shuffle: bool = True
+  heldout_every: int = 50           # every N-th text chunk is held out of training for evaluation; 0 = none
   seed: int = 0
 
   def __post_init__(self):
@@ -219,6 +220,8 @@ class DataConfig:
       raise ValueError("data.paths: source 'files' needs at least one path (.jsonl, .txt, .parquet or a directory)")
     if self.seq_len < 2:
       raise ValueError(f"data.seq_len must be >= 2, got {self.seq_len}")
+    if self.heldout_every < 0 or self.heldout_every == 1:
+      raise ValueError(f"data.heldout_every must be 0 (no held-out split) or >= 2, got {self.heldout_every}")
     if self.chunk_bytes < 0:
       raise ValueError(f"data.chunk_bytes must be >= 0, got {self.chunk_bytes}")
     if not 0.0 <= self.retrieval_fraction <= 1.0:
@@ -394,6 +397,9 @@ class Config:
 # Dict <-> dataclass with strict type checking.
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _type_name(tp) -> str:
   return getattr(tp, "__name__", str(tp))
 
@@ -434,6 +440,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
       raise ValueError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
     return value
   if tp is float:
+    if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+      value = float(value)   # YAML 1.1 reads "1e-4" (no dot) as a string
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ValueError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
     if not math.isfinite(float(value)):

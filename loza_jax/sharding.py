@@ -37,6 +37,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
+    ("experts", "data"),          # expert parallelism over the data axis (MoE)
+    ("expert_mlp", "tensor"),
 )
 
 

@@ -35,6 +35,9 @@ def test_overrides_and_roundtrip(tmp_path):
   assert load_config(tmp_path / "out.yaml") == cfg
   assert from_dict(Config, to_dict(cfg)) == cfg
   assert replace(cfg, **{"attention.block_size": 8}).attention.block_size == 8
+  assert load_config("configs/demo_cpu.yaml", ["train.learning_rate=1e-4"]).train.learning_rate == 1e-4
+  with pytest.raises(ValueError, match="train.learning_rate: expected a number"):
+    load_config("configs/demo_cpu.yaml", ["train.learning_rate=fast"])
 
 
 @pytest.mark.parametrize("text,match", [

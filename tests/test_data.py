@@ -194,3 +194,16 @@ def test_hf_tokenizer_needs_the_package(tmp_path):
   (tmp_path / "tokenizer.json").write_text("{}")
   with pytest.raises(ImportError, match="tokenizers"):
     data.load_tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+def test_heldout_split_is_disjoint_from_training():
+  spans = np.stack([np.zeros(100, np.int64), np.arange(100) * 10, np.arange(100) * 10 + 10], 1)
+  train = data.split_spans(spans, 10, "train")
+  held = data.split_spans(spans, 10, "heldout")
+  assert len(train) == 90 and len(held) == 10
+  assert not set(map(tuple, train.tolist())) & set(map(tuple, held.tolist()))
+  np.testing.assert_array_equal(data.split_spans(spans, 0, "train"), spans)
+  with pytest.raises(ValueError, match="no held-out text"):
+    data.split_spans(spans, 0, "heldout")
+  with pytest.raises(ValueError, match="too few"):
+    data.split_spans(spans[:3], 10, "heldout")

@@ -414,9 +414,29 @@ def default_chunk_bytes(cfg: DataConfig, tokenizer: Tokenizer) -> int:
   return cfg.chunk_bytes or max(int(cfg.seq_len * tokenizer.bytes_per_token), 1)
 
 
+def split_spans(spans: np.ndarray, heldout_every: int, split: str) -> np.ndarray:
+  """Training chunks, or the held-out ones (every `heldout_every`-th chunk), for evaluation."""
+  if split not in ("train", "heldout"):
+    raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+  if heldout_every == 0:
+    if split == "heldout":
+      raise ValueError("data.heldout_every=0 leaves no held-out text; set it to e.g. 50")
+    return spans
+  held = np.arange(len(spans)) % heldout_every == heldout_every - 1
+  out = spans[held] if split == "heldout" else spans[~held]
+  if not len(out):
+    raise ValueError(f"the corpus has {len(spans)} chunks: too few for a {split} split with "
+                     f"data.heldout_every={heldout_every}")
+  return out
+
+
 def build_dataset(cfg: Config, rows: int, *, seed: int | None = None, process_index: int = 0, process_count: int = 1,
-                  corpus: Corpus | None = None, tokenizer: Tokenizer | None = None) -> grain.IterDataset:
-  """Infinite grain dataset of packed per-process batches of `rows` rows (this process's shard)."""
+                  corpus: Corpus | None = None, tokenizer: Tokenizer | None = None,
+                  split: str = "train") -> grain.IterDataset:
+  """Infinite grain dataset of packed per-process batches of `rows` rows (this process's shard).
+
+  split="heldout" yields only the held-out text chunks (data.heldout_every), never retrieval tasks.
+  """
   d, block = cfg.data, cfg.attention.block_size
   if d.seq_len % block:
     raise ValueError(f"data.seq_len={d.seq_len} must be a multiple of attention.block_size={block} so packed "
@@ -426,12 +446,12 @@ def build_dataset(cfg: Config, rows: int, *, seed: int | None = None, process_in
   seed = d.seed if seed is None else seed
   tokenizer = tokenizer or load_tokenizer(d.tokenizer)
   corpus = corpus or load_corpus(d)
-  spans = chunk_spans(corpus, default_chunk_bytes(d, tokenizer))
+  spans = split_spans(chunk_spans(corpus, default_chunk_bytes(d, tokenizer)), d.heldout_every, split)
   text = grain.MapDataset.source(ChunkSource(corpus, tokenizer, spans, d.seq_len))
   if d.shuffle:
     text = text.shuffle(seed=seed)
   text = text.repeat()
-  if d.retrieval_fraction > 0:
+  if d.retrieval_fraction > 0 and split == "train":
     for kind in d.retrieval_tasks:   # fail now, not on the first draw of a task that cannot fit
       make_retrieval_example(kind, min(d.retrieval_lengths or (d.seq_len,)), 0.5, np.random.default_rng(0),
                              corpus, tokenizer)

@@ -111,11 +111,10 @@ def score_cases(logits_fn: LogitsFn, cases: Sequence[Case], tokenizer, batch_siz
 
 
 def heldout_rows(cfg: Config, n_rows: int) -> list[dict[str, np.ndarray]]:
-  """n_rows packed rows of plain text (no retrieval tasks) from a held-out shuffle."""
+  """n_rows packed rows of the held-out text chunks (data.heldout_every), never seen in training."""
   if n_rows == 0:
     return []
-  text_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, retrieval_fraction=0.0))
-  it = iter(data_lib.build_dataset(text_cfg, 1, seed=cfg.data.seed + HELDOUT_SEED))
+  it = iter(data_lib.build_dataset(cfg, 1, seed=cfg.data.seed + HELDOUT_SEED, split="heldout"))
   return [next(it) for _ in range(n_rows)]
 
 

@@ -27,8 +27,8 @@ EVAL_SEED_OFFSET = 1_000_003
 
 
 def eval_batches(cfg, rows: int, n: int = EVAL_BATCHES) -> list[dict[str, np.ndarray]]:
-  """n batches from a differently seeded shuffle of the same sources (fixed across runs)."""
-  it = iter(data_lib.build_dataset(cfg, rows, seed=cfg.data.seed + EVAL_SEED_OFFSET,
+  """n batches of held-out text (data.heldout_every; fixed across runs, never trained on)."""
+  it = iter(data_lib.build_dataset(cfg, rows, seed=cfg.data.seed + EVAL_SEED_OFFSET, split="heldout",
                                    process_index=jax.process_index(), process_count=jax.process_count()))
   return [next(it) for _ in range(n)]
 
