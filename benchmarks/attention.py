@@ -159,6 +159,16 @@ def ratios(rows):
   return out
 
 
+def auto_choices() -> str:
+  """What impl="auto" of loza_jax.attention picks here, at the benchmark's shapes."""
+  from loza_jax import attention as A  # pylint: disable=import-outside-toplevel
+  q = jax.ShapeDtypeStruct((B, 1024, H, D), jnp.bfloat16)
+  v = jax.ShapeDtypeStruct((B, 1024, H, E), jnp.bfloat16)
+  pick = lambda pattern, packed: A.resolve_impl("auto", pattern, q, q, v, packed=packed).name
+  return (f"impl='auto' here: SSA -> {pick(A.SSA(), True)}; Full with packed documents -> "
+          f"{pick(A.Full(), True)}; Full with one document per row -> {pick(A.Full(), False)}")
+
+
 def fmt(x, spec=".3f"):
   return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -178,7 +188,8 @@ def report(rows, rat, cmd, seconds) -> str:
            f"- shapes: B={B}, H={H}, D={D}, E={E}, bf16; SSA block 128, sink 1, local 7; windows {WINDOW}",
            "- timing: median ms per call over trials of back-to-back calls (warm-up excluded); "
            "TFLOP/s counts unmasked pairs only, fwd+bwd as 3.5x fwd",
-           f"- wall time of the run: {seconds:.0f} s", "",
+           f"- wall time of the run: {seconds:.0f} s",
+           f"- {auto_choices()}", "",
            "| impl | T | mode | ms | TFLOP/s |", "|---|---|---|---|---|"]
   lines += [f"| {n} | {T} | {m} | {fmt(ms)} | {fmt(tf, '.1f')} |" for n, T, m, ms, tf in rows]
   lines += ["", "Ratios (same run; < 1 means ours is faster for ssa/anchor):", "",

@@ -68,6 +68,19 @@ def default_positions(segment_ids_BT: jax.Array) -> jax.Array:
   return (idx - start).astype(jnp.int32)
 
 
+def document_positions(tokens_BT, segment_ids_BT=None, positions_BT=None):
+  """Given positions, else document-relative ones from segment_ids, else 0..T-1.
+
+  segment_ids stay None when not given: attention then knows every row is one document, which
+  lets implementations that cannot express packing (e.g. tokamax) run.
+  """
+  if positions_BT is not None:
+    return positions_BT
+  if segment_ids_BT is not None:
+    return default_positions(segment_ids_BT)
+  return jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
+
+
 def pattern_allows(pattern: Pattern, q_pos, k_pos):
   """Position part of the mask (broadcasting): does document position q_pos see k_pos?"""
   causal = k_pos <= q_pos
@@ -351,6 +364,8 @@ class Impl:
   platforms: tuple[str, ...]
   priority: int = 0                     # higher wins under impl="auto"
   check: Callable | None = None         # (pattern, q, k, v) -> None or a reason it cannot run
+  returns_lse: bool = True              # False: returns (o, None); attention_with_lse cannot use it
+  packed_documents: bool = True         # False: only for segment_ids=None (one document per row)
 
   def load(self) -> Callable:
     if callable(self.fn):
@@ -375,14 +390,20 @@ register(Impl("xla_dense", xla_dense, platforms=("cpu", "gpu", "tpu"), priority=
 register(Impl("xla", xla, platforms=("cpu", "gpu", "tpu"), priority=0))
 register(Impl("pallas_triton", "kernels_pallas.triton_attention:attention_impl", platforms=("gpu",),
               priority=10, check="kernels_pallas.triton_attention:unsupported_reason"))
+register(Impl("tokamax", "loza_jax.attention_tokamax:attention_impl", platforms=("gpu",), priority=20,
+              check="loza_jax.attention_tokamax:unsupported_reason", returns_lse=False, packed_documents=False))
 register(Impl("pallas_triton_interpret", "kernels_pallas.triton_attention:attention_impl_interpret",
               platforms=("cpu", "gpu"), priority=-20,
               check="kernels_pallas.triton_attention:unsupported_reason"))
 
 
-def _reason(impl: Impl, pattern, q, k, v, platform: str) -> str | None:
+def _reason(impl: Impl, pattern, q, k, v, platform: str, packed: bool = True, need_lse: bool = False) -> str | None:
   if platform not in impl.platforms:
     return f"impl {impl.name!r} runs on {impl.platforms}, not on platform {platform!r}"
+  if packed and not impl.packed_documents:
+    return f"impl {impl.name!r} cannot express packed documents: call it with segment_ids=None"
+  if need_lse and not impl.returns_lse:
+    return f"impl {impl.name!r} returns no log-sum-exp; use attention() instead of attention_with_lse()"
   if impl.check is None:
     return None
   try:
@@ -397,14 +418,17 @@ def _log_choice(platform: str, pattern_kind: str, name: str) -> None:
   log.info("attention impl='auto' on %s for %s: using %r", platform, pattern_kind, name)
 
 
-def resolve_impl(impl: str, pattern, q, k, v) -> Impl:
-  """The implementation that will run: `impl` itself (raising if it cannot) or the auto choice."""
+def resolve_impl(impl: str, pattern, q, k, v, *, packed: bool = True, need_lse: bool = False) -> Impl:
+  """The implementation that will run: `impl` itself (raising if it cannot) or the auto choice.
+
+  packed: whether segment_ids were given (documents may be packed in a row).
+  """
   platform = jax.default_backend()
   if impl != "auto":
     if impl not in _REGISTRY:
       raise ValueError(f"unknown attention impl {impl!r}; registered: {sorted(_REGISTRY)} or 'auto'")
     chosen = _REGISTRY[impl]
-    reason = _reason(chosen, pattern, q, k, v, platform)
+    reason = _reason(chosen, pattern, q, k, v, platform, packed, need_lse)
     if reason:
       raise ValueError(f"attention impl {impl!r} cannot run here: {reason}")
     return chosen
@@ -412,33 +436,36 @@ def resolve_impl(impl: str, pattern, q, k, v) -> Impl:
   for cand in candidates:
     if cand.priority < 0:
       continue  # oracles and interpreters are never chosen automatically
-    if _reason(cand, pattern, q, k, v, platform) is None:
-      _log_choice(platform, type(pattern).__name__, cand.name)
+    if _reason(cand, pattern, q, k, v, platform, packed, need_lse) is None:
+      _log_choice(platform, f"{type(pattern).__name__}{' packed' if packed else ''}", cand.name)
       return cand
   raise ValueError(f"no attention impl can run {pattern} on {platform}")
+
+
+def _dispatch(q, k, v, pattern, segment_ids, positions, scale, impl, need_lse):
+  if not isinstance(pattern, (Full, SSA)):
+    raise ValueError(f"pattern must be Full() or SSA(...), got {pattern!r}")
+  _check_inputs(q, k, v, segment_ids, positions)
+  chosen = resolve_impl(impl, pattern, q, k, v, packed=segment_ids is not None, need_lse=need_lse)
+  segment_ids, positions = _normalise(q, segment_ids, positions)
+  if scale is None:
+    scale = q.shape[-1] ** -0.5
+  return chosen.load()(q, k, v, pattern=pattern, segment_ids=segment_ids, positions=positions, scale=scale)
 
 
 def attention_with_lse(q_BTHD, k_BSKD, v_BSKE, *, pattern: Pattern, segment_ids=None, positions=None,
                        scale: float | None = None, impl: str = "auto"):
   """Like `attention` but also returns lse_BHT (fp32), for merging partial results."""
-  if not isinstance(pattern, (Full, SSA)):
-    raise ValueError(f"pattern must be Full() or SSA(...), got {pattern!r}")
-  _check_inputs(q_BTHD, k_BSKD, v_BSKE, segment_ids, positions)
-  chosen = resolve_impl(impl, pattern, q_BTHD, k_BSKD, v_BSKE)
-  segment_ids, positions = _normalise(q_BTHD, segment_ids, positions)
-  if scale is None:
-    scale = q_BTHD.shape[-1] ** -0.5
-  return chosen.load()(q_BTHD, k_BSKD, v_BSKE, pattern=pattern, segment_ids=segment_ids,
-                       positions=positions, scale=scale)
+  return _dispatch(q_BTHD, k_BSKD, v_BSKE, pattern, segment_ids, positions, scale, impl, need_lse=True)
 
 
 def attention(q_BTHD, k_BSKD, v_BSKE, *, pattern: Pattern, segment_ids=None, positions=None,
               scale: float | None = None, impl: str = "auto"):
   """Attention per DESIGN.md §3. segment_ids: int [B,T], 0 = padding; positions: document-relative.
 
-  `impl`: "auto" | "xla_dense" | "xla" | "pallas_triton" | any registered name. An explicit
-  impl that cannot run raises ValueError; "auto" logs its choice once per platform/pattern.
+  `impl`: "auto" | "xla_dense" | "xla" | "pallas_triton" | "tokamax" | any registered name. An
+  explicit impl that cannot run raises ValueError; "auto" logs its choice once per platform/pattern.
+  segment_ids=None means one document per row (no padding), which some impls require.
   """
-  o, _ = attention_with_lse(q_BTHD, k_BSKD, v_BSKE, pattern=pattern, segment_ids=segment_ids,
-                            positions=positions, scale=scale, impl=impl)
+  o, _ = _dispatch(q_BTHD, k_BSKD, v_BSKE, pattern, segment_ids, positions, scale, impl, need_lse=False)
   return o

@@ -4,7 +4,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from loza_jax.attention import default_positions
+from loza_jax.attention import document_positions
 from loza_jax.config import Config, ModelConfig
 from loza_jax.layers import RMSNorm, SwiGLU, constrain, dtype_of
 from loza_jax.mla import MLA
@@ -74,10 +74,7 @@ class DeepseekV3Transformer(nn.Module):
     cfg = self.config
     c = cfg.model
     check_architecture(cfg, "deepseek_v3")
-    if segment_ids_BT is None:
-      segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
-    if positions_BT is None:
-      positions_BT = default_positions(segment_ids_BT)
+    positions_BT = document_positions(tokens_BT, segment_ids_BT, positions_BT)
     embed = embed_tokens(c)
     x_BTM = constrain(embed(tokens_BT), ("batch", "length", "act_embed"))
     layer_cls = nn.remat(DeepseekV3Layer) if c.remat else DeepseekV3Layer

@@ -8,7 +8,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from loza_jax.attention import default_positions
+from loza_jax.attention import document_positions
 from loza_jax.config import Config
 from loza_jax.deepseek_v3 import check_architecture, embed_tokens, lora_scales, output_logits
 from loza_jax.layers import RMSNorm, SwiGLU, constrain, dtype_of
@@ -47,10 +47,7 @@ class LongcatFlashTransformer(nn.Module):
     cfg = self.config
     c = cfg.model
     check_architecture(cfg, "longcat_flash")
-    if segment_ids_BT is None:
-      segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
-    if positions_BT is None:
-      positions_BT = default_positions(segment_ids_BT)
+    positions_BT = document_positions(tokens_BT, segment_ids_BT, positions_BT)
     embed = embed_tokens(c)
     x_BTM = constrain(embed(tokens_BT), ("batch", "length", "act_embed"))
     types = cfg.layer_types

@@ -6,7 +6,7 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
-from loza_jax.attention import default_positions
+from loza_jax.attention import document_positions
 from loza_jax.config import Config
 from loza_jax.layers import RMSNorm, SwiGLU, constrain, dtype_of
 from loza_jax.mla import MLA
@@ -39,10 +39,7 @@ class Transformer(nn.Module):
     if c.architecture != "loza":
       raise ValueError(f"Transformer implements architecture 'loza', config says {c.architecture!r}")
     dt, pdt = dtype_of(c.dtype), dtype_of(c.param_dtype)
-    if segment_ids_BT is None:
-      segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
-    if positions_BT is None:
-      positions_BT = default_positions(segment_ids_BT)
+    positions_BT = document_positions(tokens_BT, segment_ids_BT, positions_BT)
     embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dt, param_dtype=pdt, name="embed_tokens",
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range),
                                                                  ("vocab", "embed")))

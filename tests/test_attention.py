@@ -182,3 +182,36 @@ def test_explicit_impl_errors_and_auto():
     A.attention(q, q, q, pattern="ssa")
   with pytest.raises(ValueError, match="SSA"):
     A.SSA(0, 1, 7)
+
+
+def test_registry_respects_packing_and_lse():
+  """An impl that cannot express packing or return lse is skipped by auto where it would be wrong."""
+  calls = []
+
+  def fake(q, k, v, *, pattern, segment_ids, positions, scale):
+    calls.append(1)
+    return A.xla(q, k, v, pattern=pattern, segment_ids=segment_ids, positions=positions, scale=scale)[0], None
+
+  platform = jax.default_backend()
+  A.register(A.Impl("fake_unpacked", fake, platforms=(platform,), priority=99, returns_lse=False,
+                    packed_documents=False))
+  try:
+    q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 24, 2, 8)), jnp.float32)
+    seg = jnp.ones((1, 24), jnp.int32)
+    assert A.resolve_impl("auto", A.Full(), q, q, q, packed=False).name == "fake_unpacked"
+    assert A.resolve_impl("auto", A.Full(), q, q, q, packed=True).name != "fake_unpacked"
+    assert A.resolve_impl("auto", A.Full(), q, q, q, packed=False, need_lse=True).name != "fake_unpacked"
+    o = A.attention(q, q, q, pattern=A.Full())
+    assert calls == [1]
+    np.testing.assert_allclose(o, A.attention(q, q, q, pattern=A.Full(), segment_ids=seg, impl="xla"), rtol=1e-6)
+    A.attention(q, q, q, pattern=A.Full(), segment_ids=seg)
+    assert calls == [1]                              # packed call went elsewhere
+    with pytest.raises(ValueError, match="cannot express packed documents"):
+      A.attention(q, q, q, pattern=A.Full(), segment_ids=seg, impl="fake_unpacked")
+    with pytest.raises(ValueError, match="returns no log-sum-exp"):
+      A.attention_with_lse(q, q, q, pattern=A.Full(), impl="fake_unpacked")
+  finally:
+    A._REGISTRY.pop("fake_unpacked")
+  if platform == "cpu":
+    with pytest.raises(ValueError, match="'tokamax' cannot run here"):
+      A.attention(q, q, q, pattern=A.Full(), impl="tokamax")
