@@ -103,7 +103,7 @@ STAGES = "midtrain.stages=[{seq_len: 32, steps: 3, learning_rate: 0.003}, " \
 
 
 def _run_midtrain(tmp_path, run_dir, kill_at=None):
-  args = [sys.executable, str(ROOT / "tests" / "midtrain_helper.py"), "--config", "configs/demo_cpu.yaml",
+  args = [sys.executable, str(ROOT / "tests" / "resume_helper.py"), "--stage", "midtrain", "--config", "configs/demo_cpu.yaml",
           "--init", str(tmp_path / "sparse"), "--set", f"train.run_dir={run_dir}", "--set", STAGES,
           "--set", "train.checkpoint_every=2"]
   for s in SMALL:

@@ -211,13 +211,8 @@ def calibrate(stage_cfg: Config, init: str | Path, *, print_fn=None, return_para
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = cli.parser(__doc__.splitlines()[0])
-  ap.add_argument("--init", default=None, help="model directory to calibrate (overrides calibrate.init)")
-  args, cfg = cli.parse(__doc__.splitlines()[0], argv, ap)
-  init = args.init or cfg.calibrate.init
-  if not init:
-    ap.exit(2, "error: no model to calibrate: pass --init DIR or --set calibrate.init=DIR\n")
-  summary = calibrate(cfg, init, print_fn=tqdm.write)
+  ap, _, cfg, init = cli.parse_stage(__doc__.splitlines()[0], argv, "calibrate", "model directory to calibrate")
+  summary = cli.run_or_exit(ap, calibrate, cfg, init, print_fn=tqdm.write)
   print(markdown(summary))
   print(f"wrote {Path(cfg.train.run_dir) / 'calibration.json'} and alpha.png")
   return 0

@@ -38,3 +38,25 @@ def parse(description: str, argv: Sequence[str] | None = None,
   except (ValueError, FileNotFoundError) as e:
     ap.exit(2, f"error: {e}\n")
   return args, cfg
+
+
+def parse_stage(description: str, argv: Sequence[str] | None, section: str, what: str):
+  """parse() plus `--init DIR` (overriding `<section>.init`); exits when no model is given.
+
+  Returns (parser, args, cfg, init).
+  """
+  ap = parser(description)
+  ap.add_argument("--init", default=None, help=f"{what} (overrides {section}.init)")
+  args, cfg = parse(description, argv, ap)
+  init = args.init or getattr(cfg, section).init
+  if not init:
+    ap.exit(2, f"error: no {what} given: pass --init DIR or --set {section}.init=DIR\n")
+  return ap, args, cfg, init
+
+
+def run_or_exit(ap: argparse.ArgumentParser, fn, *args, **kwargs):
+  """fn(*args, **kwargs); a ValueError/FileNotFoundError (bad input) exits 2 with its message."""
+  try:
+    return fn(*args, **kwargs)
+  except (ValueError, FileNotFoundError) as e:
+    ap.exit(2, f"error: {e}\n")

@@ -248,10 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "evaluate.models)")
   args, cfg = cli.parse(__doc__.splitlines()[0], argv, ap)
   models = list(cfg.evaluate.models) + args.model
-  try:
-    out = evaluate(cfg, models, cfg.evaluate.names or None)
-  except (ValueError, FileNotFoundError) as e:
-    ap.exit(2, f"error: {e}\n")
+  out = cli.run_or_exit(ap, evaluate, cfg, models, cfg.evaluate.names or None)
   print(out["markdown"])
   print(f"wrote {Path(cfg.train.run_dir) / 'eval.json'}, eval.md and {', '.join(out['plots'])}")
   return 0

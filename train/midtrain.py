@@ -107,16 +107,8 @@ def midtrain(cfg: Config, init: str | Path, *, hooks: Sequence[Callable] = (), p
 
 
 def main(argv: Sequence[str] | None = None, hooks: Sequence[Callable] = ()) -> int:
-  ap = cli.parser(__doc__.splitlines()[0])
-  ap.add_argument("--init", default=None, help="sparse model directory (overrides midtrain.init)")
-  args, cfg = cli.parse(__doc__.splitlines()[0], argv, ap)
-  init = args.init or cfg.midtrain.init
-  if not init:
-    ap.exit(2, "error: no model to mid-train: pass --init DIR or --set midtrain.init=DIR\n")
-  try:
-    out = midtrain(cfg, init, hooks=hooks, print_fn=tqdm.write)
-  except (ValueError, FileNotFoundError) as e:
-    ap.exit(2, f"error: {e}\n")
+  ap, _, cfg, init = cli.parse_stage(__doc__.splitlines()[0], argv, "midtrain", "sparse model directory")
+  out = cli.run_or_exit(ap, midtrain, cfg, init, hooks=hooks, print_fn=tqdm.write)
   print(f"mid-trained model -> {out}")
   return 0
 

@@ -107,17 +107,8 @@ def sparsify(cfg: Config, init: str | Path, out: str | Path) -> tuple[Path, dict
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = cli.parser(__doc__.splitlines()[0])
-  ap.add_argument("--init", default=None, help="model directory (overrides sparsify.init)")
-  args, cfg = cli.parse(__doc__.splitlines()[0], argv, ap)
-  init = args.init or cfg.sparsify.init
-  if not init:
-    ap.exit(2, "error: no model to sparsify: pass --init DIR or --set sparsify.init=DIR\n")
-  out = cfg.sparsify.out or str(Path(cfg.train.run_dir) / "model")
-  try:
-    out, rec = sparsify(cfg, init, out)
-  except (ValueError, FileNotFoundError) as e:
-    ap.exit(2, f"error: {e}\n")
+  ap, _, cfg, init = cli.parse_stage(__doc__.splitlines()[0], argv, "sparsify", "model directory to sparsify")
+  out, rec = cli.run_or_exit(ap, sparsify, cfg, init, cfg.sparsify.out or str(Path(cfg.train.run_dir) / "model"))
   print(f"sparse model -> {out}: strategy {rec['strategy']}, ratio {rec['ratio']}, SSA sublayers "
         f"{rec['ssa_layers']} (layer_type {rec['zigzag_layer_type']})")
   return 0
