@@ -133,3 +133,14 @@ def test_midtrain_resume_across_stage_boundary_after_sigkill(tmp_path):
   assert [(s["start_step"], s["end_step"], s["seq_len"]) for s in stages] == [(0, 3, 32), (3, 6, 64)]
   m_ref = [json.loads(l)["loss"] for l in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
   assert len(m_ref) == 6
+
+
+def test_midtrain_rejects_a_stage_whose_data_cannot_be_built_before_training(tmp_path):
+  from train.midtrain import midtrain
+  make_model(tmp_path)
+  cfg = load_config("configs/demo_cpu.yaml", SMALL + ["data.retrieval_fraction=0.5", "data.retrieval_tasks=[multikey]",
+                                                      f"train.run_dir={tmp_path / 'run'}",
+                                                      "midtrain.stages=[{seq_len: 256, steps: 1}, {seq_len: 64, steps: 1}]"])
+  with pytest.raises(ValueError, match=r"midtrain.stages\[1\] \(seq_len 64\).*multikey"):
+    midtrain(cfg, tmp_path / "model")
+  assert not (tmp_path / "run" / "checkpoints").exists()

@@ -70,6 +70,13 @@ def midtrain(cfg: Config, init: str | Path, *, hooks: Sequence[Callable] = (), p
     if st.seq_len % model_cfg.attention.block_size:
       raise ValueError(f"midtrain.stages[{i}].seq_len={st.seq_len} must be a multiple of attention.block_size="
                        f"{model_cfg.attention.block_size}")
+  tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
+  corpus = data_lib.load_corpus(cfg.data)
+  for i, st in enumerate(stages):   # fail before any training if a later stage's data cannot be built
+    try:
+      data_lib.build_dataset(stage_config(cfg, model_cfg, st, i), 1, corpus=corpus, tokenizer=tokenizer)
+    except ValueError as e:
+      raise ValueError(f"midtrain.stages[{i}] (seq_len {st.seq_len}): {e}") from None
   run_dir = Path(cfg.train.run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   say = print_fn or print
@@ -94,7 +101,7 @@ def midtrain(cfg: Config, init: str | Path, *, hooks: Sequence[Callable] = (), p
              "started_unix": time.time()}
     rows = scfg.train.batch_size // jax.process_count()
     data_iter = iter(data_lib.build_dataset(scfg, rows, process_index=jax.process_index(),
-                                            process_count=jax.process_count()))
+                                            process_count=jax.process_count(), corpus=corpus, tokenizer=tokenizer))
     result = trainer.fit(data_iter, steps=end, restore_data=latest > start)
     if result.stopped != "done" or result.step < end:
       raise RuntimeError(f"stage {i} stopped at step {result.step}: {result.stopped}")
