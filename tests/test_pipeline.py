@@ -24,5 +24,16 @@ def test_pipeline_smoke(tmp_path):
   summary = json.loads((tmp_path / "pipeline.json").read_text())
   assert set(summary["evaluation"]) == {"full", "random-sparse", "loza-sparse", "loza-sparse+midtrain"}
   assert len(summary["selection"]["ssa_layers"]) == 2 and len(summary["random_selection"]["ssa_layers"]) == 2
+  assert summary["selection"]["ssa_layers"] != summary["random_selection"]["ssa_layers"]
   assert [s["seq_len"] for s in summary["stages"]] == [256, 512]
   assert (tmp_path / "eval" / "retrieval_heatmap.png").is_file()
+
+
+def test_random_baseline_differs_from_the_calibrated_selection():
+  from loza_jax.config import load_config
+  from loza_jax.sparsity import select_layers
+  cfg = load_config("configs/demo_cpu.yaml", ["sparsify.seed=0"])
+  chosen = list(select_layers("random", 4, 0.5, seed=0).ssa_layers)
+  seed = pipeline.random_baseline_seed(cfg, chosen)
+  assert seed != 0 and list(select_layers("random", 4, 0.5, seed=seed).ssa_layers) != chosen
+  assert pipeline.random_baseline_seed(cfg, [9]) == 0

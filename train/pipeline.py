@@ -17,6 +17,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from loza_jax.config import Config, replace, save_config
+from loza_jax.sparsity import select_layers
 from train import cli
 from train import pretrain as pretrain_lib
 from train.calibrate import calibrate, markdown as calibration_markdown
@@ -29,6 +30,16 @@ STAGES = ("pretrain", "calibrate", "sparsify", "midtrain", "evaluate")
 
 def _stage_cfg(cfg: Config, run_dir: Path, name: str) -> Config:
   return replace(cfg, **{"train.run_dir": str(run_dir / name)})
+
+
+def random_baseline_seed(cfg: Config, chosen: Sequence[int], tries: int = 1000) -> int:
+  """The first seed from sparsify.seed on whose random selection differs from the calibrated one
+  (comparing a model with itself says nothing); sparsify.seed when no other selection exists."""
+  n = cfg.model.num_attention_sublayers
+  for seed in range(cfg.sparsify.seed, cfg.sparsify.seed + tries):
+    if list(select_layers("random", n, cfg.sparsify.ratio, seed=seed).ssa_layers) != list(chosen):
+      return seed
+  return cfg.sparsify.seed
 
 
 def report(run_dir: Path, cfg: Config, info: dict) -> str:
@@ -49,7 +60,8 @@ def report(run_dir: Path, cfg: Config, info: dict) -> str:
   lines += ["## 3. Sparsify", "",
             f"- by α: SSA sublayers {sel['ssa_layers']} (`layer_type` {sel['zigzag_layer_type']}, "
             f"sparsity {sel['sparsity']:.2f})",
-            f"- random baseline (seed {cfg.sparsify.seed}): SSA sublayers {rnd['ssa_layers']} "
+            f"- random baseline (seed {rnd['seed']}, the first from sparsify.seed={cfg.sparsify.seed} whose "
+            f"selection differs from the calibrated one): SSA sublayers {rnd['ssa_layers']} "
             f"(`layer_type` {rnd['zigzag_layer_type']})", ""]
   lines += ["## 4. Mid-train", "", "| stage | seq_len | steps | final loss | rope_scaling |", "|---|---|---|---|---|"]
   for s in info["stages"]:
@@ -96,8 +108,10 @@ def run_pipeline(cfg: Config, config_path: str, overrides: Sequence[str], init: 
   cal_path = str(run_dir / "calibrate" / "calibration.json")
   sp_cfg = replace(cfg, **{"sparsify.strategy": "alpha", "sparsify.calibration": cal_path})
   sparse_dir, info["selection"] = sparsify(sp_cfg, init, run_dir / "sparse" / "model")
-  rnd_cfg = replace(cfg, **{"sparsify.strategy": "random"})
+  seed = random_baseline_seed(cfg, info["selection"]["ssa_layers"])
+  rnd_cfg = replace(cfg, **{"sparsify.strategy": "random", "sparsify.seed": seed})
   random_dir, info["random_selection"] = sparsify(rnd_cfg, init, run_dir / "random" / "model")
+  info["random_selection"]["seed"] = seed
   timings["sparsify"] = time.perf_counter() - t
   bar.update(1)
 
