@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from loza_jax.attention import document_positions
 from loza_jax.config import Config, ModelConfig
-from loza_jax.layers import RMSNorm, SwiGLU, constrain, dtype_of
+from loza_jax.layers import RMSNorm, SwiGLU, constrain, dtype_of, embed_tokens, output_logits
 from loza_jax.mla import MLA
 from loza_jax.moe import MoE
 
@@ -21,26 +20,6 @@ def lora_scales(c: ModelConfig) -> tuple[float, float]:
 def check_architecture(cfg: Config, expected: str) -> None:
   if cfg.model.architecture != expected:
     raise ValueError(f"this module implements architecture {expected!r}, config says {cfg.model.architecture!r}")
-
-
-def embed_tokens(c: ModelConfig) -> nn.Embed:
-  """The token embedding [V, M] named `embed_tokens`; call from inside a compact __call__."""
-  return nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype_of(c.dtype), param_dtype=dtype_of(c.param_dtype),
-                  name="embed_tokens", embedding_init=nn.with_logical_partitioning(
-                      nn.initializers.normal(c.initializer_range), ("vocab", "embed")))
-
-
-def output_logits(module: nn.Module, embed: nn.Embed, x_BTM, c: ModelConfig):
-  """Final hidden states -> fp32 logits [B, T, V] (tied embedding or `lm_head` [M, V]); call inside __call__."""
-  dt = dtype_of(c.dtype)
-  if c.tie_word_embeddings:
-    logits = embed.attend(x_BTM)
-  else:
-    kernel = module.param("lm_head", nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range),
-                                                                  ("embed", "vocab")),
-                          (c.hidden_size, c.vocab_size), dtype_of(c.param_dtype))
-    logits = jnp.dot(x_BTM.astype(dt), kernel.astype(dt))
-  return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
 
 class DeepseekV3Layer(nn.Module):

@@ -7,6 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from loza_jax.config import ModelConfig
+
 
 def dtype_of(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
@@ -62,3 +64,23 @@ class SwiGLU(nn.Module):
     up = Dense(self.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x_BTM)
     h = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
     return Dense(x_BTM.shape[-1], ("mlp", "embed"), name="down_proj", **kw)(h)
+
+
+def embed_tokens(c: ModelConfig) -> nn.Embed:
+  """The token embedding [V, M] named `embed_tokens`; call from inside a compact __call__."""
+  return nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype_of(c.dtype), param_dtype=dtype_of(c.param_dtype),
+                  name="embed_tokens", embedding_init=nn.with_logical_partitioning(
+                      nn.initializers.normal(c.initializer_range), ("vocab", "embed")))
+
+
+def output_logits(module: nn.Module, embed: nn.Embed, x_BTM, c: ModelConfig):
+  """Final hidden states -> fp32 logits [B, T, V] (tied embedding or `lm_head` [M, V]); call inside __call__."""
+  dt = dtype_of(c.dtype)
+  if c.tie_word_embeddings:
+    logits = embed.attend(x_BTM)
+  else:
+    kernel = module.param("lm_head", nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range),
+                                                                  ("embed", "vocab")),
+                          (c.hidden_size, c.vocab_size), dtype_of(c.param_dtype))
+    logits = jnp.dot(x_BTM.astype(dt), kernel.astype(dt))
+  return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))

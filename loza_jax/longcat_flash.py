@@ -6,12 +6,11 @@ shortcut-connected MoE fed by the first post-attention norm and added at the end
 from __future__ import annotations
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from loza_jax.attention import document_positions
 from loza_jax.config import Config
-from loza_jax.deepseek_v3 import check_architecture, embed_tokens, lora_scales, output_logits
-from loza_jax.layers import RMSNorm, SwiGLU, constrain, dtype_of
+from loza_jax.deepseek_v3 import check_architecture, lora_scales
+from loza_jax.layers import RMSNorm, SwiGLU, constrain, dtype_of, embed_tokens, output_logits
 from loza_jax.mla import MLA
 from loza_jax.moe import MoE
 

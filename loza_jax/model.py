@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from loza_jax.attention import document_positions
 from loza_jax.config import Config
-from loza_jax.layers import RMSNorm, SwiGLU, constrain, dtype_of
+from loza_jax.layers import RMSNorm, SwiGLU, constrain, dtype_of, embed_tokens, output_logits
 from loza_jax.mla import MLA
 
 
@@ -40,9 +40,7 @@ class Transformer(nn.Module):
       raise ValueError(f"Transformer implements architecture 'loza', config says {c.architecture!r}")
     dt, pdt = dtype_of(c.dtype), dtype_of(c.param_dtype)
     positions_BT = document_positions(tokens_BT, segment_ids_BT, positions_BT)
-    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dt, param_dtype=pdt, name="embed_tokens",
-                     embedding_init=nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range),
-                                                                 ("vocab", "embed")))
+    embed = embed_tokens(c)
     x_BTM = constrain(embed(tokens_BT), ("batch", "length", "act_embed"))
     layer_cls = nn.remat(DecoderLayer) if c.remat else DecoderLayer
     for i, layer_type in enumerate(cfg.layer_types):
@@ -50,13 +48,7 @@ class Transformer(nn.Module):
     x_BTM = RMSNorm(c.rms_norm_eps, dt, pdt, name="norm")(x_BTM)
     if return_hidden:
       return x_BTM
-    if c.tie_word_embeddings:
-      logits = embed.attend(x_BTM)
-    else:
-      kernel = self.param("lm_head", nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range),
-                                                                  ("embed", "vocab")), (c.hidden_size, c.vocab_size), pdt)
-      logits = jnp.dot(x_BTM, kernel.astype(dt))
-    return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    return output_logits(self, embed, x_BTM, c)
 
 
 def build_model(cfg: Config) -> nn.Module:
