@@ -161,13 +161,14 @@ def plot_alphas(summary: dict, path: Path) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   a = [r["alpha"] for r in summary["alpha"]]
   chosen = set(summary["selected_ssa"])
-  fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(a) + 2), 3.2))
+  fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(a) + 2), 3.4))
   colors = ["tab:orange" if i in chosen else "tab:blue" for i in range(len(a))]
   ax.bar(range(len(a)), a, color=colors)
   ax.set_ylim(0, 1.05)
   ax.set_xlabel("attention sublayer")
   ax.set_ylabel("α (1 = full, 0 = SSA)")
-  ax.set_title(f"calibrated α — orange: the {len(chosen)} sublayers chosen as SSA (ratio {summary['ratio']})")
+  ax.set_title(f"calibrated α per attention sublayer\norange: the {len(chosen)} of {len(a)} chosen as SSA "
+               f"(ratio {summary['ratio']})", fontsize=10)
   ax.set_xticks(range(len(a)))
   fig.tight_layout()
   fig.savefig(path, dpi=120)

@@ -172,8 +172,8 @@ def plot_results(results: dict[str, dict], cfg: Config, out_dir: Path) -> list[s
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   e = cfg.evaluate
   names = list(results)
-  fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 1, 3.2), squeeze=False)
-  for ax, name in zip(axes[0], names):
+  fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names) + 1.5, 3.2), squeeze=False, sharey=True)
+  for col, (ax, name) in enumerate(zip(axes[0], names)):
     cells = results[name]["retrieval"]["cells"]
     grid = np.array([[np.mean([cells.get(f"{k}|{n}|{float(d)}", np.nan) for k in e.tasks]) for n in e.lengths]
                      for d in e.depths])
@@ -181,7 +181,8 @@ def plot_results(results: dict[str, dict], cfg: Config, out_dir: Path) -> list[s
     ax.set_xticks(range(len(e.lengths)), [str(n) for n in e.lengths])
     ax.set_yticks(range(len(e.depths)), [f"{d:.2f}" for d in e.depths])
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth")
+    if col == 0:
+      ax.set_ylabel("needle depth")
     ax.set_title(name, fontsize=9)
     for i in range(grid.shape[0]):
       for j in range(grid.shape[1]):
