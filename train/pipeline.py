@@ -21,6 +21,7 @@ from loza_jax.sparsity import select_layers
 from train import cli
 from train import pretrain as pretrain_lib
 from train.calibrate import calibrate, markdown as calibration_markdown
+from train.checkpoint import load_config_file
 from train.evaluate import evaluate
 from train.midtrain import midtrain
 from train.sparsify import sparsify
@@ -76,6 +77,8 @@ def report(run_dir: Path, cfg: Config, info: dict) -> str:
 
 
 def run_pipeline(cfg: Config, config_path: str, overrides: Sequence[str], init: str | None = None) -> Path:
+  if init is not None:
+    load_config_file(init)   # a wrong --init fails here, before any work
   run_dir = Path(cfg.train.run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   save_config(cfg, run_dir / "config.yaml")
@@ -146,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   overrides = list(args.set) + ([f"train.run_dir={args.run_dir}"] if args.run_dir else [])
   if not cfg.midtrain.stages:
     ap.exit(2, "error: midtrain.stages is empty; the pipeline needs at least one mid-training stage\n")
-  path = run_pipeline(cfg, args.config, overrides, args.init)
+  path = cli.run_or_exit(ap, run_pipeline, cfg, args.config, overrides, args.init)
   print(path.read_text())
   print(f"report -> {path}")
   return 0
