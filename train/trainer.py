@@ -159,9 +159,13 @@ def make_optimizer(cfg: Config, schedule: optax.Schedule | None = None) -> optax
 
 
 def flops_per_token(cfg: Config, n_params: int, seq_len: int) -> float:
-  """Training FLOPs per token: 6 x matmul params + 3 x attention (QK and PV over the visible keys)."""
+  """Training FLOPs per token: 6 x active matmul params + 3 x attention (QK and PV over the visible keys)."""
   m = cfg.model
   matmul = n_params - (0 if m.tie_word_embeddings else m.vocab_size * m.hidden_size)
+  if m.n_routed_experts:   # MoE: only the top-k routed experts work (upper bound when zero experts are picked)
+    moe_layers = m.num_hidden_layers - (m.first_k_dense_replace if m.architecture == "deepseek_v3" else 0)
+    idle = max(m.n_routed_experts - m.num_experts_per_tok, 0)
+    matmul -= moe_layers * idle * 3 * m.hidden_size * m.moe_intermediate_size
   attn = 0.0
   for lt in cfg.layer_types:
     full = (seq_len + 1) / 2
