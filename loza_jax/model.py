@@ -1,6 +1,8 @@
 """The decoder-only MLA language model (architecture `loza`): embed, N x (MLA + SwiGLU), norm, head."""
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 from flax import traverse_util
 import jax
@@ -72,6 +74,11 @@ def init_params(cfg: Config, rng: jax.Array, seq_len: int = 8):
 
 
 def alpha_paths(params) -> list[tuple[str, ...]]:
-  """Paths of all blend alpha parameters, in sublayer order."""
+  """Paths of all blend alpha parameters, in attention-sublayer order.
+
+  Ordered by the numbers in the path (layers_2 before layers_10; LongCat's layers_i/self_attn_j
+  as 2i + j), not by dict order: pytrees come back from jit and orbax with sorted string keys.
+  """
   flat = traverse_util.flatten_dict(nn.unbox(params))
-  return [k for k in flat if k[-1] == "alpha"]
+  numbers = lambda path: [int(n) for part in path for n in re.findall(r"\d+", str(part))]
+  return sorted((k for k in flat if k[-1] == "alpha"), key=numbers)

@@ -69,6 +69,16 @@ def test_calibration_moves_only_alpha_and_ranks_planted_lowest(tmp_path, objecti
   assert any((out / "tb").iterdir())
 
 
+def test_clipped_alphas_follow_sublayer_order_after_a_pytree_round_trip():
+  """jit returns dicts with sorted keys (layers_10 before layers_2); α must stay in sublayer order."""
+  flat = {f"layers_{i}": {"self_attn": {"alpha": np.float32(i / 20)}} for i in range(12)}
+  np.testing.assert_allclose(np.asarray(clipped_alphas(jax.jit(lambda p: p)(flat))), np.arange(12) / 20, rtol=1e-6)
+  longcat = {f"layers_{i}": {f"self_attn_{j}": {"alpha": np.float32((2 * i + j) / 30)} for j in (0, 1)}
+             for i in range(6)}
+  np.testing.assert_allclose(np.asarray(clipped_alphas(jax.jit(lambda p: p)(longcat))), np.arange(12) / 30,
+                             rtol=1e-6)
+
+
 def test_clipped_alphas_order_and_clip():
   params = {"layers_0": {"self_attn": {"alpha": np.float32(1.7)}}, "layers_1": {"self_attn": {"alpha": np.float32(-0.5)}},
             "layers_2": {"self_attn": {"alpha": np.float32(0.25)}}}

@@ -21,7 +21,7 @@ from flax import traverse_util
 from tqdm.auto import tqdm
 
 from loza_jax.config import Config, replace
-from loza_jax.model import build_model
+from loza_jax.model import alpha_paths, build_model
 from loza_jax.sparsity import select_layers
 from train import cli
 from train import data as data_lib
@@ -57,15 +57,10 @@ def calibration_config(stage_cfg: Config, model_cfg: Config) -> Config:
   })
 
 
-def alpha_leaves(params) -> list[tuple[str, jax.Array]]:
-  """(path, alpha) for every blend sublayer, in sublayer order."""
-  flat = traverse_util.flatten_dict(nn.unbox(params), sep="/")
-  return [(k, v) for k, v in flat.items() if k.split("/")[-1] == ALPHA]
-
-
 def clipped_alphas(params) -> jax.Array:
-  """[n_sublayers] or [n_sublayers, H] α clipped to [0, 1] (what the blend uses)."""
-  return jnp.stack([jnp.clip(v, 0.0, 1.0) for _, v in alpha_leaves(params)])
+  """[n_sublayers] or [n_sublayers, H] α clipped to [0, 1] (what the blend uses), in sublayer order."""
+  flat = traverse_util.flatten_dict(nn.unbox(params))
+  return jnp.stack([jnp.clip(flat[path], 0.0, 1.0) for path in alpha_paths(params)])
 
 
 def project_to_unit_box() -> optax.GradientTransformation:
