@@ -26,7 +26,7 @@ from loza_jax.sparsity import select_layers
 from train import cli
 from train import data as data_lib
 from train.checkpoint import check_compatible, load_model
-from train.trainer import Trainer, lm_loss_terms, make_optimizer, without
+from train.trainer import Trainer, make_distill_loss, make_lm_loss, make_optimizer, without
 
 ALPHA = "alpha"
 
@@ -57,6 +57,11 @@ def calibration_config(stage_cfg: Config, model_cfg: Config) -> Config:
   })
 
 
+def is_alpha(path: str) -> bool:
+  """Whether an 'a/b/c' parameter path names a blend α."""
+  return path.split("/")[-1] == ALPHA
+
+
 def clipped_alphas(params) -> jax.Array:
   """[n_sublayers] or [n_sublayers, H] α clipped to [0, 1] (what the blend uses), in sublayer order."""
   flat = traverse_util.flatten_dict(nn.unbox(params))
@@ -73,26 +78,18 @@ def project_to_unit_box() -> optax.GradientTransformation:
 def make_calibration_loss(cfg: Config, objective: str, alpha_l1: float):
   """distill (MSE to the frozen full model's final hidden states) or lm, plus alpha_l1 · mean(α)."""
   student = build_model(cfg)
-  teacher = build_model(replace(cfg, **{"attention.layer_types": ("full",) * cfg.model.num_attention_sublayers}))
-  drop_alpha = lambda path: path.split("/")[-1] == ALPHA
+  if objective == "distill":
+    teacher = build_model(replace(cfg, **{"attention.layer_types": ("full",) * cfg.model.num_attention_sublayers}))
+    fit_fn = make_distill_loss(student, teacher)   # the teacher is the same weights without α
+  else:
+    fit_fn = make_lm_loss(student)
 
   def loss_fn(params, batch, rng):
-    del rng
-    args = (batch["tokens"], batch["segment_ids"], batch["positions"])
-    if objective == "distill":
-      h_s = student.apply({"params": params}, *args, return_hidden=True).astype(jnp.float32)
-      h_t = teacher.apply({"params": jax.lax.stop_gradient(without(params, drop_alpha))}, *args,
-                          return_hidden=True).astype(jnp.float32)
-      w = (batch["segment_ids"] != 0).astype(jnp.float32)[..., None]
-      weight = w.sum()
-      fit = (((h_s - h_t) ** 2) * w).sum() / jnp.maximum(weight * h_s.shape[-1], 1.0)
-    else:
-      fit, aux = lm_loss_terms(student.apply({"params": params}, *args), batch)
-      weight = aux["weight"]
+    fit, aux = fit_fn(params, batch, rng)
     a = clipped_alphas(params)
     loss = fit + alpha_l1 * jnp.mean(a)
     per_layer = a if a.ndim == 1 else a.mean(-1)
-    metrics = {objective: fit, "alpha_mean": jnp.mean(a), "weight": weight}
+    metrics = {objective: fit, "alpha_mean": jnp.mean(a), "weight": aux["weight"]}
     metrics.update({f"alpha/{i:03d}": per_layer[i] for i in range(per_layer.shape[0])})
     return loss, metrics
 
@@ -103,12 +100,10 @@ def with_alphas(model_params, cfg: Config):
   """The loaded model's params plus α = 1 for every blend sublayer (shapes checked)."""
   tokens = jnp.zeros((1, cfg.attention.block_size), jnp.int32)
   abstract = nn.unbox(jax.eval_shape(lambda: build_model(cfg).init(jax.random.PRNGKey(0), tokens)["params"]))
-  flat_abs = traverse_util.flatten_dict(abstract, sep="/")
-  base_abs = {k: v for k, v in flat_abs.items() if k.split("/")[-1] != ALPHA}
-  check_compatible(traverse_util.unflatten_dict(base_abs, sep="/"), nn.unbox(model_params), "calibrate.init")
+  check_compatible(without(abstract, is_alpha), nn.unbox(model_params), "calibrate.init")
   flat = traverse_util.flatten_dict(nn.unbox(model_params), sep="/")
-  for k, v in flat_abs.items():
-    if k.split("/")[-1] == ALPHA:
+  for k, v in traverse_util.flatten_dict(abstract, sep="/").items():
+    if is_alpha(k):
       flat[k] = jnp.ones(v.shape, v.dtype)
   return traverse_util.unflatten_dict(flat, sep="/")
 

@@ -17,13 +17,13 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
-from flax import traverse_util
 
 from loza_jax.config import Config, replace
 from loza_jax.sparsity import Selection, select_layers
 from train import cli
-from train.calibrate import ALPHA, model_fingerprint
+from train.calibrate import is_alpha, model_fingerprint
 from train.checkpoint import load_model, save_model
+from train.trainer import without
 
 
 def read_calibration(path: str | Path, model_cfg: Config) -> dict:
@@ -80,11 +80,6 @@ def sparse_config(cfg: Config, model_cfg: Config, selection: Selection) -> Confi
   })
 
 
-def drop_alphas(params):
-  flat = traverse_util.flatten_dict(nn.unbox(params), sep="/")
-  return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k.split("/")[-1] != ALPHA}, sep="/")
-
-
 def sparsify(cfg: Config, init: str | Path, out: str | Path) -> tuple[Path, dict]:
   """Write the sparse model for `init` to `out`; returns (out, selection record)."""
   params, model_cfg = load_model(init)
@@ -95,7 +90,7 @@ def sparsify(cfg: Config, init: str | Path, out: str | Path) -> tuple[Path, dict
   out = Path(out)
   if out.exists():
     shutil.rmtree(out)
-  save_model(out, drop_alphas(params), new_cfg)
+  save_model(out, without(nn.unbox(params), is_alpha), new_cfg)
   record = {"init": str(init), "strategy": selection.strategy, "ratio": selection.ratio,
             "ssa_layers": list(selection.ssa_layers), "layer_types": list(selection.layer_types()),
             "zigzag_layer_type": zigzag_layer_string(selection.layer_types()),
