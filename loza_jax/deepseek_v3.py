@@ -5,7 +5,7 @@ import flax.linen as nn
 
 from loza_jax.attention import document_positions
 from loza_jax.config import Config, ModelConfig
-from loza_jax.layers import RMSNorm, SwiGLU, constrain, dtype_of, embed_tokens, output_logits
+from loza_jax.layers import RMSNorm, SwiGLU, check_architecture, constrain, dtype_of, embed_tokens, final_output
 from loza_jax.mla import MLA
 from loza_jax.moe import MoE
 
@@ -15,11 +15,6 @@ def lora_scales(c: ModelConfig) -> tuple[float, float]:
   q = (c.hidden_size / c.q_lora_rank) ** 0.5 if c.mla_scale_q_lora and c.q_lora_rank else 1.0
   kv = (c.hidden_size / c.kv_lora_rank) ** 0.5 if c.mla_scale_kv_lora else 1.0
   return q, kv
-
-
-def check_architecture(cfg: Config, expected: str) -> None:
-  if cfg.model.architecture != expected:
-    raise ValueError(f"this module implements architecture {expected!r}, config says {cfg.model.architecture!r}")
 
 
 class DeepseekV3Layer(nn.Module):
@@ -52,7 +47,7 @@ class DeepseekV3Transformer(nn.Module):
   def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, return_hidden: bool = False):
     cfg = self.config
     c = cfg.model
-    check_architecture(cfg, "deepseek_v3")
+    check_architecture(c.architecture, "deepseek_v3")
     positions_BT = document_positions(tokens_BT, segment_ids_BT, positions_BT)
     embed = embed_tokens(c)
     x_BTM = constrain(embed(tokens_BT), ("batch", "length", "act_embed"))
@@ -60,7 +55,4 @@ class DeepseekV3Transformer(nn.Module):
     for i, layer_type in enumerate(cfg.layer_types):
       x_BTM = layer_cls(cfg, layer_type, i >= c.first_k_dense_replace, name=f"layers_{i}")(
           x_BTM, segment_ids_BT, positions_BT)
-    x_BTM = RMSNorm(c.rms_norm_eps, dtype_of(c.dtype), dtype_of(c.param_dtype), name="norm")(x_BTM)
-    if return_hidden:
-      return x_BTM
-    return output_logits(self, embed, x_BTM, c)
+    return final_output(self, embed, x_BTM, c, return_hidden)

@@ -84,3 +84,14 @@ def output_logits(module: nn.Module, embed: nn.Embed, x_BTM, c: ModelConfig):
                           (c.hidden_size, c.vocab_size), dtype_of(c.param_dtype))
     logits = jnp.dot(x_BTM.astype(dt), kernel.astype(dt))
   return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+def final_output(module: nn.Module, embed: nn.Embed, x_BTM, c: ModelConfig, return_hidden: bool):
+  """Final RMSNorm `norm`, then the hidden states (return_hidden) or fp32 logits; call inside __call__."""
+  x_BTM = RMSNorm(c.rms_norm_eps, dtype_of(c.dtype), dtype_of(c.param_dtype), name="norm")(x_BTM)
+  return x_BTM if return_hidden else output_logits(module, embed, x_BTM, c)
+
+
+def check_architecture(architecture: str, expected: str) -> None:
+  if architecture != expected:
+    raise ValueError(f"this module implements architecture {expected!r}, config says {architecture!r}")

@@ -9,8 +9,8 @@ import flax.linen as nn
 
 from loza_jax.attention import document_positions
 from loza_jax.config import Config
-from loza_jax.deepseek_v3 import check_architecture, lora_scales
-from loza_jax.layers import RMSNorm, SwiGLU, constrain, dtype_of, embed_tokens, output_logits
+from loza_jax.deepseek_v3 import lora_scales
+from loza_jax.layers import RMSNorm, SwiGLU, check_architecture, constrain, dtype_of, embed_tokens, final_output
 from loza_jax.mla import MLA
 from loza_jax.moe import MoE
 
@@ -45,7 +45,7 @@ class LongcatFlashTransformer(nn.Module):
   def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, return_hidden: bool = False):
     cfg = self.config
     c = cfg.model
-    check_architecture(cfg, "longcat_flash")
+    check_architecture(c.architecture, "longcat_flash")
     positions_BT = document_positions(tokens_BT, segment_ids_BT, positions_BT)
     embed = embed_tokens(c)
     x_BTM = constrain(embed(tokens_BT), ("batch", "length", "act_embed"))
@@ -53,7 +53,4 @@ class LongcatFlashTransformer(nn.Module):
     layer_cls = nn.remat(LongcatFlashLayer) if c.remat else LongcatFlashLayer
     for i in range(c.num_hidden_layers):
       x_BTM = layer_cls(cfg, (types[2 * i], types[2 * i + 1]), name=f"layers_{i}")(x_BTM, segment_ids_BT, positions_BT)
-    x_BTM = RMSNorm(c.rms_norm_eps, dtype_of(c.dtype), dtype_of(c.param_dtype), name="norm")(x_BTM)
-    if return_hidden:
-      return x_BTM
-    return output_logits(self, embed, x_BTM, c)
+    return final_output(self, embed, x_BTM, c, return_hidden)

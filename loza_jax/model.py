@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from loza_jax.attention import document_positions
 from loza_jax.config import Config
-from loza_jax.layers import RMSNorm, SwiGLU, constrain, dtype_of, embed_tokens, output_logits
+from loza_jax.layers import RMSNorm, SwiGLU, check_architecture, constrain, dtype_of, embed_tokens, final_output
 from loza_jax.mla import MLA
 
 
@@ -38,19 +38,14 @@ class Transformer(nn.Module):
   def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, return_hidden: bool = False):
     cfg = self.config
     c = cfg.model
-    if c.architecture != "loza":
-      raise ValueError(f"Transformer implements architecture 'loza', config says {c.architecture!r}")
-    dt, pdt = dtype_of(c.dtype), dtype_of(c.param_dtype)
+    check_architecture(c.architecture, "loza")
     positions_BT = document_positions(tokens_BT, segment_ids_BT, positions_BT)
     embed = embed_tokens(c)
     x_BTM = constrain(embed(tokens_BT), ("batch", "length", "act_embed"))
     layer_cls = nn.remat(DecoderLayer) if c.remat else DecoderLayer
     for i, layer_type in enumerate(cfg.layer_types):
       x_BTM = layer_cls(cfg, layer_type, name=f"layers_{i}")(x_BTM, segment_ids_BT, positions_BT)
-    x_BTM = RMSNorm(c.rms_norm_eps, dt, pdt, name="norm")(x_BTM)
-    if return_hidden:
-      return x_BTM
-    return output_logits(self, embed, x_BTM, c)
+    return final_output(self, embed, x_BTM, c, return_hidden)
 
 
 def build_model(cfg: Config) -> nn.Module:
