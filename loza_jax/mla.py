@@ -71,7 +71,7 @@ class MLA(nn.Module):
       a = a if a.ndim == 0 else a[:, None]
       o_full = run(attn.Full()).astype(jnp.float32)
       o_ssa = run(ssa_pattern(self.acfg)).astype(jnp.float32)
-      o_BTHE = (a * o_full + (1.0 - a) * o_ssa).astype(o_full.dtype if dt == jnp.float32 else dt)
+      o_BTHE = (a * o_full + (1.0 - a) * o_ssa).astype(dt)
     else:
       raise ValueError(f"layer_type must be one of full|ssa|blend, got {self.layer_type!r}")
     o_BTHE = constrain(o_BTHE, ("batch", "length", "act_heads", None))

@@ -88,7 +88,6 @@ def greedy_answer(pred_tokens: np.ndarray, answer_tokens: np.ndarray) -> np.ndar
 def score_cases(logits_fn: LogitsFn, cases: Sequence[Case], tokenizer, batch_size: int, multiple: int,
                 progress: bool = True) -> list[dict]:
   """Greedy answers and scores for every case."""
-  out = []
   order = sorted(range(len(cases)), key=lambda i: len(cases[i].tokens))   # similar lengths share a batch
   results: dict[int, dict] = {}
   bar = tqdm(total=len(cases), desc="retrieval", disable=not progress, leave=False)
@@ -106,15 +105,15 @@ def score_cases(logits_fn: LogitsFn, cases: Sequence[Case], tokenizer, batch_siz
                     "token_acc": float(np.mean(pred[row, a0 - 1:a1 - 1] == c.tokens[a0:a1]))}
     bar.update(len(idx))
   bar.close()
-  out = [results[i] for i in range(len(cases))]
-  return out
+  return [results[i] for i in range(len(cases))]
 
 
-def heldout_rows(cfg: Config, n_rows: int) -> list[dict[str, np.ndarray]]:
+def heldout_rows(cfg: Config, n_rows: int, corpus=None, tokenizer=None) -> list[dict[str, np.ndarray]]:
   """n_rows packed rows of the held-out text chunks (data.heldout_every), never seen in training."""
   if n_rows == 0:
     return []
-  it = iter(data_lib.build_dataset(cfg, 1, seed=cfg.data.seed + HELDOUT_SEED, split="heldout"))
+  it = iter(data_lib.build_dataset(cfg, 1, seed=cfg.data.seed + HELDOUT_SEED, split="heldout", corpus=corpus,
+                                   tokenizer=tokenizer))
   return [next(it) for _ in range(n_rows)]
 
 
@@ -161,7 +160,7 @@ def evaluate_logits_fn(logits_fn: LogitsFn, cfg: Config, *, corpus=None, tokeniz
   e = cfg.evaluate
   cases = retrieval_cases(cfg, corpus, tokenizer)
   scored = score_cases(logits_fn, cases, tokenizer, e.batch_size, cfg.attention.block_size, progress)
-  ppl = perplexity(logits_fn, heldout_rows(cfg, e.ppl_rows), e.ppl_buckets, cfg.data.seq_len)
+  ppl = perplexity(logits_fn, heldout_rows(cfg, e.ppl_rows, corpus, tokenizer), e.ppl_buckets, cfg.data.seq_len)
   return {"perplexity": ppl, "retrieval": accuracy_table(scored, e.tasks, e.lengths, e.depths), "cases": scored}
 
 
