@@ -164,6 +164,22 @@ def save_model(directory: str | Path, params, cfg: Config) -> Path:
   return directory
 
 
+def export_model(directory: str | Path, params, cfg: Config) -> Path:
+  """Replace `directory` with a save_model directory of params/cfg: written beside it, then renamed,
+  so a crash never leaves a half-written model; every process takes part."""
+  directory = Path(directory).absolute()
+  tmp = directory.with_name(directory.name + ".tmp")
+  if jax.process_index() == 0:
+    shutil.rmtree(tmp, ignore_errors=True)
+  multihost_utils.sync_global_devices("loza_export_start")
+  save_model(tmp, params, cfg)
+  multihost_utils.sync_global_devices("loza_export_saved")
+  if jax.process_index() == 0:
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+  return directory
+
+
 def load_config_file(directory: str | Path) -> Config:
   path = Path(directory) / CONFIG_FILE
   if not path.is_file():

@@ -21,8 +21,7 @@ from tqdm.auto import tqdm
 from loza_jax.config import Config, MidtrainStage, replace
 from train import cli
 from train import data as data_lib
-from train.checkpoint import Checkpointer, load_model
-from train.pretrain import export
+from train.checkpoint import Checkpointer, export_model, load_model
 from train.trainer import Trainer, make_optimizer, make_schedule
 
 STAGE_SEED_STRIDE = 7_919
@@ -110,7 +109,7 @@ def midtrain(cfg: Config, init: str | Path, *, hooks: Sequence[Callable] = (), p
       _record(run_dir, entry)
   if trainer.state is None:  # every stage was already done: load the final state for export
     trainer.restore_or_init(None, Checkpointer(run_dir / "checkpoints"))
-  return export(trainer, run_dir / "model")
+  return export_model(run_dir / "model", trainer.state.params, trainer.cfg)
 
 
 def main(argv: Sequence[str] | None = None, hooks: Sequence[Callable] = ()) -> int:

@@ -5,10 +5,8 @@ python -m train.pretrain --config configs/demo_cpu.yaml [--set key=value ...]
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
@@ -19,7 +17,7 @@ from tqdm.auto import tqdm
 from loza_jax.sharding import maybe_initialize_distributed
 from train import cli
 from train import data as data_lib
-from train.checkpoint import save_model
+from train.checkpoint import export_model
 from train.trainer import Trainer
 
 EVAL_BATCHES = 4
@@ -39,19 +37,6 @@ def unigram_baseline(batches, vocab_size: int) -> float:
   if jax.process_count() > 1:
     counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
   return data_lib.entropy(counts)
-
-
-def export(trainer: Trainer, directory: Path) -> Path:
-  tmp = directory.with_name(directory.name + ".tmp")
-  if jax.process_index() == 0:
-    shutil.rmtree(tmp, ignore_errors=True)
-  multihost_utils.sync_global_devices("loza_export_start")
-  save_model(tmp, trainer.state.params, trainer.cfg)
-  multihost_utils.sync_global_devices("loza_export_saved")
-  if jax.process_index() == 0:
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
-  return directory
 
 
 def main(argv: Sequence[str] | None = None, hooks: Sequence[Callable] = ()) -> int:
@@ -84,7 +69,7 @@ def main(argv: Sequence[str] | None = None, hooks: Sequence[Callable] = ()) -> i
     say(f"stopped at step {result.step}: {result.stopped}")
     return 1
   eval_loss = trainer.evaluate(held_out)
-  model_dir = export(trainer, trainer.run_dir / "model")
+  model_dir = export_model(trainer.run_dir / "model", trainer.state.params, trainer.cfg)
   summary = {"steps": result.step, "final_train_loss": result.last_metrics.get("loss"), "eval_loss": eval_loss,
              "unigram_baseline": unigram, "wall_time_s": time.perf_counter() - t0, "params": trainer.n_params,
              "model_dir": str(model_dir)}

@@ -10,7 +10,6 @@ selection.json beside it.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +21,7 @@ from loza_jax.config import Config, replace
 from loza_jax.sparsity import Selection, select_layers
 from train import cli
 from train.calibrate import is_alpha, model_fingerprint
-from train.checkpoint import load_model, save_model
+from train.checkpoint import export_model, load_model
 from train.trainer import without
 
 
@@ -87,10 +86,7 @@ def sparsify(cfg: Config, init: str | Path, out: str | Path) -> tuple[Path, dict
     model_cfg = replace(model_cfg, **{"attention.layer_types": None})
   selection = choose(cfg, model_cfg)
   new_cfg = sparse_config(cfg, model_cfg, selection)
-  out = Path(out)
-  if out.exists():
-    shutil.rmtree(out)
-  save_model(out, without(nn.unbox(params), is_alpha), new_cfg)
+  out = export_model(out, without(nn.unbox(params), is_alpha), new_cfg)
   record = {"init": str(init), "strategy": selection.strategy, "ratio": selection.ratio,
             "ssa_layers": list(selection.ssa_layers), "layer_types": list(selection.layer_types()),
             "zigzag_layer_type": zigzag_layer_string(selection.layer_types()),
