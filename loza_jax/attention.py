@@ -218,20 +218,33 @@ def _ssa_blockwise(q, k, v, *, pattern: SSA, segment_ids, positions, scale):
 # direction materialises a T x S matrix.
 
 
-class _Chunks(NamedTuple):
-  n: int
-  C: int
-
-
-def _chunks(T: int, chunk: int) -> _Chunks:
-  C = min(chunk, T)
-  return _Chunks(-(-T // C), C)
-
-
 def _pad_to(x, Tp, axis=1, value=0):
   pad = [(0, 0)] * x.ndim
   pad[axis] = (0, Tp - x.shape[axis])
   return jnp.pad(x, pad, constant_values=value)
+
+
+class _Chunked(NamedTuple):
+  """Inputs padded to n chunks of C tokens, fp32: q [B,n,C,K,G,D], k/v [B,n,C,K,·], seg/pos [B,n,C]."""
+  n: int
+  C: int
+  q: jax.Array
+  k: jax.Array
+  v: jax.Array
+  seg: jax.Array
+  pos: jax.Array
+
+
+def _chunked(q, k, v, seg, pos, chunk: int) -> _Chunked:
+  B, T, H, D = q.shape
+  K, E = k.shape[2], v.shape[3]
+  C = min(chunk, T)
+  n = -(-T // C)
+  Tp = n * C
+  f32 = jnp.float32
+  return _Chunked(n, C, _pad_to(q, Tp).astype(f32).reshape(B, n, C, K, H // K, D),
+                  _pad_to(k, Tp).astype(f32).reshape(B, n, C, K, D), _pad_to(v, Tp).astype(f32).reshape(B, n, C, K, E),
+                  _pad_to(seg, Tp).reshape(B, n, C), _pad_to(pos, Tp).reshape(B, n, C))
 
 
 def _flash_scores(q_c, k_c, qs, qp, ks, kp, pattern, scale):
@@ -245,12 +258,8 @@ def _flash_fwd_impl(q, k, v, seg, pos, pattern, scale, chunk):
   B, T, H, D = q.shape
   K, E = k.shape[2], v.shape[3]
   G = H // K
-  n, C = _chunks(T, chunk)
+  n, C, qc, kc, vc, sc, pc = _chunked(q, k, v, seg, pos, chunk)
   Tp = n * C
-  qc = _pad_to(q, Tp).astype(jnp.float32).reshape(B, n, C, K, G, D)
-  kc = _pad_to(k, Tp).astype(jnp.float32).reshape(B, n, C, K, D)
-  vc = _pad_to(v, Tp).astype(jnp.float32).reshape(B, n, C, K, E)
-  sc, pc = _pad_to(seg, Tp).reshape(B, n, C), _pad_to(pos, Tp).reshape(B, n, C)
 
   def per_q(i):
     def body(carry, j):
@@ -295,14 +304,10 @@ def _flash_bwd(pattern, scale, chunk, res, cot):
   B, T, H, D = q.shape
   K, E = k.shape[2], v.shape[3]
   G = H // K
-  n, C = _chunks(T, chunk)
+  n, C, qc, kc, vc, sc, pc = _chunked(q, k, v, seg, pos, chunk)
   Tp = n * C
   f32 = jnp.float32
-  qc = _pad_to(q, Tp).astype(f32).reshape(B, n, C, K, G, D)
-  kc = _pad_to(k, Tp).astype(f32).reshape(B, n, C, K, D)
-  vc = _pad_to(v, Tp).astype(f32).reshape(B, n, C, K, E)
   doc = _pad_to(do, Tp).astype(f32).reshape(B, n, C, K, G, E)
-  sc, pc = _pad_to(seg, Tp).reshape(B, n, C), _pad_to(pos, Tp).reshape(B, n, C)
   lse_p = _pad_to(lse, Tp, axis=2, value=NEG_INF).reshape(B, K, G, n, C)
   dlse_p = _pad_to(dlse.astype(f32), Tp, axis=2).reshape(B, K, G, n, C)
   # delta = rowsum(dO * O) - dlse: the lse cotangent enters as a shift of dS.
