@@ -6,7 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas import ssa_bwd, ssa_fwd, tiling
+from kernels_pallas import mosaic_fwd, ssa_bwd, ssa_fwd, tiling
 from kernels_pallas.tile_io import KernelConfig, Tiles
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -69,7 +69,7 @@ def tiles_problem(tiles: dict, block_size: int) -> str | None:
 
 
 def make_config(q_BTHD, k_BTKD, v_BTKE, *, scale, block_size, sink_blocks, local_blocks, interpret,
-                tiles=None) -> KernelConfig:
+                tiles=None, forward="triton", padded=False) -> KernelConfig:
   """Static kernel parameters for these inputs."""
   T, H, D = q_BTHD.shape[1:]
   tiles = {**default_tiles(block_size, interpret, local_blocks is None, q_BTHD.dtype,
@@ -78,23 +78,36 @@ def make_config(q_BTHD, k_BTKD, v_BTKE, *, scale, block_size, sink_blocks, local
   if problem:
     raise ValueError(f"flash_attention: {problem}")
   precision = jax.lax.Precision.HIGHEST if q_BTHD.dtype == jnp.float32 else None
+  mosaic = None
+  if forward == "mosaic":
+    problem = mosaic_fwd.input_problem(q_BTHD, k_BTKD, v_BTKE, block_size)
+    if problem:
+      raise ValueError(f"flash_attention: {problem}")
+    mosaic = mosaic_fwd.MosaicConfig(
+        scale=float(scale), tile=block_size, sink=sink_blocks if local_blocks is not None else 0,
+        local=local_blocks, d_parts=mosaic_fwd.d_parts(D), groups=H // k_BTKD.shape[2],
+        interpret=interpret, padded=padded)
+  elif forward != "triton":
+    raise ValueError(f"flash_attention: forward must be 'triton' or 'mosaic', got {forward!r}")
   return KernelConfig(
       scale=float(scale), tile=block_size, sink=sink_blocks if local_blocks is not None else 0,
       local=local_blocks, seq_len=T, n_tiles=-(-T // block_size), d_parts=tiling.head_parts(D),
       e_parts=tiling.head_parts(v_BTKE.shape[3]), groups=H // k_BTKD.shape[2], interpret=interpret,
-      fwd=tiles["fwd"], dq=tiles["dq"], dkv=tiles["dkv"], precision=precision)
+      fwd=tiles["fwd"], dq=tiles["dq"], dkv=tiles["dkv"], precision=precision, mosaic=mosaic)
 
 
 def flash_attention(q_BTHD, k_BTKD, v_BTKE, segment_ids_BT=None, *, scale: float, block_size: int = 128,
                     sink_blocks: int = 1, local_blocks: int | None = 7, interpret: bool = False,
-                    check_layout: bool = True, tiles: dict | None = None):
+                    check_layout: bool = True, tiles: dict | None = None, forward: str = "triton"):
   """SSA (local_blocks set) or causal Full (local_blocks=None) attention -> (o_BTHE, lse_BHT).
 
   segment_ids_BT: int [B, T], 0 = padding; None = one document per row. Every document must
   start at a multiple of `block_size` and be one contiguous run of its id; this is checked
   eagerly for concrete ids and by a jax.debug.callback under tracing (check_layout=False
   skips it). Document positions are derived from the segment ids. `tiles` overrides the
-  per-kernel launch shapes ({"fwd" | "dq" | "dkv": Tiles}).
+  per-kernel launch shapes ({"fwd" | "dq" | "dkv": Tiles}). forward="mosaic" runs the forward
+  pass with the Mosaic GPU kernel (Hopper; mosaic_fwd.input_problem lists its limits); the
+  backward kernels are the same either way.
   """
   problem = input_problem(q_BTHD, k_BTKD, v_BTKE, block_size)
   if problem:
@@ -104,7 +117,8 @@ def flash_attention(q_BTHD, k_BTKD, v_BTKE, segment_ids_BT=None, *, scale: float
                      f"local_blocks={local_blocks}, sink_blocks={sink_blocks}")
   B, T = q_BTHD.shape[:2]
   cfg = make_config(q_BTHD, k_BTKD, v_BTKE, scale=scale, block_size=block_size, sink_blocks=sink_blocks,
-                    local_blocks=local_blocks, interpret=interpret, tiles=tiles)
+                    local_blocks=local_blocks, interpret=interpret, tiles=tiles, forward=forward,
+                    padded=segment_ids_BT is not None)
   if segment_ids_BT is None:
     seg_BT = jnp.ones((B, T), jnp.int32)
     start_BN = jnp.zeros((B, cfg.n_tiles), jnp.int32)
@@ -122,13 +136,24 @@ def flash_attention(q_BTHD, k_BTKD, v_BTKE, segment_ids_BT=None, *, scale: float
   return _attention(q_BTHD, k_BTKD, v_BTKE, seg_BT, start_BN, end_BN, cfg)
 
 
+def _forward(q, k, v, seg, start, cfg: KernelConfig):
+  if cfg.mosaic is None:
+    return ssa_fwd.forward(q, k, v, seg, start, cfg)
+  o, lse = mosaic_fwd.forward(q, k, v, start, cfg.mosaic)
+  if cfg.mosaic.padded:                     # padding rows: output 0, lse -inf (as the Triton kernel)
+    valid_BT = seg != 0
+    o = jnp.where(valid_BT[:, :, None, None], o, jnp.zeros((), o.dtype))
+    lse = jnp.where(valid_BT[:, None, :], lse, -jnp.inf)
+  return o, lse
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _attention(q, k, v, seg, start, end, cfg):
-  return ssa_fwd.forward(q, k, v, seg, start, cfg)
+  return _forward(q, k, v, seg, start, cfg)
 
 
 def _attention_fwd(q, k, v, seg, start, end, cfg):
-  o, lse = ssa_fwd.forward(q, k, v, seg, start, cfg)
+  o, lse = _forward(q, k, v, seg, start, cfg)
   return (o, lse), (q, k, v, start, end, o, lse)
 
 

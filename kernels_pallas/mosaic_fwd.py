@@ -1,15 +1,18 @@
 """Forward kernel for Hopper through Mosaic GPU: warp-specialised wgmma online softmax.
 
-One CTA per (head, pattern block, batch row) runs three warpgroups: two compute warpgroups of
-64 query rows each and one producer that streams the block's key/value tiles with TMA into a
-ring of shared-memory slots. The visit list is the Triton forward's (the document's sink
-blocks before the local window, then the local blocks, the last one causal), so both
-warpgroups take the same number of steps. A schedule barrier alternates the two compute
-warpgroups, so one's softmax runs while the other's matmuls occupy the tensor cores.
+Work items are (batch row, head, pattern block) of `tile` query rows; a grid of persistent
+CTAs (one per SM by default) loops over them. Each CTA runs two compute warpgroups of 64
+query rows and one producer warpgroup that streams key/value tiles with TMA into a ring of
+shared-memory slots, running ahead into the next item while the compute warpgroups finish
+the current one. The visit list is the Triton forward's (the document's sink blocks before
+the local window, then the local blocks, the last one causal), so both compute warpgroups
+take the same steps. A schedule barrier alternates them, so one's softmax runs while the
+other's matmuls occupy the tensor cores.
 
-The qk head dim is split into parts of 128 and 64 columns (two wgmmas into one accumulator);
-the output tile is staged in the first query part's shared memory, so E must equal its width
-(MLA's D=192, E=128; D=E=64; D=E=128).
+The qk head dim is split into parts of 128 and 64 columns (one wgmma each into one
+accumulator); the output tile is staged in the first query part's shared memory, so E must
+equal that part's width (MLA's D=192, E=128; D=E=64; D=E=128). In interpret mode (CPU) the
+P·V product reads P from shared memory, since the GPU interpreter has no register operands.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels_pallas.tile_io import LN2, LOG2E
+from kernels_pallas.tile_io import LN2, LOG2E, visit_ranges
 
 ROWS_PER_WG = 64            # wgmma M per warpgroup
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -32,7 +35,7 @@ SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 class MosaicConfig:
   """Static parameters of one forward call."""
   scale: float
-  block: int                 # pattern block = query rows per CTA = key rows per step
+  tile: int                  # pattern block = query rows per work item = key rows per step
   sink: int                  # sink blocks (0 for Full)
   local: int | None          # local blocks; None = causal Full
   d_parts: tuple             # ((offset, size), ...) of the qk head dim, sizes 128 or 64
@@ -40,10 +43,11 @@ class MosaicConfig:
   slots: int = 2             # key/value ring depth
   ctas: int | None = None    # persistent CTAs (None: one per SM); each loops over work items
   interpret: bool = False
+  padded: bool = False       # segment ids were given: the caller zeroes padding rows
 
   @property
   def compute_wgs(self) -> int:
-    return self.block // ROWS_PER_WG
+    return self.tile // ROWS_PER_WG
 
 
 def d_parts(dim: int) -> tuple:
@@ -79,17 +83,11 @@ def input_problem(q_BTHD, k_BTKD, v_BTKE, block: int) -> str | None:
 
 
 def _visits(cfg: MosaicConfig, i, start):
-  """(n, block_of): the CTA for pattern block i (document from block `start`, -1 = padding)
-  visits key blocks block_of(j), j in [0, n); the last one is the diagonal block."""
-  real = start >= 0
-  s = jnp.maximum(start, 0)
-  if cfg.local is None:
-    lo, n_sink = s, jnp.int32(0)
-  else:
-    lo = jnp.maximum(s, i - (cfg.local - 1))
-    n_sink = jnp.minimum(s + cfg.sink, lo) - s
-  n = jnp.where(real, n_sink + (i - lo) + 1, 0)
-  return n, lambda j: jnp.where(j < n_sink, s + j, lo + (j - n_sink))
+  """(n, block_of): the CTA for pattern block i visits key blocks block_of(j), j in [0, n),
+  as the Triton forward does (tile_io.visit_ranges); the last one is the diagonal block."""
+  s0, s1, lo = visit_ranges(cfg, i, start)
+  n_sink = s1 - s0
+  return n_sink + (i - lo) + 1, lambda j: jnp.where(j < n_sink, s0 + j, lo + (j - n_sink))
 
 
 def _item(cfg: MosaicConfig, w, n_blocks: int, heads: int):
@@ -107,7 +105,7 @@ def _kernel(start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, cfg: Mosa
   (q_smem, k_smem, v_smem, lse_smem, p_smem), (q_bar, k_bar, v_bar), (k_free, v_free), sched = scoped
   B, T, H, _ = q_ref.shape
   E = v_ref.shape[3]
-  bk, S, cwg = cfg.block, cfg.slots, cfg.compute_wgs
+  bk, S, cwg = cfg.tile, cfg.slots, cfg.compute_wgs
   n_blocks = T // bk
   cta, ctas = lax.axis_index("cta"), lax.axis_size("cta")
   items = pl.cdiv(B * H * n_blocks - cta, ctas)         # this CTA's items: cta, cta + ctas, ...
@@ -201,7 +199,7 @@ def _kernel(start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, cfg: Mosa
       if cwg == 2:
         pl.when(wg == 0)(sched_sync)
 
-      l_safe = jnp.maximum(l, 1e-30)        # padding blocks (n = 0): acc = 0, l = 0
+      l_safe = jnp.maximum(l, 1e-30)
       out = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
       o_smem = q_parts[0]                   # the query tile is dead after the last QK wgmma
       o_smem[...] = out.astype(o_ref.dtype)
@@ -252,12 +250,13 @@ def _sm_count() -> int:
 
 
 def forward(q_BTHD, k_BTKD, v_BTKE, start_BN, cfg: MosaicConfig):
-  """(o_BTHE in the input dtype, lse_BHT fp32) for every query; start_BN[b, i] is the first
-  block of the document holding block i (-1: padding block, output 0 and lse -inf)."""
+  """(o_BTHE in the input dtype, lse_BHT fp32); start_BN[b, i] is the first block of the
+  document holding block i (-1: a padding block). Rows of padding get finite garbage: the
+  caller masks them (flash.py does when segment ids are given)."""
   B, T, H, D = q_BTHD.shape
   E = v_BTKE.shape[3]
   dt = q_BTHD.dtype
-  S, cwg, bk = cfg.slots, cfg.compute_wgs, cfg.block
+  S, cwg, bk = cfg.slots, cfg.compute_wgs, cfg.tile
   smem = lambda shape: plgpu.SMEM(shape, dt, transforms=(plgpu.TilingTransform((8, 64)),
                                                          plgpu.SwizzleTransform(128)))
   n_parts = len(cfg.d_parts)

@@ -44,6 +44,7 @@ class KernelConfig:
   dq: Tiles
   dkv: Tiles                     # also used by the sink-partial kernel
   precision: object = None       # dot precision: HIGHEST for fp32 inputs
+  mosaic: object = None          # mosaic_fwd.MosaicConfig: run the forward on Mosaic GPU
 
   @property
   def ragged(self) -> bool:

@@ -397,6 +397,11 @@ register(Impl("pallas_triton", "kernels_pallas.triton_attention:attention_impl",
               priority=10, check="kernels_pallas.triton_attention:unsupported_reason"))
 register(Impl("tokamax", "loza_jax.attention_tokamax:attention_impl", platforms=("gpu",), priority=20,
               check="loza_jax.attention_tokamax:unsupported_reason", returns_lse=False, packed_documents=False))
+register(Impl("pallas_mosaic", "kernels_pallas.mosaic_attention:attention_impl", platforms=("gpu",),
+              priority=15, check="kernels_pallas.mosaic_attention:unsupported_reason"))
+register(Impl("pallas_mosaic_interpret", "kernels_pallas.mosaic_attention:attention_impl_interpret",
+              platforms=("cpu", "gpu"), priority=-20,
+              check="kernels_pallas.mosaic_attention:unsupported_reason_interpret"))
 register(Impl("pallas_triton_interpret", "kernels_pallas.triton_attention:attention_impl_interpret",
               platforms=("cpu", "gpu"), priority=-20,
               check="kernels_pallas.triton_attention:unsupported_reason"))
@@ -468,8 +473,9 @@ def attention(q_BTHD, k_BSKD, v_BSKE, *, pattern: Pattern, segment_ids=None, pos
               scale: float | None = None, impl: str = "auto"):
   """Attention per DESIGN.md §3. segment_ids: int [B,T], 0 = padding; positions: document-relative.
 
-  `impl`: "auto" | "xla_dense" | "xla" | "pallas_triton" | "tokamax" | any registered name. An
-  explicit impl that cannot run raises ValueError; "auto" logs its choice once per platform/pattern.
+  `impl`: "auto" | "xla_dense" | "xla" | "pallas_triton" | "pallas_mosaic" | "tokamax" | any
+  registered name. An explicit impl that cannot run raises ValueError; "auto" logs its choice
+  once per platform/pattern.
   segment_ids=None means one document per row (no padding), which some impls require.
   """
   o, _ = _dispatch(q_BTHD, k_BSKD, v_BSKE, pattern, segment_ids, positions, scale, impl, need_lse=False)

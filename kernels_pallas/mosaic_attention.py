@@ -1,0 +1,64 @@
+"""Adapters from loza_jax.attention's impl registry to the Mosaic GPU forward + Triton backward.
+
+`pallas_mosaic` runs the forward pass with kernels_pallas/mosaic_fwd.py (Hopper wgmma, warp
+specialised) and the backward pass with the Triton kernels, on tiles of the SSA block size
+(Full: FULL_TILE). Interpret mode runs on CPU with Full on 64-row tiles.
+"""
+from __future__ import annotations
+
+import jax
+
+from loza_jax.attention import SSA, Full
+
+from kernels_pallas import mosaic_fwd
+from kernels_pallas.flash import flash_attention, input_problem
+from kernels_pallas.triton_attention import FULL_TILE
+
+FULL_TILE_INTERPRET = 64
+
+
+def _tile_args(pattern, interpret: bool) -> dict:
+  if isinstance(pattern, SSA):
+    return dict(block_size=pattern.block_size, sink_blocks=pattern.sink_blocks,
+                local_blocks=pattern.local_blocks)
+  if isinstance(pattern, Full):
+    return dict(block_size=FULL_TILE_INTERPRET if interpret else FULL_TILE, sink_blocks=0, local_blocks=None)
+  raise ValueError(f"pattern must be Full() or SSA(...), got {pattern!r}")
+
+
+def _problem(pattern, q, k, v, interpret: bool) -> str | None:
+  if not isinstance(pattern, (SSA, Full)):
+    return f"pattern {pattern!r} is not Full() or SSA(...)"
+  block = _tile_args(pattern, interpret)["block_size"]
+  problem = input_problem(q, k, v, block) or mosaic_fwd.input_problem(q, k, v, block)
+  return f"pallas_mosaic kernels: {problem}" if problem else None
+
+
+def unsupported_reason(pattern, q, k, v) -> str | None:
+  """Why the Mosaic forward cannot run this call on this machine, or None."""
+  cc = str(getattr(jax.devices()[0], "compute_capability", ""))
+  if not cc.startswith("9"):
+    return f"pallas_mosaic needs a Hopper GPU (compute capability 9.x), found {cc or 'unknown'}"
+  return _problem(pattern, q, k, v, interpret=False)
+
+
+def unsupported_reason_interpret(pattern, q, k, v) -> str | None:
+  return _problem(pattern, q, k, v, interpret=True)
+
+
+def _run(q, k, v, *, pattern, segment_ids, positions, scale, interpret):
+  del positions  # derived from segment_ids, as in triton_attention
+  return flash_attention(q, k, v, segment_ids, scale=scale, interpret=interpret, forward="mosaic",
+                         **_tile_args(pattern, interpret))
+
+
+def attention_impl(q, k, v, *, pattern, segment_ids, positions, scale):
+  """(o_BTHE, lse_BHT): Mosaic GPU forward, Triton backward."""
+  return _run(q, k, v, pattern=pattern, segment_ids=segment_ids, positions=positions, scale=scale,
+              interpret=False)
+
+
+def attention_impl_interpret(q, k, v, *, pattern, segment_ids, positions, scale):
+  """Same kernels in interpret mode (CPU; slow, for tests)."""
+  return _run(q, k, v, pattern=pattern, segment_ids=segment_ids, positions=positions, scale=scale,
+              interpret=True)
