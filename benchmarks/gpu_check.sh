@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session: install carried wheels (if any), then run the given stages in order.
 # Usage: bash benchmarks/gpu_check.sh STAGES OUTDIR
-#   STAGES: comma list of small (GPU sweep tests), large (real-size GPU tests), tune, bench, bench-quick
+#   STAGES: comma list of small (GPU sweep tests), large (real-size GPU tests), tune, mtune (Mosaic
+#   forward vs Triton and tokamax), bench, bench-quick
 #   Env: *_S per-stage timeouts, LARGE_K pytest -k filter, BENCH_ARGS, TUNE_ARGS.
 set -o pipefail
 STAGES=${1:-small,large,bench}; OUT=${2:-${OUT:-/tmp/out}}; mkdir -p "$OUT"
@@ -17,6 +18,7 @@ for stage in ${STAGES//,/ }; do
     small) timeout ${SMALL_S:-240} $PYTEST -k "sweep or fp32" 2>&1 | tee "$OUT/gpu_tests_small.log" | grep -E "passed|failed|rror|: o " ;;
     large) timeout ${LARGE_S:-240} $PYTEST -k "${LARGE_K:-real_size}" 2>&1 | tee "$OUT/gpu_tests_large.log" | grep -E "passed|failed|rror|: o " ;;
     tune) timeout ${TUNE_S:-200} python3 -m benchmarks.attention_tune ${TUNE_ARGS} 2>&1 | tee "$OUT/tune.log" | tail -${TUNE_TAIL:-60} ;;
+    mtune) timeout ${MTUNE_S:-200} python3 -m benchmarks.mosaic_tune ${MTUNE_ARGS} 2>&1 | tee "$OUT/mtune.log" | tail -${MTUNE_TAIL:-40} ;;
     bench) timeout ${BENCH_S:-300} python3 -m benchmarks.attention --out "$OUT" ${BENCH_ARGS} 2>&1 | tee "$OUT/bench.log" | tail -${BENCH_TAIL:-40} ;;
     bench-quick) timeout ${BENCH_S:-200} python3 -m benchmarks.attention --quick --out "$OUT" ${BENCH_ARGS} 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
   esac

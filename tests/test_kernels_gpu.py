@@ -1,4 +1,4 @@
-"""Pallas Triton attention kernels on a GPU against the XLA references in fp32.
+"""Pallas attention kernels (Triton, and the Mosaic GPU forward) on a GPU against the XLA references.
 
 Run on a GPU machine: pytest -m gpu tests/test_kernels_gpu.py (skipped elsewhere).
 """
@@ -68,3 +68,36 @@ def test_random_sweep(rng, case):
   _, _, errs = compare_to_reference(rng, KERNEL, pattern, B, T, H, K, D, E, dtype, max_docs, lse_cot=lse_cot,
                                     block=block)
   _report(str(case), errs)
+
+
+MOSAIC_CASES = {
+    # name: (pattern, B, T, K, max_docs, block for documents)
+    "mosaic_ssa_32k_one_doc": (A.SSA(128, 1, 7), 1, 32768, 16, 1, 128),
+    "mosaic_ssa_16k_packed_gqa": (A.SSA(128, 1, 7), 2, 16384, 4, 3, 128),
+    "mosaic_ssa_block64_sink2": (A.SSA(64, 2, 5), 2, 8192, 16, 3, 64),
+    "mosaic_full_4k_packed": (A.Full(), 2, 4096, 16, 3, 128),
+}
+
+
+@pytest.mark.parametrize("case", list(MOSAIC_CASES))
+def test_mosaic_forward_real_size(rng, case):
+  """pallas_mosaic (Mosaic GPU forward, Triton backward), MLA head dims, bf16, vs XLA in fp32."""
+  pattern, B, T, K, max_docs, block = MOSAIC_CASES[case]
+  _, _, errs = compare_to_reference(rng, "pallas_mosaic", pattern, B, T, MLA["H"], K, MLA["D"], MLA["E"],
+                                    jnp.bfloat16, max_docs, lse_cot=True, ref_impl="xla", block=block)
+  _report(case, errs)
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_mosaic_random_sweep(rng, case):
+  """Random shapes for the Mosaic forward: head dims, GQA, block 64/128, packed documents."""
+  D, E = [(192, 128), (64, 64), (128, 128), (192, 128)][case]
+  block = int(rng.choice([64, 128]))
+  K = int(rng.choice([1, 2, 4]))
+  H = K * int(rng.integers(1, 4))
+  T = block * int(rng.integers(4, 40))
+  pattern = A.SSA(block, int(rng.integers(0, 3)), int(rng.integers(1, 8))) if case != 2 else A.Full()
+  B = int(rng.integers(1, 3))
+  _, _, errs = compare_to_reference(rng, "pallas_mosaic", pattern, B, T, H, K, D, E, jnp.bfloat16, 3,
+                                    lse_cot=True, ref_impl="xla_dense", block=block if case != 2 else 128)
+  _report(f"mosaic sweep {pattern} B={B} T={T} H={H} K={K} D={D} E={E}", errs)

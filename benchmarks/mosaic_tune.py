@@ -1,0 +1,105 @@
+"""Time the Mosaic GPU forward against the Triton forward and the tokamax anchors, one GPU.
+
+    python -m benchmarks.mosaic_tune [--seq 131072] [--full-seq 32768]
+
+B=1, H=16, D=192, E=128, bf16. First checks each Mosaic variant against the XLA reference at
+T=4096 (max |error| of o and lse), then prints the median ms of: the Triton forward, the Mosaic
+forward with persistent CTAs (one per SM) and with one CTA per work item, tokamax's window-1024
+(SSA) or causal (Full) forward, and SSA fwd+bwd with either forward.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.attention import WINDOW, _fwd_bwd, time_call, tokamax_impls
+from kernels_pallas import flash, mosaic_fwd, ssa_fwd
+from loza_jax import attention as A
+
+B, H, D, E = 1, 16, 192, 128
+
+
+def inputs(T):
+  keys = jax.random.split(jax.random.PRNGKey(T), 3)
+  return (jax.random.normal(keys[0], (B, T, H, D), jnp.bfloat16),
+          jax.random.normal(keys[1], (B, T, H, D), jnp.bfloat16),
+          jax.random.normal(keys[2], (B, T, H, E), jnp.bfloat16))
+
+
+def variants(q, k, v, local):
+  """name -> jitted forward (o only) for the Triton and Mosaic kernels."""
+  T = q.shape[1]
+  cfg = flash.make_config(q, k, v, scale=D ** -0.5, block_size=128, sink_blocks=1, local_blocks=local,
+                          interpret=False, forward="mosaic")
+  seg = jnp.ones((B, T), jnp.int32)
+  start = jnp.zeros((B, cfg.n_tiles), jnp.int32)
+  items = B * H * cfg.n_tiles
+  out = {"triton": jax.jit(lambda q, k, v: ssa_fwd.forward(q, k, v, seg, start, cfg)[0])}
+  for label, ctas in (("mosaic persistent", None), ("mosaic 1 item/CTA", items)):
+    mc = dataclasses.replace(cfg.mosaic, ctas=ctas)
+    out[label] = jax.jit(lambda q, k, v, mc=mc: mosaic_fwd.forward(q, k, v, start, mc)[0])
+  return out
+
+
+def check(local):
+  q, k, v = inputs(4096)
+  pattern = A.SSA(128, 1, 7) if local else A.Full()
+  up = lambda x: x.astype(jnp.float32)
+  o_ref, lse_ref = A.attention_with_lse(up(q), up(k), up(v), pattern=pattern, impl="xla")
+  for label, fn in variants(q, k, v, local).items():
+    if label == "triton":
+      continue
+    o = fn(q, k, v)
+    err_o = float(jnp.max(jnp.abs(o.astype(jnp.float32) - o_ref)))
+    print(f"check {'ssa' if local else 'full'} T=4096 {label}: max|o err| {err_o:.3e}", flush=True)
+  _, lse = flash.flash_attention(q, k, v, scale=D ** -0.5, block_size=128, sink_blocks=1, local_blocks=local,
+                                 forward="mosaic")
+  print(f"check lse: max|lse err| {float(jnp.max(jnp.abs(lse - lse_ref))):.3e}", flush=True)
+
+
+def bench(T, local, table):
+  q, k, v = inputs(T)
+  name = "ssa" if local else "full"
+  fns = variants(q, k, v, local)
+  tk = tokamax_impls()
+  anchor = "tokamax window1024" if local else "tokamax causal"
+  if anchor in tk:
+    fns[anchor] = jax.jit(tk[anchor][0])
+  if local:
+    for fwd in ("triton", "mosaic"):
+      attn = lambda q, k, v, fwd=fwd: flash.flash_attention(q, k, v, scale=D ** -0.5, block_size=128,
+                                                            sink_blocks=1, local_blocks=7, forward=fwd)[0]
+      fns[f"fwd+bwd, {fwd} fwd"] = _fwd_bwd(attn)
+  for label, fn in fns.items():
+    try:
+      ms = f"{time_call(fn, q, k, v) * 1e3:9.3f} ms"
+    except Exception as e:  # noqa: BLE001 - report a failing variant and go on
+      ms = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    table.append(f"{name:4s} T={T:7d} {label:22s} {ms}")
+    print(table[-1], flush=True)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--seq", type=int, default=131072)
+  p.add_argument("--full-seq", type=int, default=32768)
+  args = p.parse_args(argv)
+  print(f"device: {jax.devices()[0].device_kind}, window {WINDOW}")
+  for local in (7, None):
+    try:
+      check(local)
+    except Exception as e:  # noqa: BLE001
+      print(f"check FAILED: {type(e).__name__}: {str(e)[:2000]}")
+  table = []
+  bench(args.seq, 7, table)
+  if args.full_seq:
+    bench(args.full_seq, None, table)
+  print("\n" + "\n".join(table))
+
+
+if __name__ == "__main__":
+  main()
