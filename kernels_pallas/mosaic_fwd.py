@@ -181,13 +181,13 @@ def _kernel(start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, cfg: Mosa
           @pl.when(j + 1 < n)
           def _():
             plgpu.barrier_wait(k_bar.at[slot_of(g + j + 1)])
-          return acc_ref[...]
         if cfg.interpret:
           # The GPU interpreter takes wgmma operands from shared memory only and has no
           # run_state: stage P in shared memory and accumulate into a fresh tile.
           p_smem.at[wg][...] = p16
           p16 = p_smem.at[wg]
-          acc = acc + pl.run_scoped(pv, plgpu.ACC((ROWS_PER_WG, E), jnp.float32))
+          acc = acc + pl.run_scoped(lambda acc_ref: (pv(acc_ref), acc_ref[...])[1],
+                                    plgpu.ACC((ROWS_PER_WG, E), jnp.float32))
         else:
           acc = pl.run_state(pv)(plgpu.ACC.init(acc))
         plgpu.barrier_arrive(v_free.at[slot])
