@@ -2,7 +2,8 @@
 
     python -m benchmarks.attention [--seqs 8192,32768,131072,262144] [--out DIR] [--quick]
 
-B=1, H=16, D=192, E=128, bf16, random normal inputs. Each row: median ms per call (calls
+B=1, H=16, D=192, E=128, bf16, random normal inputs. "ours" runs the Mosaic GPU forward (and
+the Triton backward); "(triton fwd)" rows run the Triton forward instead. Each row: median ms per call (calls
 issued back to back within a trial, warm-up and compilation excluded), effective TFLOP/s
 counting only unmasked (query, key) pairs (fwd+bwd counted as 3.5x the forward, as in
 ../shared/anchors), and ratios to the anchors timed in the same process. Writes
@@ -72,9 +73,16 @@ def _fwd_bwd(attn):
 
 
 def our_impls(scale):
-  ssa = lambda q, k, v: flash_attention(q, k, v, scale=scale, **SSA_ARGS)[0]
-  full = lambda q, k, v: flash_attention(q, k, v, scale=scale, block_size=128, local_blocks=None)[0]
-  return {"ours ssa": (ssa, "ssa"), "ours full": (full, "causal")}
+  """Our kernels with the Mosaic GPU forward ("ours ssa", "ours full": what impl='auto' runs on
+  Hopper) and with the Triton forward; the backward kernels are the same Triton ones."""
+  out = {}
+  for fwd, tag in (("mosaic", ""), ("triton", " (triton fwd)")):
+    ssa = lambda q, k, v, fwd=fwd: flash_attention(q, k, v, scale=scale, forward=fwd, **SSA_ARGS)[0]
+    full = lambda q, k, v, fwd=fwd: flash_attention(q, k, v, scale=scale, block_size=128, local_blocks=None,
+                                                    forward=fwd)[0]
+    out[f"ours ssa{tag}"] = (ssa, "ssa")
+    out[f"ours full{tag}"] = (full, "causal")
+  return out
 
 
 def cudnn_impls():
@@ -113,7 +121,8 @@ def run(seqs, quick, after_each=lambda rows: None):
   """Time every impl at every length; `after_each(rows)` runs after each length."""
   scale = D ** -0.5
   found = {**our_impls(scale), **cudnn_impls(), **({} if quick else tokamax_impls())}
-  order = ["ours ssa", "cudnn window1024", "tokamax window1024", "ours full", "cudnn causal", "tokamax causal"]
+  order = ["ours ssa", "ours ssa (triton fwd)", "cudnn window1024", "tokamax window1024", "ours full",
+           "ours full (triton fwd)", "cudnn causal", "tokamax causal"]
   impls = {name: found[name] for name in order if name in found}
   rows = []                                # (name, T, mode, ms, tflops)
   for T in seqs:

@@ -17,12 +17,16 @@ def _rel(a, b):
 def test_auto_dispatch_on_gpu():
   q = jnp.zeros((1, 256, 16, 192), jnp.bfloat16)
   v = jnp.zeros((1, 256, 16, 128), jnp.bfloat16)
-  assert A.resolve_impl("auto", A.SSA(), q, q, v, packed=True).name == "pallas_triton"
-  assert A.resolve_impl("auto", A.Full(), q, q, v, packed=True).name == "pallas_triton"
+  hopper = str(jax.devices()[0].compute_capability).startswith("9")
+  ours = "pallas_mosaic" if hopper else "pallas_triton"
+  assert A.resolve_impl("auto", A.SSA(), q, q, v, packed=True).name == ours
+  assert A.resolve_impl("auto", A.Full(), q, q, v, packed=True).name == ours
   tokamax_ok = A._reason(A.registered()["tokamax"], A.Full(), q, q, v, "gpu", packed=False) is None
-  want = "tokamax" if tokamax_ok else "pallas_triton"
+  want = "tokamax" if tokamax_ok else ours
   assert A.resolve_impl("auto", A.Full(), q, q, v, packed=False).name == want
-  assert A.resolve_impl("auto", A.Full(), q, q, v, packed=False, need_lse=True).name == "pallas_triton"
+  assert A.resolve_impl("auto", A.Full(), q, q, v, packed=False, need_lse=True).name == ours
+  ragged = jnp.zeros((1, 300, 16, 192), jnp.bfloat16)     # T not a multiple of 128: the Triton forward
+  assert A.resolve_impl("auto", A.SSA(), ragged, ragged, ragged[..., :128], packed=True).name == "pallas_triton"
 
 
 @pytest.mark.parametrize("T,H,K", [(4096, 16, 16), (2000, 8, 2)])
