@@ -6,7 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas import mosaic_fwd, ssa_bwd, ssa_fwd, tiling
+from kernels_pallas import mosaic_bwd, mosaic_fwd, ssa_bwd, ssa_fwd, tiling
 from kernels_pallas.tile_io import KernelConfig, Tiles
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -69,7 +69,7 @@ def tiles_problem(tiles: dict, block_size: int) -> str | None:
 
 
 def make_config(q_BTHD, k_BTKD, v_BTKE, *, scale, block_size, sink_blocks, local_blocks, interpret,
-                tiles=None, forward="triton", padded=False) -> KernelConfig:
+                tiles=None, forward="triton", backward="triton", padded=False) -> KernelConfig:
   """Static kernel parameters for these inputs."""
   T, H, D = q_BTHD.shape[1:]
   tiles = {**default_tiles(block_size, interpret, local_blocks is None, q_BTHD.dtype,
@@ -78,8 +78,11 @@ def make_config(q_BTHD, k_BTKD, v_BTKE, *, scale, block_size, sink_blocks, local
   if problem:
     raise ValueError(f"flash_attention: {problem}")
   precision = jax.lax.Precision.HIGHEST if q_BTHD.dtype == jnp.float32 else None
+  for name, choice in (("forward", forward), ("backward", backward)):
+    if choice not in ("triton", "mosaic"):
+      raise ValueError(f"flash_attention: {name} must be 'triton' or 'mosaic', got {choice!r}")
   mosaic = None
-  if forward == "mosaic":
+  if "mosaic" in (forward, backward):
     problem = mosaic_fwd.input_problem(q_BTHD, k_BTKD, v_BTKE, block_size)
     if problem:
       raise ValueError(f"flash_attention: {problem}")
@@ -87,27 +90,27 @@ def make_config(q_BTHD, k_BTKD, v_BTKE, *, scale, block_size, sink_blocks, local
         scale=float(scale), tile=block_size, sink=sink_blocks if local_blocks is not None else 0,
         local=local_blocks, d_parts=mosaic_fwd.d_parts(D), groups=H // k_BTKD.shape[2],
         interpret=interpret, padded=padded)
-  elif forward != "triton":
-    raise ValueError(f"flash_attention: forward must be 'triton' or 'mosaic', got {forward!r}")
   return KernelConfig(
       scale=float(scale), tile=block_size, sink=sink_blocks if local_blocks is not None else 0,
       local=local_blocks, seq_len=T, n_tiles=-(-T // block_size), d_parts=tiling.head_parts(D),
       e_parts=tiling.head_parts(v_BTKE.shape[3]), groups=H // k_BTKD.shape[2], interpret=interpret,
-      fwd=tiles["fwd"], dq=tiles["dq"], dkv=tiles["dkv"], precision=precision, mosaic=mosaic)
+      fwd=tiles["fwd"], dq=tiles["dq"], dkv=tiles["dkv"], precision=precision, mosaic=mosaic,
+      mosaic_fwd=forward == "mosaic", mosaic_bwd=backward == "mosaic")
 
 
 def flash_attention(q_BTHD, k_BTKD, v_BTKE, segment_ids_BT=None, *, scale: float, block_size: int = 128,
                     sink_blocks: int = 1, local_blocks: int | None = 7, interpret: bool = False,
-                    check_layout: bool = True, tiles: dict | None = None, forward: str = "triton"):
+                    check_layout: bool = True, tiles: dict | None = None, forward: str = "triton",
+                    backward: str = "triton"):
   """SSA (local_blocks set) or causal Full (local_blocks=None) attention -> (o_BTHE, lse_BHT).
 
   segment_ids_BT: int [B, T], 0 = padding; None = one document per row. Every document must
   start at a multiple of `block_size` and be one contiguous run of its id; this is checked
   eagerly for concrete ids and by a jax.debug.callback under tracing (check_layout=False
   skips it). Document positions are derived from the segment ids. `tiles` overrides the
-  per-kernel launch shapes ({"fwd" | "dq" | "dkv": Tiles}). forward="mosaic" runs the forward
-  pass with the Mosaic GPU kernel (Hopper; mosaic_fwd.input_problem lists its limits); the
-  backward kernels are the same either way.
+  per-kernel launch shapes ({"fwd" | "dq" | "dkv": Tiles}). forward="mosaic" / backward="mosaic"
+  run that pass with the Mosaic GPU kernels (Hopper; mosaic_fwd.input_problem lists their
+  limits); the sink's dK/dV partials always run on the Triton kernel.
   """
   problem = input_problem(q_BTHD, k_BTKD, v_BTKE, block_size)
   if problem:
@@ -118,7 +121,7 @@ def flash_attention(q_BTHD, k_BTKD, v_BTKE, segment_ids_BT=None, *, scale: float
   B, T = q_BTHD.shape[:2]
   cfg = make_config(q_BTHD, k_BTKD, v_BTKE, scale=scale, block_size=block_size, sink_blocks=sink_blocks,
                     local_blocks=local_blocks, interpret=interpret, tiles=tiles, forward=forward,
-                    padded=segment_ids_BT is not None)
+                    backward=backward, padded=segment_ids_BT is not None)
   if segment_ids_BT is None:
     seg_BT = jnp.ones((B, T), jnp.int32)
     start_BN = jnp.zeros((B, cfg.n_tiles), jnp.int32)
@@ -137,7 +140,7 @@ def flash_attention(q_BTHD, k_BTKD, v_BTKE, segment_ids_BT=None, *, scale: float
 
 
 def _forward(q, k, v, seg, start, cfg: KernelConfig):
-  if cfg.mosaic is None:
+  if not cfg.mosaic_fwd:
     return ssa_fwd.forward(q, k, v, seg, start, cfg)
   o, lse = mosaic_fwd.forward(q, k, v, start, cfg.mosaic)
   if cfg.mosaic.padded:                     # padding rows: output 0, lse -inf (as the Triton kernel)
@@ -167,8 +170,13 @@ def _attention_bwd(cfg, res, cot):
   do, dlse = cot
   do = do.astype(q.dtype)
   lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)          # rows that see nothing: p = 0
-  dq, delta = ssa_bwd.dq(q, k, v, o, do, lse, dlse.astype(jnp.float32), start, cfg)
-  dk, dv = ssa_bwd.dkv(q, k, v, do, lse, delta, end, cfg)
+  if cfg.mosaic_bwd:
+    delta = jnp.einsum("bthe,bthe->bht", o.astype(jnp.float32), do.astype(jnp.float32)) - dlse
+    dq = mosaic_bwd.dq(q, k, v, do, lse, delta, start, cfg.mosaic)
+    dk, dv = mosaic_bwd.dkv(q, k, v, do, lse, delta, end, cfg.mosaic)
+  else:
+    dq, delta = ssa_bwd.dq(q, k, v, o, do, lse, dlse.astype(jnp.float32), start, cfg)
+    dk, dv = ssa_bwd.dkv(q, k, v, do, lse, delta, end, cfg)
   if needs_sink_pass(cfg):
     pk, pv = ssa_bwd.sink_partials(q, k, v, do, lse, delta, start, end, cfg)
     dk = ssa_bwd.add_sink_partials(dk, pk, start, end, cfg)

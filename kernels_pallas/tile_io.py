@@ -44,7 +44,9 @@ class KernelConfig:
   dq: Tiles
   dkv: Tiles                     # also used by the sink-partial kernel
   precision: object = None       # dot precision: HIGHEST for fp32 inputs
-  mosaic: object = None          # mosaic_fwd.MosaicConfig: run the forward on Mosaic GPU
+  mosaic: object = None          # mosaic_fwd.MosaicConfig of the Mosaic GPU kernels, if any runs
+  mosaic_fwd: bool = False       # forward on Mosaic GPU
+  mosaic_bwd: bool = False       # dQ and local dK/dV on Mosaic GPU
 
   @property
   def ragged(self) -> bool:

@@ -1,0 +1,345 @@
+"""Backward kernels for Hopper through Mosaic GPU: dQ and the local-window dK/dV.
+
+Same structure as the forward (mosaic_fwd.py): persistent CTAs loop over work items; two
+compute warpgroups of 64 resident rows each and a producer warpgroup that streams 64-row
+tiles by TMA into a ring of shared-memory slots.
+
+- dq: items (batch row, head, query block). Resident: q, dO, lse and delta of the block's
+  rows; streamed: the key/value half-blocks of the forward's visit list (sink blocks, local
+  blocks, diagonal block masked). dS = P·(dP − delta) and dQ += dS·K stay in registers.
+- dkv: items (batch row, kv head, key block). Resident: the block's keys and values; streamed:
+  q, dO, lse and delta half-blocks of every query head of the group and every query block
+  that sees the keys through its local window (the sink visits beyond the window are the
+  Triton sink-partial kernel's, as in the Triton backward). dK and dV stay in registers.
+
+delta = rowsum(dO·O) − dlse comes from the caller. lse is fp32, natural log, +inf on rows
+that see nothing (so P = 0 there). Interpret mode stages register operands of wgmma in shared
+memory, as in the forward.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels_pallas.mosaic_fwd import ROWS_PER_WG, MosaicConfig, _ctas, _visits
+from kernels_pallas.tile_io import LOG2E
+
+HALF = 64                      # streamed tile rows (half a 128 block): keeps S and dP at 32 regs
+
+
+def _smem(shape, dtype):
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def _mma(acc, a, b_ref, scratch, interpret: bool):
+  """acc + a @ b_ref, a in registers (the GPU interpreter needs it in shared memory: `scratch`)."""
+  if interpret:
+    scratch[...] = a
+    return acc + pl.run_scoped(lambda r: (plgpu.wgmma(r, scratch, b_ref), r[...])[1],
+                               plgpu.ACC(acc.shape, jnp.float32))
+
+  def body(r):
+    plgpu.wgmma(r, a, b_ref)
+  return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def _dots(shape, pairs):
+  """sum of a_ref @ b_ref over pairs, both operands in shared memory, into a fresh fp32 tile."""
+  def body(r):
+    for a, b in pairs:
+      plgpu.wgmma(r, a, b)
+    return r[...]
+  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _diag_mask(x, wg, half, transposed: bool, only_if=None):
+  """Zero x outside the causal mask inside the diagonal block: resident rows of warpgroup `wg`
+  against the streamed half-block `half` (queries are rows unless `transposed`). `only_if`: a
+  scalar; where False, x passes unmasked."""
+  rows = plgpu.broadcasted_iota(jnp.int32, x.shape, 0, layout=plgpu.Layout.WGMMA) + wg * ROWS_PER_WG
+  cols = plgpu.broadcasted_iota(jnp.int32, x.shape, 1, layout=plgpu.Layout.WGMMA) + half * HALF
+  ok = cols >= rows if transposed else rows >= cols
+  if only_if is not None:
+    ok = ok | jnp.logical_not(only_if)
+  return jnp.where(ok, x, 0.0)
+
+
+def _item(w, n_blocks, heads):
+  i = lax.rem(w, jnp.int32(n_blocks))
+  h = lax.rem(lax.div(w, jnp.int32(n_blocks)), jnp.int32(heads))
+  return lax.div(w, jnp.int32(n_blocks * heads)), i, h
+
+
+def _loop_items(body, items, init):
+  cta, ctas = lax.axis_index("cta"), lax.axis_size("cta")
+  mine = pl.cdiv(items - cta, ctas)
+  return lax.fori_loop(0, mine, lambda k, c: body(cta + k * ctas, c), init)
+
+
+# ------------------------------------------------------------------------------------------
+# dQ
+
+
+def _dq_kernel(start_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scoped, *,
+               cfg: MosaicConfig):
+  (q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, scratch), (res_bar, in_bar, free) = scoped
+  B, T, H, _ = q_ref.shape
+  bk, S, cwg = cfg.tile, cfg.slots, cfg.compute_wgs
+  n_blocks, parts = T // bk, cfg.d_parts
+  items = B * H * n_blocks
+  wg = lax.axis_index("wg")
+  slot_of = lambda g: lax.rem(g, jnp.int32(S))
+  subs = bk // HALF
+
+  @pl.when(wg < cwg)
+  def _compute():
+    plgpu.set_max_registers(232 if cwg == 2 else 240, action="increase")
+    q_parts = [q_smem[p].at[wg] for p in range(len(parts))]
+    stage = scratch.at[wg] if cfg.interpret else None
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    c = cfg.scale * LOG2E
+
+    def one_item(w, g):
+      b, i, h = _item(w, n_blocks, H)
+      n, _ = _visits(cfg, i, start_ref[b, i])
+      steps = n * subs
+      r0 = i * bk + wg * ROWS_PER_WG
+      rows = pl.ds(r0, ROWS_PER_WG)
+      for p, (off, size) in enumerate(parts):
+        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, pl.ds(off, size)], q_parts[p], res_bar.at[wg])
+      plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[wg], res_bar.at[wg])
+      plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[wg], res_bar.at[wg])
+      plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[wg], res_bar.at[wg])
+      plgpu.barrier_wait(res_bar.at[wg])
+      lse2 = plgpu.load(lse_smem.at[wg], layout=row_layout) * LOG2E
+      delta = plgpu.load(delta_smem.at[wg], layout=row_layout)
+      acc = [plgpu.layout_cast(jnp.zeros((ROWS_PER_WG, size), jnp.float32), plgpu.Layout.WGMMA)
+             for _, size in parts]
+
+      def step(j, acc, masked):
+        slot = slot_of(g + j)
+        plgpu.barrier_wait(in_bar.at[slot])
+        s = _dots((ROWS_PER_WG, HALF), [(q_parts[p], k_smem[p].at[slot].transpose((1, 0)))
+                                        for p in range(len(parts))])
+        dp = _dots((ROWS_PER_WG, HALF), [(do_smem.at[wg], v_smem.at[slot].transpose((1, 0)))])
+        p = jnp.exp2(s * c - lax.broadcast_in_dim(lse2, s.shape, [0]))
+        if masked:
+          p = _diag_mask(p, wg, lax.rem(j, jnp.int32(subs)), transposed=False)
+        ds = (p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))).astype(q_ref.dtype)
+        acc = [_mma(a, ds, k_smem[p].at[slot], stage, cfg.interpret) for p, a in enumerate(acc)]
+        plgpu.barrier_arrive(free.at[slot])
+        return acc
+
+      first_diag = jnp.maximum(steps - subs, 0)
+      acc = lax.fori_loop(0, first_diag, functools.partial(step, masked=False), acc)
+      acc = lax.fori_loop(first_diag, steps, functools.partial(step, masked=True), acc)
+      for p, a in enumerate(acc):
+        q_parts[p][...] = (a * cfg.scale).astype(dq_ref.dtype)
+      plgpu.commit_smem()
+      for p, (off, size) in enumerate(parts):
+        plgpu.copy_smem_to_gmem(q_parts[p], dq_ref.at[b, rows, h, pl.ds(off, size)])
+      plgpu.wait_smem_to_gmem(0)
+      return g + steps
+
+    _loop_items(one_item, items, jnp.int32(0))
+
+  @pl.when(wg == cwg)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")
+
+    def one_item(w, g):
+      b, i, h = _item(w, n_blocks, H)
+      n, block_of = _visits(cfg, i, start_ref[b, i])
+      kh = lax.div(h, jnp.int32(cfg.groups))
+
+      @pl.loop(0, n * subs)
+      def _(j):
+        slot = slot_of(g + j)
+        rows = pl.ds(block_of(lax.div(j, jnp.int32(subs))) * bk + lax.rem(j, jnp.int32(subs)) * HALF, HALF)
+
+        @pl.when(g + j >= S)
+        def _():
+          plgpu.barrier_wait(free.at[slot])
+        for p, (off, size) in enumerate(parts):
+          plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kh, pl.ds(off, size)], k_smem[p].at[slot], in_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kh], v_smem.at[slot], in_bar.at[slot])
+      return g + n * subs
+
+    total = _loop_items(one_item, items, jnp.int32(0))
+    _drain(free, total, S, slot_of)
+
+
+def _drain(free, total, S, slot_of):
+  @pl.loop(jnp.maximum(total - S, 0), total)     # see the last release of every slot
+  def _(g):
+    plgpu.barrier_wait(free.at[slot_of(g)])
+
+
+def dq(q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT, start_BN, cfg: MosaicConfig):
+  """dQ [B, T, H, D] in the input dtype."""
+  B, T, H, D = q_BTHD.shape
+  E = v_BTKE.shape[3]
+  dt = q_BTHD.dtype
+  S, cwg, parts = cfg.slots, cfg.compute_wgs, cfg.d_parts
+
+  def entry(*refs):
+    scratch = (
+        [_smem((cwg, ROWS_PER_WG, size), dt) for _, size in parts],
+        _smem((cwg, ROWS_PER_WG, E), dt),
+        plgpu.SMEM((cwg, ROWS_PER_WG), jnp.float32),
+        plgpu.SMEM((cwg, ROWS_PER_WG), jnp.float32),
+        [_smem((S, HALF, size), dt) for _, size in parts],
+        _smem((S, HALF, E), dt),
+        _smem((cwg, ROWS_PER_WG, HALF), dt) if cfg.interpret else None,
+    )
+    barriers = (plgpu.Barrier(num_arrivals=len(parts) + 3, num_barriers=cwg),
+                plgpu.Barrier(num_arrivals=len(parts) + 1, num_barriers=S),
+                plgpu.Barrier(num_arrivals=cwg, num_barriers=S))
+    pl.run_scoped(lambda *a: _dq_kernel(*refs, a, cfg=cfg), scratch, barriers, collective_axes="wg")
+
+  return plgpu.kernel(
+      entry, out_type=jax.ShapeDtypeStruct((B, T, H, D), dt),
+      grid=(_ctas(cfg, B * H * (T // cfg.tile)),), grid_names=("cta",),
+      num_threads=cwg + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=plgpu.InterpretGPUParams() if cfg.interpret else None,
+  )(start_BN, q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT)
+
+
+# ------------------------------------------------------------------------------------------
+# dK / dV (local window)
+
+
+def _query_blocks(cfg: MosaicConfig, kb, end):
+  """Query blocks seeing key block kb through their local window: kb .. kb + n - 1."""
+  last = end if cfg.local is None else jnp.minimum(end, kb + cfg.local - 1)
+  return jnp.where(end >= 0, last - kb + 1, 0)
+
+
+def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, scoped, *,
+                cfg: MosaicConfig):
+  (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, scratch), (res_bar, in_bar, free) = scoped
+  B, T, K, _ = k_ref.shape
+  bk, S, cwg, G = cfg.tile, cfg.slots, cfg.compute_wgs, cfg.groups
+  n_blocks, parts = T // bk, cfg.d_parts
+  items = B * K * n_blocks
+  wg = lax.axis_index("wg")
+  slot_of = lambda g: lax.rem(g, jnp.int32(S))
+  subs = bk // HALF
+
+  @pl.when(wg < cwg)
+  def _compute():
+    plgpu.set_max_registers(232 if cwg == 2 else 240, action="increase")
+    k_parts = [k_smem[p].at[wg] for p in range(len(parts))]
+    stage = scratch.at[wg] if cfg.interpret else None
+    col_layout = plgpu.Layout.WGMMA.reduce(0)
+    c = cfg.scale * LOG2E
+
+    def one_item(w, g):
+      b, kb, kh = _item(w, n_blocks, K)
+      nq = _query_blocks(cfg, kb, end_ref[b, kb])
+      steps = G * nq * subs
+      rows = pl.ds(kb * bk + wg * ROWS_PER_WG, ROWS_PER_WG)
+      for p, (off, size) in enumerate(parts):
+        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kh, pl.ds(off, size)], k_parts[p], res_bar.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kh], v_smem.at[wg], res_bar.at[wg])
+      plgpu.barrier_wait(res_bar.at[wg])
+      dk = [plgpu.layout_cast(jnp.zeros((ROWS_PER_WG, size), jnp.float32), plgpu.Layout.WGMMA)
+            for _, size in parts]
+      dv = plgpu.layout_cast(jnp.zeros((ROWS_PER_WG, v_ref.shape[3]), jnp.float32), plgpu.Layout.WGMMA)
+
+      def step(j, carry):
+        dk, dv = carry
+        slot = slot_of(g + j)
+        plgpu.barrier_wait(in_bar.at[slot])
+        st = _dots((ROWS_PER_WG, HALF), [(k_parts[p], q_smem[p].at[slot].transpose((1, 0)))
+                                         for p in range(len(parts))])
+        lse2 = plgpu.load(lse_smem.at[slot], layout=col_layout) * LOG2E
+        pt = jnp.exp2(st * c - lax.broadcast_in_dim(lse2, st.shape, [1]))
+        diag = lax.rem(lax.div(j, jnp.int32(subs)), nq) == 0     # the query block is kb itself
+        pt = _diag_mask(pt, wg, lax.rem(j, jnp.int32(subs)), transposed=True, only_if=diag)
+        dpt = _dots((ROWS_PER_WG, HALF), [(v_smem.at[wg], do_smem.at[slot].transpose((1, 0)))])
+        dv = _mma(dv, pt.astype(q_ref.dtype), do_smem.at[slot], stage, cfg.interpret)
+        delta = plgpu.load(delta_smem.at[slot], layout=col_layout)
+        dst = (pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, [1]))).astype(q_ref.dtype)
+        dk = [_mma(a, dst, q_smem[p].at[slot], stage, cfg.interpret) for p, a in enumerate(dk)]
+        plgpu.barrier_arrive(free.at[slot])
+        return dk, dv
+
+      dk, dv = lax.fori_loop(0, steps, step, (dk, dv))
+      for p, a in enumerate(dk):
+        k_parts[p][...] = (a * cfg.scale).astype(dk_ref.dtype)
+      v_smem.at[wg][...] = dv.astype(dv_ref.dtype)
+      plgpu.commit_smem()
+      for p, (off, size) in enumerate(parts):
+        plgpu.copy_smem_to_gmem(k_parts[p], dk_ref.at[b, rows, kh, pl.ds(off, size)])
+      plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[b, rows, kh])
+      plgpu.wait_smem_to_gmem(0)
+      return g + steps
+
+    _loop_items(one_item, items, jnp.int32(0))
+
+  @pl.when(wg == cwg)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")
+
+    def one_item(w, g):
+      b, kb, kh = _item(w, n_blocks, K)
+      nq = _query_blocks(cfg, kb, end_ref[b, kb])
+
+      @pl.loop(0, G * nq * subs)
+      def _(j):
+        slot = slot_of(g + j)
+        t = lax.div(j, jnp.int32(subs))
+        qb = kb + lax.rem(t, nq)
+        h = kh * G + lax.div(t, nq)
+        rows = pl.ds(qb * bk + lax.rem(j, jnp.int32(subs)) * HALF, HALF)
+
+        @pl.when(g + j >= S)
+        def _():
+          plgpu.barrier_wait(free.at[slot])
+        for p, (off, size) in enumerate(parts):
+          plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, pl.ds(off, size)], q_smem[p].at[slot], in_bar.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], in_bar.at[slot])
+        plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], in_bar.at[slot])
+        plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], in_bar.at[slot])
+      return g + G * nq * subs
+
+    total = _loop_items(one_item, items, jnp.int32(0))
+    _drain(free, total, S, slot_of)
+
+
+def dkv(q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT, end_BN, cfg: MosaicConfig):
+  """(dK [B, T, K, D], dV [B, T, K, E]) in the input dtype, local-window visits only."""
+  B, T, K, D = k_BTKD.shape
+  E = v_BTKE.shape[3]
+  dt = q_BTHD.dtype
+  S, cwg, parts = cfg.slots, cfg.compute_wgs, cfg.d_parts
+
+  def entry(*refs):
+    scratch = (
+        [_smem((cwg, ROWS_PER_WG, size), dt) for _, size in parts],
+        _smem((cwg, ROWS_PER_WG, E), dt),
+        [_smem((S, HALF, size), dt) for _, size in parts],
+        _smem((S, HALF, E), dt),
+        plgpu.SMEM((S, HALF), jnp.float32),
+        plgpu.SMEM((S, HALF), jnp.float32),
+        _smem((cwg, ROWS_PER_WG, HALF), dt) if cfg.interpret else None,
+    )
+    barriers = (plgpu.Barrier(num_arrivals=len(parts) + 1, num_barriers=cwg),
+                plgpu.Barrier(num_arrivals=len(parts) + 3, num_barriers=S),
+                plgpu.Barrier(num_arrivals=cwg, num_barriers=S))
+    pl.run_scoped(lambda *a: _dkv_kernel(*refs, a, cfg=cfg), scratch, barriers, collective_axes="wg")
+
+  return plgpu.kernel(
+      entry, out_type=(jax.ShapeDtypeStruct((B, T, K, D), dt), jax.ShapeDtypeStruct((B, T, K, E), dt)),
+      grid=(_ctas(cfg, B * K * (T // cfg.tile)),), grid_names=("cta",),
+      num_threads=cwg + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=plgpu.InterpretGPUParams() if cfg.interpret else None,
+  )(end_BN, q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT)
