@@ -1,12 +1,14 @@
-"""Time the Mosaic GPU forward against the Triton forward and the tokamax anchors, one GPU.
+"""Time the Mosaic GPU kernels against the Triton ones and the tokamax/cuDNN anchors, one GPU.
 
-    python -m benchmarks.mosaic_tune [--seq 131072] [--full-seq 32768]
+    python -m benchmarks.mosaic_tune [--seq 131072] [--full-seq 32768] [--backward]
 
 B=1, H=16, D=192, E=128, bf16. First checks each Mosaic variant against the XLA reference at
 T=4096 (max |error| of o and lse), then prints the median ms of: the Triton forward, the Mosaic
 forward with persistent CTAs (132) and with one CTA per work item, its defaults, its defaults with
 the row sum taken after the tensor-core wait, tokamax's window-1024
-(SSA) or causal (Full) forward, and SSA fwd+bwd with either forward.
+(SSA) or causal (Full) forward, and SSA fwd+bwd with either forward. --backward instead times
+SSA fwd+bwd (Mosaic forward) with the Triton or the Mosaic backward, cuDNN's window-1024
+fwd+bwd, and the dQ and dK/dV kernels of each alone.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.attention import WINDOW, _fwd_bwd, time_call, tokamax_impls
-from kernels_pallas import flash, mosaic_fwd, ssa_fwd
+from benchmarks.attention import WINDOW, _fwd_bwd, cudnn_impls, time_call, tokamax_impls
+from kernels_pallas import flash, mosaic_bwd, mosaic_fwd, ssa_bwd, ssa_fwd
 from loza_jax import attention as A
 
 B, H, D, E = 1, 16, 192, 128
@@ -85,12 +87,49 @@ def bench(T, local, table):
     print(table[-1], flush=True)
 
 
+def bench_backward(T, table):
+  """SSA fwd+bwd with the Triton or the Mosaic backward, cuDNN's window fwd+bwd, and each
+  backward kernel alone."""
+  q, k, v = inputs(T)
+  fns = {}
+  for bwd in ("triton", "mosaic"):
+    attn = lambda q, k, v, bwd=bwd: flash.flash_attention(q, k, v, scale=D ** -0.5, block_size=128, sink_blocks=1,
+                                                          local_blocks=7, forward="mosaic", backward=bwd)[0]
+    fns[f"fwd+bwd, mosaic fwd, {bwd} bwd"] = (_fwd_bwd(attn), (q, k, v))
+  fns["cudnn window1024 fwd+bwd"] = (_fwd_bwd(cudnn_impls()["cudnn window1024"][0]), (q, k, v))
+  cfg = flash.make_config(q, k, v, scale=D ** -0.5, block_size=128, sink_blocks=1, local_blocks=7,
+                          interpret=False, forward="mosaic", backward="mosaic")
+  n = cfg.n_tiles
+  start, end = jnp.zeros((B, n), jnp.int32), jnp.full((B, n), n - 1, jnp.int32)
+  o, lse = jax.jit(lambda q, k, v: mosaic_fwd.forward(q, k, v, start, cfg.mosaic))(q, k, v)
+  do = jax.random.normal(jax.random.PRNGKey(1), o.shape, o.dtype)
+  dlse = jnp.zeros_like(lse)
+  _, delta = jax.jit(lambda *a: ssa_bwd.dq(*a, start, cfg))(q, k, v, o, do, lse, dlse)
+  fns["dq triton"] = (jax.jit(lambda *a: ssa_bwd.dq(*a, start, cfg)), (q, k, v, o, do, lse, dlse))
+  fns["dq mosaic"] = (jax.jit(lambda *a: mosaic_bwd.dq(*a, start, cfg.mosaic)), (q, k, v, do, lse, delta))
+  fns["dkv triton"] = (jax.jit(lambda *a: ssa_bwd.dkv(*a, end, cfg)), (q, k, v, do, lse, delta))
+  fns["dkv mosaic"] = (jax.jit(lambda *a: mosaic_bwd.dkv(*a, end, cfg.mosaic)), (q, k, v, do, lse, delta))
+  for label, (fn, args) in fns.items():
+    try:
+      ms = f"{time_call(fn, *args) * 1e3:9.3f} ms"
+    except Exception as e:  # noqa: BLE001 - report a failing variant and go on
+      ms = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    table.append(f"ssa  T={T:7d} {label:32s} {ms}")
+    print(table[-1], flush=True)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--seq", type=int, default=131072)
   p.add_argument("--full-seq", type=int, default=32768)
+  p.add_argument("--backward", action="store_true", help="only the backward comparison at --seq")
   args = p.parse_args(argv)
   print(f"device: {jax.devices()[0].device_kind}, window {WINDOW}")
+  if args.backward:
+    table = []
+    bench_backward(args.seq, table)
+    print("\n" + "\n".join(table))
+    return
   for local in (7, None):
     try:
       check(local)
