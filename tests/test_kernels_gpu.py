@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels_pallas import flash_attention
+from kernels_pallas.mosaic_attention import unsupported_reason as mosaic_unsupported
 from loza_jax import attention as A
 
 from attention_checks import compare_to_reference
@@ -77,6 +79,29 @@ MOSAIC_CASES = {
     "mosaic_ssa_block64_sink2": (A.SSA(64, 2, 5), 2, 8192, 16, 3, 64),
     "mosaic_full_4k_packed": (A.Full(), 2, 4096, 16, 3, 128),
 }
+
+
+def _mosaic_backward(q, k, v, *, pattern, segment_ids, positions, scale):
+  """Mosaic forward and backward (dQ, local dK/dV); Triton sink partials."""
+  del positions
+  if isinstance(pattern, A.SSA):
+    blocks = dict(block_size=pattern.block_size, sink_blocks=pattern.sink_blocks, local_blocks=pattern.local_blocks)
+  else:
+    blocks = dict(block_size=128, local_blocks=None)
+  return flash_attention(q, k, v, segment_ids, scale=scale, forward="mosaic", backward="mosaic", **blocks)
+
+
+A.register(A.Impl("test_mosaic_backward", _mosaic_backward, platforms=("gpu",), priority=-30,
+                  check=mosaic_unsupported))
+
+
+@pytest.mark.parametrize("case", ["mosaic_ssa_32k_one_doc", "mosaic_ssa_16k_packed_gqa", "mosaic_full_4k_packed"])
+def test_mosaic_backward_real_size(rng, case):
+  """flash_attention(backward="mosaic"): Mosaic dQ and local dK/dV kernels vs XLA in fp32."""
+  pattern, B, T, K, max_docs, block = MOSAIC_CASES[case]
+  _, _, errs = compare_to_reference(rng, "test_mosaic_backward", pattern, B, T, MLA["H"], K, MLA["D"], MLA["E"],
+                                    jnp.bfloat16, max_docs, lse_cot=True, ref_impl="xla", block=block)
+  _report(f"{case} (mosaic backward)", errs)
 
 
 @pytest.mark.parametrize("case", list(MOSAIC_CASES))

@@ -1,7 +1,8 @@
-"""Mosaic GPU forward kernel (kernels_pallas/mosaic_fwd.py) in the GPU interpreter (CPU).
+"""Mosaic GPU kernels (kernels_pallas/mosaic_fwd.py, mosaic_bwd.py) in the GPU interpreter (CPU).
 
 Forward values and lse come from the Mosaic kernel; gradients from the Triton backward kernels
-(both interpreted), all against the dense XLA oracle with fresh random inputs per case. The
+(pallas_mosaic) or from the Mosaic backward (backward="mosaic"), all interpreted, against the
+dense XLA oracle with fresh random inputs per case. The
 interpreter starts buffers as NaN and raises on out-of-bounds reads, so unwritten outputs and
 bad tile addressing fail; it also checks that every barrier phase is observed.
 """
@@ -12,13 +13,29 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas import mosaic_fwd
-from kernels_pallas.mosaic_attention import unsupported_reason, unsupported_reason_interpret
+from kernels_pallas import flash_attention, mosaic_fwd
+from kernels_pallas.mosaic_attention import FULL_TILE_INTERPRET, unsupported_reason, unsupported_reason_interpret
 from loza_jax import attention as A
 
 from attention_checks import TOL, assert_close, assert_lse_close, compare_to_reference, random_inputs
 
 KERNEL = "pallas_mosaic_interpret"
+MOSAIC_BACKWARD = "test_mosaic_backward_interpret"
+
+
+def _mosaic_backward(q, k, v, *, pattern, segment_ids, positions, scale):
+  """Mosaic forward and backward (dQ, local dK/dV) in interpret mode; Triton sink partials."""
+  del positions
+  if isinstance(pattern, A.SSA):
+    blocks = dict(block_size=pattern.block_size, sink_blocks=pattern.sink_blocks, local_blocks=pattern.local_blocks)
+  else:
+    blocks = dict(block_size=FULL_TILE_INTERPRET, local_blocks=None)
+  return flash_attention(q, k, v, segment_ids, scale=scale, interpret=True, forward="mosaic", backward="mosaic",
+                         **blocks)
+
+
+A.register(A.Impl(MOSAIC_BACKWARD, _mosaic_backward, platforms=("cpu", "gpu"), priority=-30,
+                  check=unsupported_reason_interpret))
 
 CASES = {
     # name: (pattern, B, T, H, K, D, E, dtype, max_docs)
@@ -34,6 +51,15 @@ def test_mosaic_forward_matches_dense_oracle(rng, case):
   block = pattern.block_size if isinstance(pattern, A.SSA) else 64
   compare_to_reference(rng, KERNEL, pattern, B, T, H, K, D, E, dtype, max_docs, lse_cot=True, block=block,
                        lead_pad=case.startswith("ssa_block64"))
+
+
+@pytest.mark.parametrize("case", ["ssa_mla_block128_gqa_docs", "ssa_block64_sink2_docs", "full_d128_docs"])
+def test_mosaic_backward_matches_dense_oracle(rng, case):
+  """The Mosaic dQ and local dK/dV kernels (with the Triton sink partials) against the oracle."""
+  pattern, B, T, H, K, D, E, dtype, max_docs = CASES[case]
+  block = pattern.block_size if isinstance(pattern, A.SSA) else 64
+  compare_to_reference(rng, MOSAIC_BACKWARD, pattern, B, T, H, K, D, E, dtype, max_docs, lse_cot=True,
+                       block=block, lead_pad=case.startswith("ssa_block64"))
 
 
 @pytest.mark.parametrize("pattern", [A.SSA(128, 1, 2), A.Full()], ids=["ssa", "full"])
