@@ -65,6 +65,17 @@ def check(local):
   print(f"check lse: max|lse err| {float(jnp.max(jnp.abs(lse - lse_ref))):.3e}", flush=True)
 
 
+def _time_all(fns, prefix, table):
+  """Time each {label: (jitted fn, args)}; a failing variant is reported, not fatal."""
+  for label, (fn, args) in fns.items():
+    try:
+      ms = f"{time_call(fn, *args) * 1e3:9.3f} ms"
+    except Exception as e:  # noqa: BLE001 - report a failing variant and go on
+      ms = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    table.append(f"{prefix} {label:32s} {ms}")
+    print(table[-1], flush=True)
+
+
 def bench(T, local, table):
   q, k, v = inputs(T)
   name = "ssa" if local else "full"
@@ -78,13 +89,7 @@ def bench(T, local, table):
       attn = lambda q, k, v, fwd=fwd: flash.flash_attention(q, k, v, scale=D ** -0.5, block_size=128,
                                                             sink_blocks=1, local_blocks=7, forward=fwd)[0]
       fns[f"fwd+bwd, {fwd} fwd"] = _fwd_bwd(attn)
-  for label, fn in fns.items():
-    try:
-      ms = f"{time_call(fn, q, k, v) * 1e3:9.3f} ms"
-    except Exception as e:  # noqa: BLE001 - report a failing variant and go on
-      ms = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    table.append(f"{name:4s} T={T:7d} {label:22s} {ms}")
-    print(table[-1], flush=True)
+  _time_all({label: (fn, (q, k, v)) for label, fn in fns.items()}, f"{name:4s} T={T:7d}", table)
 
 
 def bench_backward(T, table):
@@ -109,13 +114,7 @@ def bench_backward(T, table):
   fns["dq mosaic"] = (jax.jit(lambda *a: mosaic_bwd.dq(*a, start, cfg.mosaic)), (q, k, v, do, lse, delta))
   fns["dkv triton"] = (jax.jit(lambda *a: ssa_bwd.dkv(*a, end, cfg)), (q, k, v, do, lse, delta))
   fns["dkv mosaic"] = (jax.jit(lambda *a: mosaic_bwd.dkv(*a, end, cfg.mosaic)), (q, k, v, do, lse, delta))
-  for label, (fn, args) in fns.items():
-    try:
-      ms = f"{time_call(fn, *args) * 1e3:9.3f} ms"
-    except Exception as e:  # noqa: BLE001 - report a failing variant and go on
-      ms = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}"
-    table.append(f"ssa  T={T:7d} {label:32s} {ms}")
-    print(table[-1], flush=True)
+  _time_all(fns, f"ssa  T={T:7d}", table)
 
 
 def main(argv=None):

@@ -15,18 +15,13 @@ from loza_jax.attention import SSA, Full
 
 from kernels_pallas import mosaic_fwd
 from kernels_pallas.flash import flash_attention, input_problem
-from kernels_pallas.triton_attention import FULL_TILE
+from kernels_pallas.triton_attention import FULL_TILE, tile_args
 
 FULL_TILE_INTERPRET = 64
 
 
 def _tile_args(pattern, interpret: bool) -> dict:
-  if isinstance(pattern, SSA):
-    return dict(block_size=pattern.block_size, sink_blocks=pattern.sink_blocks,
-                local_blocks=pattern.local_blocks)
-  if isinstance(pattern, Full):
-    return dict(block_size=FULL_TILE_INTERPRET if interpret else FULL_TILE, sink_blocks=0, local_blocks=None)
-  raise ValueError(f"pattern must be Full() or SSA(...), got {pattern!r}")
+  return tile_args(pattern, FULL_TILE_INTERPRET if interpret else FULL_TILE)
 
 
 def _problem(pattern, q, k, v, interpret: bool) -> str | None:
@@ -49,19 +44,20 @@ def unsupported_reason_interpret(pattern, q, k, v) -> str | None:
   return _problem(pattern, q, k, v, interpret=True)
 
 
-def _run(q, k, v, *, pattern, segment_ids, positions, scale, interpret):
+def run(q, k, v, *, pattern, segment_ids, positions, scale, interpret: bool, backward: str = "triton"):
+  """flash_attention with the Mosaic forward and the given backward ("triton" or "mosaic")."""
   del positions  # derived from segment_ids, as in triton_attention
   return flash_attention(q, k, v, segment_ids, scale=scale, interpret=interpret, forward="mosaic",
-                         backward="triton", **_tile_args(pattern, interpret))
+                         backward=backward, **_tile_args(pattern, interpret))
 
 
 def attention_impl(q, k, v, *, pattern, segment_ids, positions, scale):
   """(o_BTHE, lse_BHT): Mosaic GPU forward, Triton backward."""
-  return _run(q, k, v, pattern=pattern, segment_ids=segment_ids, positions=positions, scale=scale,
-              interpret=False)
+  return run(q, k, v, pattern=pattern, segment_ids=segment_ids, positions=positions, scale=scale,
+             interpret=False)
 
 
 def attention_impl_interpret(q, k, v, *, pattern, segment_ids, positions, scale):
   """Same kernels in interpret mode (CPU; slow, for tests)."""
-  return _run(q, k, v, pattern=pattern, segment_ids=segment_ids, positions=positions, scale=scale,
-              interpret=True)
+  return run(q, k, v, pattern=pattern, segment_ids=segment_ids, positions=positions, scale=scale,
+             interpret=True)

@@ -36,6 +36,16 @@ def _smem(shape, dtype):
   return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
 
+def _tiles(cfg: MosaicConfig, n: int, rows: int, E: int, dtype):
+  """Shared-memory tiles of `rows` rows, n of each: the head-dim parts of D, then one of width E."""
+  return [_smem((n, rows, size), dtype) for _, size in cfg.d_parts], _smem((n, rows, E), dtype)
+
+
+def _stage(cfg: MosaicConfig, dtype):
+  """Interpret mode only: a tile per compute warpgroup to pass register operands to wgmma."""
+  return _smem((cfg.compute_wgs, ROWS_PER_WG, HALF), dtype) if cfg.interpret else None
+
+
 def _mma(acc, a, b_ref, scratch, interpret: bool):
   """acc + a @ b_ref, a in registers (the GPU interpreter needs it in shared memory: `scratch`)."""
   if interpret:
@@ -81,6 +91,66 @@ def _loop_items(body, items, init):
   return lax.fori_loop(0, mine, lambda k, c: body(cta + k * ctas, c), init)
 
 
+def _roles(cfg: MosaicConfig, items: int, free, compute_item, produce_item):
+  """Run the warpgroups: compute_item(wg, w, g) on the compute warpgroups and
+  produce_item(w, g) on the producer, for this CTA's work items w; g counts the streamed
+  steps so far (its ring slot is g mod slots). Each returns g plus its item's steps."""
+  wg = lax.axis_index("wg")
+  cwg, S = cfg.compute_wgs, cfg.slots
+
+  @pl.when(wg < cwg)
+  def _():
+    plgpu.set_max_registers(232 if cwg == 2 else 240, action="increase")
+    _loop_items(functools.partial(compute_item, wg), items, jnp.int32(0))
+
+  @pl.when(wg == cwg)
+  def _():
+    plgpu.set_max_registers(40, action="decrease")
+    total = _loop_items(produce_item, items, jnp.int32(0))
+
+    @pl.loop(jnp.maximum(total - S, 0), total)     # drain: see the last release of every slot
+    def _(g):
+      plgpu.barrier_wait(free.at[_slot(cfg, g)])
+
+
+def _slot(cfg: MosaicConfig, g):
+  return lax.rem(g, jnp.int32(cfg.slots))
+
+
+def _stream(cfg: MosaicConfig, g, steps, free, copy_step):
+  """Producer loop of one item: copy_step(j, slot) for its steps, each once its slot is free."""
+  @pl.loop(0, steps)
+  def _(j):
+    slot = _slot(cfg, g + j)
+
+    @pl.when(g + j >= cfg.slots)
+    def _():
+      plgpu.barrier_wait(free.at[slot])
+    copy_step(j, slot)
+  return g + steps
+
+
+def _launch(body, cfg: MosaicConfig, items: int, out_type, scratch, resident_copies: int,
+            streamed_copies: int, *args):
+  """plgpu.kernel over persistent CTAs with `compute_wgs` + 1 warpgroups. Barriers: one per
+  compute warpgroup for its resident tiles, one per ring slot for the streamed tiles, one per
+  slot for its release by the compute warpgroups."""
+  cwg, S = cfg.compute_wgs, cfg.slots
+
+  def entry(*refs):
+    barriers = (plgpu.Barrier(num_arrivals=resident_copies, num_barriers=cwg),
+                plgpu.Barrier(num_arrivals=streamed_copies, num_barriers=S),
+                plgpu.Barrier(num_arrivals=cwg, num_barriers=S))
+    pl.run_scoped(lambda *a: body(*refs, a, cfg=cfg), scratch, barriers, collective_axes="wg")
+
+  return plgpu.kernel(
+      entry, out_type=out_type, grid=(_ctas(cfg, items),), grid_names=("cta",),
+      num_threads=cwg + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=plgpu.InterpretGPUParams() if cfg.interpret else None,
+  )(*args)
+
+
 # ------------------------------------------------------------------------------------------
 # dQ
 
@@ -89,95 +159,67 @@ def _dq_kernel(start_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_re
                cfg: MosaicConfig):
   (q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, scratch), (res_bar, in_bar, free) = scoped
   B, T, H, _ = q_ref.shape
-  bk, S, cwg = cfg.tile, cfg.slots, cfg.compute_wgs
-  n_blocks, parts = T // bk, cfg.d_parts
-  items = B * H * n_blocks
-  wg = lax.axis_index("wg")
-  slot_of = lambda g: lax.rem(g, jnp.int32(S))
-  subs = bk // HALF
+  bk, parts, subs = cfg.tile, cfg.d_parts, cfg.tile // HALF
+  n_blocks = T // bk
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  c = cfg.scale * LOG2E
 
-  @pl.when(wg < cwg)
-  def _compute():
-    plgpu.set_max_registers(232 if cwg == 2 else 240, action="increase")
+  def compute_item(wg, w, g):
     q_parts = [q_smem[p].at[wg] for p in range(len(parts))]
     stage = scratch.at[wg] if cfg.interpret else None
-    row_layout = plgpu.Layout.WGMMA.reduce(1)
-    c = cfg.scale * LOG2E
+    b, i, h = _item(w, n_blocks, H)
+    n, _ = _visits(cfg, i, start_ref[b, i])
+    steps = n * subs
+    rows = pl.ds(i * bk + wg * ROWS_PER_WG, ROWS_PER_WG)
+    for p, (off, size) in enumerate(parts):
+      plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, pl.ds(off, size)], q_parts[p], res_bar.at[wg])
+    plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[wg], res_bar.at[wg])
+    plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[wg], res_bar.at[wg])
+    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[wg], res_bar.at[wg])
+    plgpu.barrier_wait(res_bar.at[wg])
+    lse2 = plgpu.load(lse_smem.at[wg], layout=row_layout) * LOG2E
+    delta = plgpu.load(delta_smem.at[wg], layout=row_layout)
+    acc = [plgpu.layout_cast(jnp.zeros((ROWS_PER_WG, size), jnp.float32), plgpu.Layout.WGMMA)
+           for _, size in parts]
 
-    def one_item(w, g):
-      b, i, h = _item(w, n_blocks, H)
-      n, _ = _visits(cfg, i, start_ref[b, i])
-      steps = n * subs
-      r0 = i * bk + wg * ROWS_PER_WG
-      rows = pl.ds(r0, ROWS_PER_WG)
+    def step(j, acc, masked):
+      slot = _slot(cfg, g + j)
+      plgpu.barrier_wait(in_bar.at[slot])
+      s = _dots((ROWS_PER_WG, HALF), [(q_parts[p], k_smem[p].at[slot].transpose((1, 0)))
+                                      for p in range(len(parts))])
+      dp = _dots((ROWS_PER_WG, HALF), [(do_smem.at[wg], v_smem.at[slot].transpose((1, 0)))])
+      p = jnp.exp2(s * c - lax.broadcast_in_dim(lse2, s.shape, [0]))
+      if masked:
+        p = _diag_mask(p, wg, lax.rem(j, jnp.int32(subs)), transposed=False)
+      ds = (p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))).astype(q_ref.dtype)
+      acc = [_mma(a, ds, k_smem[p].at[slot], stage, cfg.interpret) for p, a in enumerate(acc)]
+      plgpu.barrier_arrive(free.at[slot])
+      return acc
+
+    first_diag = jnp.maximum(steps - subs, 0)
+    acc = lax.fori_loop(0, first_diag, functools.partial(step, masked=False), acc)
+    acc = lax.fori_loop(first_diag, steps, functools.partial(step, masked=True), acc)
+    for p, a in enumerate(acc):
+      q_parts[p][...] = (a * cfg.scale).astype(dq_ref.dtype)
+    plgpu.commit_smem()
+    for p, (off, size) in enumerate(parts):
+      plgpu.copy_smem_to_gmem(q_parts[p], dq_ref.at[b, rows, h, pl.ds(off, size)])
+    plgpu.wait_smem_to_gmem(0)
+    return g + steps
+
+  def produce_item(w, g):
+    b, i, h = _item(w, n_blocks, H)
+    n, block_of = _visits(cfg, i, start_ref[b, i])
+    kh = lax.div(h, jnp.int32(cfg.groups))
+
+    def copy_step(j, slot):
+      rows = pl.ds(block_of(lax.div(j, jnp.int32(subs))) * bk + lax.rem(j, jnp.int32(subs)) * HALF, HALF)
       for p, (off, size) in enumerate(parts):
-        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, pl.ds(off, size)], q_parts[p], res_bar.at[wg])
-      plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[wg], res_bar.at[wg])
-      plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[wg], res_bar.at[wg])
-      plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[wg], res_bar.at[wg])
-      plgpu.barrier_wait(res_bar.at[wg])
-      lse2 = plgpu.load(lse_smem.at[wg], layout=row_layout) * LOG2E
-      delta = plgpu.load(delta_smem.at[wg], layout=row_layout)
-      acc = [plgpu.layout_cast(jnp.zeros((ROWS_PER_WG, size), jnp.float32), plgpu.Layout.WGMMA)
-             for _, size in parts]
+        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kh, pl.ds(off, size)], k_smem[p].at[slot], in_bar.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kh], v_smem.at[slot], in_bar.at[slot])
+    return _stream(cfg, g, n * subs, free, copy_step)
 
-      def step(j, acc, masked):
-        slot = slot_of(g + j)
-        plgpu.barrier_wait(in_bar.at[slot])
-        s = _dots((ROWS_PER_WG, HALF), [(q_parts[p], k_smem[p].at[slot].transpose((1, 0)))
-                                        for p in range(len(parts))])
-        dp = _dots((ROWS_PER_WG, HALF), [(do_smem.at[wg], v_smem.at[slot].transpose((1, 0)))])
-        p = jnp.exp2(s * c - lax.broadcast_in_dim(lse2, s.shape, [0]))
-        if masked:
-          p = _diag_mask(p, wg, lax.rem(j, jnp.int32(subs)), transposed=False)
-        ds = (p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))).astype(q_ref.dtype)
-        acc = [_mma(a, ds, k_smem[p].at[slot], stage, cfg.interpret) for p, a in enumerate(acc)]
-        plgpu.barrier_arrive(free.at[slot])
-        return acc
-
-      first_diag = jnp.maximum(steps - subs, 0)
-      acc = lax.fori_loop(0, first_diag, functools.partial(step, masked=False), acc)
-      acc = lax.fori_loop(first_diag, steps, functools.partial(step, masked=True), acc)
-      for p, a in enumerate(acc):
-        q_parts[p][...] = (a * cfg.scale).astype(dq_ref.dtype)
-      plgpu.commit_smem()
-      for p, (off, size) in enumerate(parts):
-        plgpu.copy_smem_to_gmem(q_parts[p], dq_ref.at[b, rows, h, pl.ds(off, size)])
-      plgpu.wait_smem_to_gmem(0)
-      return g + steps
-
-    _loop_items(one_item, items, jnp.int32(0))
-
-  @pl.when(wg == cwg)
-  def _producer():
-    plgpu.set_max_registers(40, action="decrease")
-
-    def one_item(w, g):
-      b, i, h = _item(w, n_blocks, H)
-      n, block_of = _visits(cfg, i, start_ref[b, i])
-      kh = lax.div(h, jnp.int32(cfg.groups))
-
-      @pl.loop(0, n * subs)
-      def _(j):
-        slot = slot_of(g + j)
-        rows = pl.ds(block_of(lax.div(j, jnp.int32(subs))) * bk + lax.rem(j, jnp.int32(subs)) * HALF, HALF)
-
-        @pl.when(g + j >= S)
-        def _():
-          plgpu.barrier_wait(free.at[slot])
-        for p, (off, size) in enumerate(parts):
-          plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kh, pl.ds(off, size)], k_smem[p].at[slot], in_bar.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kh], v_smem.at[slot], in_bar.at[slot])
-      return g + n * subs
-
-    total = _loop_items(one_item, items, jnp.int32(0))
-    _drain(free, total, S, slot_of)
-
-
-def _drain(free, total, S, slot_of):
-  @pl.loop(jnp.maximum(total - S, 0), total)     # see the last release of every slot
-  def _(g):
-    plgpu.barrier_wait(free.at[slot_of(g)])
+  _roles(cfg, B * H * n_blocks, free, compute_item, produce_item)
 
 
 def dq(q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT, start_BN, cfg: MosaicConfig):
@@ -186,29 +228,10 @@ def dq(q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT, start_BN, cfg: Mosai
   E = v_BTKE.shape[3]
   dt = q_BTHD.dtype
   S, cwg, parts = cfg.slots, cfg.compute_wgs, cfg.d_parts
-
-  def entry(*refs):
-    scratch = (
-        [_smem((cwg, ROWS_PER_WG, size), dt) for _, size in parts],
-        _smem((cwg, ROWS_PER_WG, E), dt),
-        plgpu.SMEM((cwg, ROWS_PER_WG), jnp.float32),
-        plgpu.SMEM((cwg, ROWS_PER_WG), jnp.float32),
-        [_smem((S, HALF, size), dt) for _, size in parts],
-        _smem((S, HALF, E), dt),
-        _smem((cwg, ROWS_PER_WG, HALF), dt) if cfg.interpret else None,
-    )
-    barriers = (plgpu.Barrier(num_arrivals=len(parts) + 3, num_barriers=cwg),
-                plgpu.Barrier(num_arrivals=len(parts) + 1, num_barriers=S),
-                plgpu.Barrier(num_arrivals=cwg, num_barriers=S))
-    pl.run_scoped(lambda *a: _dq_kernel(*refs, a, cfg=cfg), scratch, barriers, collective_axes="wg")
-
-  return plgpu.kernel(
-      entry, out_type=jax.ShapeDtypeStruct((B, T, H, D), dt),
-      grid=(_ctas(cfg, B * H * (T // cfg.tile)),), grid_names=("cta",),
-      num_threads=cwg + 1, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=plgpu.InterpretGPUParams() if cfg.interpret else None,
-  )(start_BN, q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT)
+  rows_f32 = plgpu.SMEM((cwg, ROWS_PER_WG), jnp.float32)
+  scratch = (*_tiles(cfg, cwg, ROWS_PER_WG, E, dt), rows_f32, rows_f32, *_tiles(cfg, S, HALF, E, dt), _stage(cfg, dt))
+  return _launch(_dq_kernel, cfg, B * H * (T // cfg.tile), jax.ShapeDtypeStruct((B, T, H, D), dt), scratch,
+                 len(parts) + 3, len(parts) + 1, start_BN, q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT)
 
 
 # ------------------------------------------------------------------------------------------
@@ -225,93 +248,71 @@ def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref
                 cfg: MosaicConfig):
   (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, scratch), (res_bar, in_bar, free) = scoped
   B, T, K, _ = k_ref.shape
-  bk, S, cwg, G = cfg.tile, cfg.slots, cfg.compute_wgs, cfg.groups
-  n_blocks, parts = T // bk, cfg.d_parts
-  items = B * K * n_blocks
-  wg = lax.axis_index("wg")
-  slot_of = lambda g: lax.rem(g, jnp.int32(S))
-  subs = bk // HALF
+  bk, G, parts, subs = cfg.tile, cfg.groups, cfg.d_parts, cfg.tile // HALF
+  n_blocks = T // bk
+  col_layout = plgpu.Layout.WGMMA.reduce(0)
+  c = cfg.scale * LOG2E
 
-  @pl.when(wg < cwg)
-  def _compute():
-    plgpu.set_max_registers(232 if cwg == 2 else 240, action="increase")
+  def compute_item(wg, w, g):
     k_parts = [k_smem[p].at[wg] for p in range(len(parts))]
     stage = scratch.at[wg] if cfg.interpret else None
-    col_layout = plgpu.Layout.WGMMA.reduce(0)
-    c = cfg.scale * LOG2E
+    b, kb, kh = _item(w, n_blocks, K)
+    nq = _query_blocks(cfg, kb, end_ref[b, kb])
+    steps = G * nq * subs
+    rows = pl.ds(kb * bk + wg * ROWS_PER_WG, ROWS_PER_WG)
+    for p, (off, size) in enumerate(parts):
+      plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kh, pl.ds(off, size)], k_parts[p], res_bar.at[wg])
+    plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kh], v_smem.at[wg], res_bar.at[wg])
+    plgpu.barrier_wait(res_bar.at[wg])
+    dk = [plgpu.layout_cast(jnp.zeros((ROWS_PER_WG, size), jnp.float32), plgpu.Layout.WGMMA)
+          for _, size in parts]
+    dv = plgpu.layout_cast(jnp.zeros((ROWS_PER_WG, v_ref.shape[3]), jnp.float32), plgpu.Layout.WGMMA)
 
-    def one_item(w, g):
-      b, kb, kh = _item(w, n_blocks, K)
-      nq = _query_blocks(cfg, kb, end_ref[b, kb])
-      steps = G * nq * subs
-      rows = pl.ds(kb * bk + wg * ROWS_PER_WG, ROWS_PER_WG)
+    def step(j, carry):
+      dk, dv = carry
+      slot = _slot(cfg, g + j)
+      plgpu.barrier_wait(in_bar.at[slot])
+      st = _dots((ROWS_PER_WG, HALF), [(k_parts[p], q_smem[p].at[slot].transpose((1, 0)))
+                                       for p in range(len(parts))])
+      lse2 = plgpu.load(lse_smem.at[slot], layout=col_layout) * LOG2E
+      pt = jnp.exp2(st * c - lax.broadcast_in_dim(lse2, st.shape, [1]))
+      diag = lax.rem(lax.div(j, jnp.int32(subs)), nq) == 0     # the query block is kb itself
+      pt = _diag_mask(pt, wg, lax.rem(j, jnp.int32(subs)), transposed=True, only_if=diag)
+      dpt = _dots((ROWS_PER_WG, HALF), [(v_smem.at[wg], do_smem.at[slot].transpose((1, 0)))])
+      dv = _mma(dv, pt.astype(q_ref.dtype), do_smem.at[slot], stage, cfg.interpret)
+      delta = plgpu.load(delta_smem.at[slot], layout=col_layout)
+      dst = (pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, [1]))).astype(q_ref.dtype)
+      dk = [_mma(a, dst, q_smem[p].at[slot], stage, cfg.interpret) for p, a in enumerate(dk)]
+      plgpu.barrier_arrive(free.at[slot])
+      return dk, dv
+
+    dk, dv = lax.fori_loop(0, steps, step, (dk, dv))
+    for p, a in enumerate(dk):
+      k_parts[p][...] = (a * cfg.scale).astype(dk_ref.dtype)
+    v_smem.at[wg][...] = dv.astype(dv_ref.dtype)
+    plgpu.commit_smem()
+    for p, (off, size) in enumerate(parts):
+      plgpu.copy_smem_to_gmem(k_parts[p], dk_ref.at[b, rows, kh, pl.ds(off, size)])
+    plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[b, rows, kh])
+    plgpu.wait_smem_to_gmem(0)
+    return g + steps
+
+  def produce_item(w, g):
+    b, kb, kh = _item(w, n_blocks, K)
+    nq = _query_blocks(cfg, kb, end_ref[b, kb])
+
+    def copy_step(j, slot):
+      t = lax.div(j, jnp.int32(subs))
+      h = kh * G + lax.div(t, nq)
+      rows = pl.ds((kb + lax.rem(t, nq)) * bk + lax.rem(j, jnp.int32(subs)) * HALF, HALF)
       for p, (off, size) in enumerate(parts):
-        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kh, pl.ds(off, size)], k_parts[p], res_bar.at[wg])
-      plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kh], v_smem.at[wg], res_bar.at[wg])
-      plgpu.barrier_wait(res_bar.at[wg])
-      dk = [plgpu.layout_cast(jnp.zeros((ROWS_PER_WG, size), jnp.float32), plgpu.Layout.WGMMA)
-            for _, size in parts]
-      dv = plgpu.layout_cast(jnp.zeros((ROWS_PER_WG, v_ref.shape[3]), jnp.float32), plgpu.Layout.WGMMA)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, pl.ds(off, size)], q_smem[p].at[slot], in_bar.at[slot])
+      plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], in_bar.at[slot])
+      plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], in_bar.at[slot])
+      plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], in_bar.at[slot])
+    return _stream(cfg, g, G * nq * subs, free, copy_step)
 
-      def step(j, carry):
-        dk, dv = carry
-        slot = slot_of(g + j)
-        plgpu.barrier_wait(in_bar.at[slot])
-        st = _dots((ROWS_PER_WG, HALF), [(k_parts[p], q_smem[p].at[slot].transpose((1, 0)))
-                                         for p in range(len(parts))])
-        lse2 = plgpu.load(lse_smem.at[slot], layout=col_layout) * LOG2E
-        pt = jnp.exp2(st * c - lax.broadcast_in_dim(lse2, st.shape, [1]))
-        diag = lax.rem(lax.div(j, jnp.int32(subs)), nq) == 0     # the query block is kb itself
-        pt = _diag_mask(pt, wg, lax.rem(j, jnp.int32(subs)), transposed=True, only_if=diag)
-        dpt = _dots((ROWS_PER_WG, HALF), [(v_smem.at[wg], do_smem.at[slot].transpose((1, 0)))])
-        dv = _mma(dv, pt.astype(q_ref.dtype), do_smem.at[slot], stage, cfg.interpret)
-        delta = plgpu.load(delta_smem.at[slot], layout=col_layout)
-        dst = (pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, [1]))).astype(q_ref.dtype)
-        dk = [_mma(a, dst, q_smem[p].at[slot], stage, cfg.interpret) for p, a in enumerate(dk)]
-        plgpu.barrier_arrive(free.at[slot])
-        return dk, dv
-
-      dk, dv = lax.fori_loop(0, steps, step, (dk, dv))
-      for p, a in enumerate(dk):
-        k_parts[p][...] = (a * cfg.scale).astype(dk_ref.dtype)
-      v_smem.at[wg][...] = dv.astype(dv_ref.dtype)
-      plgpu.commit_smem()
-      for p, (off, size) in enumerate(parts):
-        plgpu.copy_smem_to_gmem(k_parts[p], dk_ref.at[b, rows, kh, pl.ds(off, size)])
-      plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[b, rows, kh])
-      plgpu.wait_smem_to_gmem(0)
-      return g + steps
-
-    _loop_items(one_item, items, jnp.int32(0))
-
-  @pl.when(wg == cwg)
-  def _producer():
-    plgpu.set_max_registers(40, action="decrease")
-
-    def one_item(w, g):
-      b, kb, kh = _item(w, n_blocks, K)
-      nq = _query_blocks(cfg, kb, end_ref[b, kb])
-
-      @pl.loop(0, G * nq * subs)
-      def _(j):
-        slot = slot_of(g + j)
-        t = lax.div(j, jnp.int32(subs))
-        qb = kb + lax.rem(t, nq)
-        h = kh * G + lax.div(t, nq)
-        rows = pl.ds(qb * bk + lax.rem(j, jnp.int32(subs)) * HALF, HALF)
-
-        @pl.when(g + j >= S)
-        def _():
-          plgpu.barrier_wait(free.at[slot])
-        for p, (off, size) in enumerate(parts):
-          plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, pl.ds(off, size)], q_smem[p].at[slot], in_bar.at[slot])
-        plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], in_bar.at[slot])
-        plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], in_bar.at[slot])
-        plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], in_bar.at[slot])
-      return g + G * nq * subs
-
-    total = _loop_items(one_item, items, jnp.int32(0))
-    _drain(free, total, S, slot_of)
+  _roles(cfg, B * K * n_blocks, free, compute_item, produce_item)
 
 
 def dkv(q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT, end_BN, cfg: MosaicConfig):
@@ -320,26 +321,8 @@ def dkv(q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT, end_BN, cfg: Mosaic
   E = v_BTKE.shape[3]
   dt = q_BTHD.dtype
   S, cwg, parts = cfg.slots, cfg.compute_wgs, cfg.d_parts
-
-  def entry(*refs):
-    scratch = (
-        [_smem((cwg, ROWS_PER_WG, size), dt) for _, size in parts],
-        _smem((cwg, ROWS_PER_WG, E), dt),
-        [_smem((S, HALF, size), dt) for _, size in parts],
-        _smem((S, HALF, E), dt),
-        plgpu.SMEM((S, HALF), jnp.float32),
-        plgpu.SMEM((S, HALF), jnp.float32),
-        _smem((cwg, ROWS_PER_WG, HALF), dt) if cfg.interpret else None,
-    )
-    barriers = (plgpu.Barrier(num_arrivals=len(parts) + 1, num_barriers=cwg),
-                plgpu.Barrier(num_arrivals=len(parts) + 3, num_barriers=S),
-                plgpu.Barrier(num_arrivals=cwg, num_barriers=S))
-    pl.run_scoped(lambda *a: _dkv_kernel(*refs, a, cfg=cfg), scratch, barriers, collective_axes="wg")
-
-  return plgpu.kernel(
-      entry, out_type=(jax.ShapeDtypeStruct((B, T, K, D), dt), jax.ShapeDtypeStruct((B, T, K, E), dt)),
-      grid=(_ctas(cfg, B * K * (T // cfg.tile)),), grid_names=("cta",),
-      num_threads=cwg + 1, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=plgpu.InterpretGPUParams() if cfg.interpret else None,
-  )(end_BN, q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT)
+  rows_f32 = plgpu.SMEM((S, HALF), jnp.float32)
+  scratch = (*_tiles(cfg, cwg, ROWS_PER_WG, E, dt), *_tiles(cfg, S, HALF, E, dt), rows_f32, rows_f32, _stage(cfg, dt))
+  out_type = (jax.ShapeDtypeStruct((B, T, K, D), dt), jax.ShapeDtypeStruct((B, T, K, E), dt))
+  return _launch(_dkv_kernel, cfg, B * K * (T // cfg.tile), out_type, scratch, len(parts) + 1, len(parts) + 3,
+                 end_BN, q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT)

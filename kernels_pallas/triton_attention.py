@@ -15,13 +15,18 @@ FULL_TILE = 128
 FULL_TILE_INTERPRET = 16
 
 
-def _tile_args(pattern, interpret: bool) -> dict:
+def tile_args(pattern, full_tile: int) -> dict:
+  """flash_attention's block arguments for a pattern; Full runs on tiles of `full_tile`."""
   if isinstance(pattern, SSA):
     return dict(block_size=pattern.block_size, sink_blocks=pattern.sink_blocks,
                 local_blocks=pattern.local_blocks)
   if isinstance(pattern, Full):
-    return dict(block_size=FULL_TILE_INTERPRET if interpret else FULL_TILE, sink_blocks=0, local_blocks=None)
+    return dict(block_size=full_tile, sink_blocks=0, local_blocks=None)
   raise ValueError(f"pattern must be Full() or SSA(...), got {pattern!r}")
+
+
+def _tile_args(pattern, interpret: bool) -> dict:
+  return tile_args(pattern, FULL_TILE_INTERPRET if interpret else FULL_TILE)
 
 
 def unsupported_reason(pattern, q, k, v) -> str | None:

@@ -1,15 +1,16 @@
-"""Pallas attention kernels (Triton, and the Mosaic GPU forward) on a GPU against the XLA references.
+"""Pallas attention kernels (Triton, and the Mosaic GPU forward and backward) on a GPU vs the XLA references.
 
 Run on a GPU machine: pytest -m gpu tests/test_kernels_gpu.py (skipped elsewhere).
 """
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas import flash_attention
-from kernels_pallas.mosaic_attention import unsupported_reason as mosaic_unsupported
+from kernels_pallas import mosaic_attention
 from loza_jax import attention as A
 
 from attention_checks import compare_to_reference
@@ -81,18 +82,9 @@ MOSAIC_CASES = {
 }
 
 
-def _mosaic_backward(q, k, v, *, pattern, segment_ids, positions, scale):
-  """Mosaic forward and backward (dQ, local dK/dV); Triton sink partials."""
-  del positions
-  if isinstance(pattern, A.SSA):
-    blocks = dict(block_size=pattern.block_size, sink_blocks=pattern.sink_blocks, local_blocks=pattern.local_blocks)
-  else:
-    blocks = dict(block_size=128, local_blocks=None)
-  return flash_attention(q, k, v, segment_ids, scale=scale, forward="mosaic", backward="mosaic", **blocks)
-
-
-A.register(A.Impl("test_mosaic_backward", _mosaic_backward, platforms=("gpu",), priority=-30,
-                  check=mosaic_unsupported))
+# Mosaic forward and backward (dQ, local dK/dV; Triton sink partials).
+A.register(A.Impl("test_mosaic_backward", functools.partial(mosaic_attention.run, interpret=False, backward="mosaic"),
+                  platforms=("gpu",), priority=-30, check=mosaic_attention.unsupported_reason))
 
 
 @pytest.mark.parametrize("case", ["mosaic_ssa_32k_one_doc", "mosaic_ssa_16k_packed_gqa", "mosaic_full_4k_packed"])

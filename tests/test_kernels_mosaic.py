@@ -8,13 +8,15 @@ bad tile addressing fail; it also checks that every barrier phase is observed.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas import flash_attention, mosaic_fwd
-from kernels_pallas.mosaic_attention import FULL_TILE_INTERPRET, unsupported_reason, unsupported_reason_interpret
+from kernels_pallas import mosaic_attention, mosaic_fwd
+from kernels_pallas.mosaic_attention import unsupported_reason, unsupported_reason_interpret
 from loza_jax import attention as A
 
 from attention_checks import TOL, assert_close, assert_lse_close, compare_to_reference, random_inputs
@@ -23,19 +25,9 @@ KERNEL = "pallas_mosaic_interpret"
 MOSAIC_BACKWARD = "test_mosaic_backward_interpret"
 
 
-def _mosaic_backward(q, k, v, *, pattern, segment_ids, positions, scale):
-  """Mosaic forward and backward (dQ, local dK/dV) in interpret mode; Triton sink partials."""
-  del positions
-  if isinstance(pattern, A.SSA):
-    blocks = dict(block_size=pattern.block_size, sink_blocks=pattern.sink_blocks, local_blocks=pattern.local_blocks)
-  else:
-    blocks = dict(block_size=FULL_TILE_INTERPRET, local_blocks=None)
-  return flash_attention(q, k, v, segment_ids, scale=scale, interpret=True, forward="mosaic", backward="mosaic",
-                         **blocks)
-
-
-A.register(A.Impl(MOSAIC_BACKWARD, _mosaic_backward, platforms=("cpu", "gpu"), priority=-30,
-                  check=unsupported_reason_interpret))
+# Mosaic forward and backward (dQ, local dK/dV; Triton sink partials), interpreted.
+A.register(A.Impl(MOSAIC_BACKWARD, functools.partial(mosaic_attention.run, interpret=True, backward="mosaic"),
+                  platforms=("cpu", "gpu"), priority=-30, check=unsupported_reason_interpret))
 
 CASES = {
     # name: (pattern, B, T, H, K, D, E, dtype, max_docs)
