@@ -2,8 +2,9 @@
 
 `pallas_mosaic` runs the forward pass with kernels_pallas/mosaic_fwd.py (Hopper wgmma, warp
 specialised) and the backward pass with the Triton kernels: on an H100 at T=128K, SSA fwd+bwd
-took 14.24 ms against 16.49 ms with the Mosaic backward (mosaic_bwd.py: its dQ is faster,
-3.57 vs 4.89 ms, its dK/dV slower, 8.42 vs 5.32 ms; kernels_pallas/NOTES.md).
+took 14.24 ms against 16.49 ms with the first Mosaic backward (its dQ faster, 3.57 vs 4.89
+ms, its dK/dV slower, 8.42 vs 5.32 ms; the dK/dV kernel has since been restructured and not
+yet timed, kernels_pallas/NOTES.md).
 `flash_attention(..., backward="mosaic")` selects the Mosaic backward. Tiles are the SSA block
 (Full: FULL_TILE). Interpret mode runs on CPU with Full on 64-row tiles.
 """
