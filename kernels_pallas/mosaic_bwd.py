@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels_pallas.mosaic_fwd import ROWS_PER_WG, MosaicConfig, _ctas, _visits
+from kernels_pallas.mosaic_fwd import ROWS_PER_WG, MosaicConfig, _ctas, _item, _loop_items, _visits
 from kernels_pallas.tile_io import LOG2E
 
 HALF = 64                      # streamed tile rows (half a 128 block): keeps S and dP at 32 regs
@@ -54,8 +54,7 @@ def _mma(acc, a, b_ref, scratch, interpret: bool):
   """acc + a @ b_ref, a in registers (the GPU interpreter needs it in shared memory: `scratch`)."""
   if interpret:
     scratch[...] = a
-    return acc + pl.run_scoped(lambda r: (plgpu.wgmma(r, scratch, b_ref), r[...])[1],
-                               plgpu.ACC(acc.shape, jnp.float32))
+    return _mma_ref(acc, scratch, b_ref, interpret)
 
   def body(r):
     plgpu.wgmma(r, a, b_ref)
@@ -95,18 +94,6 @@ def _diag_mask(x, wg, half, transposed: bool, only_if=None):
   if only_if is not None:
     ok = ok | jnp.logical_not(only_if)
   return jnp.where(ok, x, 0.0)
-
-
-def _item(w, n_blocks, heads):
-  i = lax.rem(w, jnp.int32(n_blocks))
-  h = lax.rem(lax.div(w, jnp.int32(n_blocks)), jnp.int32(heads))
-  return lax.div(w, jnp.int32(n_blocks * heads)), i, h
-
-
-def _loop_items(body, items, init):
-  cta, ctas = lax.axis_index("cta"), lax.axis_size("cta")
-  mine = pl.cdiv(items - cta, ctas)
-  return lax.fori_loop(0, mine, lambda k, c: body(cta + k * ctas, c), init)
 
 
 def _roles(cfg: MosaicConfig, items: int, free, compute_item, produce_item, after_compute=None, cwg=None):

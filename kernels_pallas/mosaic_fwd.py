@@ -65,20 +65,20 @@ def d_parts(dim: int) -> tuple:
 
 
 def input_problem(q_BTHD, k_BTKD, v_BTKE, block: int) -> str | None:
-  """Why this kernel cannot take these inputs, or None."""
+  """Why the Mosaic kernels (this forward and mosaic_bwd.py) cannot take these inputs, or None."""
   B, T, H, D = q_BTHD.shape
   E = v_BTKE.shape[3]
   if q_BTHD.dtype not in SUPPORTED_DTYPES or len({q_BTHD.dtype, k_BTKD.dtype, v_BTKE.dtype}) != 1:
-    return f"mosaic forward runs bf16/fp16 inputs of one dtype, got {q_BTHD.dtype}, {k_BTKD.dtype}, {v_BTKE.dtype}"
+    return f"mosaic kernels run bf16/fp16 inputs of one dtype, got {q_BTHD.dtype}, {k_BTKD.dtype}, {v_BTKE.dtype}"
   if block not in (64, 128):
-    return f"mosaic forward needs block size 64 or 128, got {block}"
+    return f"mosaic kernels need block size 64 or 128, got {block}"
   if T % block:
-    return f"mosaic forward needs T a multiple of the block size {block}, got T={T}"
+    return f"mosaic kernels need T a multiple of the block size {block}, got T={T}"
   parts = d_parts(D)
   if not parts:
-    return f"mosaic forward needs the qk head dim to be 128·n + 0 or 64, got D={D}"
+    return f"mosaic kernels need the qk head dim to be a multiple of 64, got D={D}"
   if E != parts[0][1]:
-    return f"mosaic forward stages the output in the first query part: needs E == {parts[0][1]}, got E={E}"
+    return f"mosaic kernels stage outputs in the first 128/64-column part of D: need E == {parts[0][1]}, got E={E}"
   if H % k_BTKD.shape[2]:
     return f"kv heads {k_BTKD.shape[2]} do not divide query heads {H}"
   return None
@@ -92,15 +92,22 @@ def _visits(cfg: MosaicConfig, i, start):
   return n_sink + (i - lo) + 1, lambda j: jnp.where(j < n_sink, s0 + j, lo + (j - n_sink))
 
 
-def _item(cfg: MosaicConfig, w, n_blocks: int, heads: int):
+def _item(w, n_blocks: int, heads: int, reverse: bool = False):
   """(b, i, h) of work item w: block index fastest, so CTAs running side by side share the
-  key/value tiles of neighbouring blocks in L2; Full takes its longest rows first."""
+  key/value tiles of neighbouring blocks in L2; `reverse` takes the last blocks first."""
   i = lax.rem(w, jnp.int32(n_blocks))
   h = lax.rem(lax.div(w, jnp.int32(n_blocks)), jnp.int32(heads))
   b = lax.div(w, jnp.int32(n_blocks * heads))
-  if cfg.local is None:
+  if reverse:
     i = n_blocks - 1 - i
   return b, i, h
+
+
+def _loop_items(body, items: int, init):
+  """Run body(w, carry) over this CTA's work items w = cta, cta + ctas, ... below `items`."""
+  cta, ctas = lax.axis_index("cta"), lax.axis_size("cta")
+  mine = pl.cdiv(items - cta, ctas)
+  return lax.fori_loop(0, mine, lambda k, c: body(cta + k * ctas, c), init)
 
 
 def _kernel(start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, cfg: MosaicConfig):
@@ -109,13 +116,12 @@ def _kernel(start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, cfg: Mosa
   E = v_ref.shape[3]
   bk, S, cwg = cfg.tile, cfg.slots, cfg.compute_wgs
   n_blocks = T // bk
-  cta, ctas = lax.axis_index("cta"), lax.axis_size("cta")
-  items = pl.cdiv(B * H * n_blocks - cta, ctas)         # this CTA's items: cta, cta + ctas, ...
+  items = B * H * n_blocks
   wg = lax.axis_index("wg")
   slot_of = lambda g: lax.rem(g, jnp.int32(S))
 
-  def work(k):
-    b, i, h = _item(cfg, cta + k * ctas, n_blocks, H)
+  def work(w):
+    b, i, h = _item(w, n_blocks, H, reverse=cfg.local is None)   # Full: longest rows first
     n, block_of = _visits(cfg, i, start_ref[b, i])
     return b, i, h, n, block_of
 
@@ -130,8 +136,8 @@ def _kernel(start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, cfg: Mosa
     qk_scale = cfg.scale * LOG2E
     row_layout = plgpu.Layout.WGMMA.reduce(1)
 
-    def one_item(k, g):                     # g: key/value steps taken so far by this CTA
-      b, i, h, n, _ = work(k)
+    def one_item(w, g):                     # g: key/value steps taken so far by this CTA
+      b, i, h, n, _ = work(w)
       r0 = i * bk + wg * ROWS_PER_WG
       for p, (off, size) in enumerate(cfg.d_parts):
         plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(r0, ROWS_PER_WG), h, pl.ds(off, size)], q_parts[p],
@@ -216,14 +222,14 @@ def _kernel(start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, cfg: Mosa
       plgpu.wait_smem_to_gmem(0)            # before the next item's query load overwrites it
       return g + n
 
-    lax.fori_loop(0, items, one_item, jnp.int32(0))
+    _loop_items(one_item, items, jnp.int32(0))
 
   @pl.when(wg == cwg)
   def _producer():
     plgpu.set_max_registers(40, action="decrease")
 
-    def one_item(k, g):
-      b, _, h, n, block_of = work(k)
+    def one_item(w, g):
+      b, _, h, n, block_of = work(w)
       kh = lax.div(h, jnp.int32(cfg.groups))
 
       @pl.loop(0, n)
@@ -243,7 +249,7 @@ def _kernel(start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, cfg: Mosa
         plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kh], v_smem.at[slot], v_bar.at[slot])
       return g + n
 
-    total = lax.fori_loop(0, items, one_item, jnp.int32(0))
+    total = _loop_items(one_item, items, jnp.int32(0))
 
     @pl.loop(jnp.maximum(total - S, 0), total)   # drain: see the last release of every slot
     def _(g):
