@@ -7,8 +7,9 @@ T=4096 (max |error| of o and lse), then prints the median ms of: the Triton forw
 forward with persistent CTAs (132) and with one CTA per work item, its defaults, its defaults with
 the row sum taken after the tensor-core wait, tokamax's window-1024
 (SSA) or causal (Full) forward, and SSA fwd+bwd with either forward. --backward instead times
-SSA fwd+bwd (Mosaic forward) with the Triton or the Mosaic backward, cuDNN's window-1024
-fwd+bwd, and the dQ and dK/dV kernels of each alone.
+SSA fwd+bwd (Mosaic forward) with each backward choice (Triton, Mosaic, Mosaic dQ + Triton
+dK/dV), cuDNN's window-1024 fwd+bwd, the dQ and dK/dV kernels of each alone, the sink partials
+and the XLA delta.
 """
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def bench_backward(T, table):
   backward kernel alone."""
   q, k, v = inputs(T)
   fns = {}
-  for bwd in ("triton", "mosaic"):
+  for bwd in flash.BACKWARDS:
     attn = lambda q, k, v, bwd=bwd: flash.flash_attention(q, k, v, scale=D ** -0.5, block_size=128, sink_blocks=1,
                                                           local_blocks=7, forward="mosaic", backward=bwd)[0]
     fns[f"fwd+bwd, mosaic fwd, {bwd} bwd"] = (_fwd_bwd(attn), (q, k, v))
@@ -114,6 +115,10 @@ def bench_backward(T, table):
   fns["dq mosaic"] = (jax.jit(lambda *a: mosaic_bwd.dq(*a, start, cfg.mosaic)), (q, k, v, do, lse, delta))
   fns["dkv triton"] = (jax.jit(lambda *a: ssa_bwd.dkv(*a, end, cfg)), (q, k, v, do, lse, delta))
   fns["dkv mosaic"] = (jax.jit(lambda *a: mosaic_bwd.dkv(*a, end, cfg.mosaic)), (q, k, v, do, lse, delta))
+  fns["sink partials triton"] = (jax.jit(lambda *a: ssa_bwd.sink_partials(*a, start, end, cfg)),
+                                 (q, k, v, do, lse, delta))
+  fns["delta (xla)"] = (jax.jit(lambda o, do: jnp.einsum("bthe,bthe->bht", o.astype(jnp.float32),
+                                                          do.astype(jnp.float32))), (o, do))
   _time_all(fns, f"ssa  T={T:7d}", table)
 
 

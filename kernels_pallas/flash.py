@@ -68,6 +68,10 @@ def tiles_problem(tiles: dict, block_size: int) -> str | None:
   return None
 
 
+FORWARDS = ("triton", "mosaic")
+BACKWARDS = ("triton", "mosaic", "mosaic_dq")   # mosaic_dq: Mosaic dQ, Triton dK/dV
+
+
 def make_config(q_BTHD, k_BTKD, v_BTKE, *, scale, block_size, sink_blocks, local_blocks, interpret,
                 tiles=None, forward="triton", backward="triton", padded=False) -> KernelConfig:
   """Static kernel parameters for these inputs."""
@@ -78,11 +82,11 @@ def make_config(q_BTHD, k_BTKD, v_BTKE, *, scale, block_size, sink_blocks, local
   if problem:
     raise ValueError(f"flash_attention: {problem}")
   precision = jax.lax.Precision.HIGHEST if q_BTHD.dtype == jnp.float32 else None
-  for name, choice in (("forward", forward), ("backward", backward)):
-    if choice not in ("triton", "mosaic"):
-      raise ValueError(f"flash_attention: {name} must be 'triton' or 'mosaic', got {choice!r}")
+  for name, choice, allowed in (("forward", forward, FORWARDS), ("backward", backward, BACKWARDS)):
+    if choice not in allowed:
+      raise ValueError(f"flash_attention: {name} must be one of {allowed}, got {choice!r}")
   mosaic = None
-  if "mosaic" in (forward, backward):
+  if forward == "mosaic" or backward != "triton":
     problem = mosaic_fwd.input_problem(q_BTHD, k_BTKD, v_BTKE, block_size)
     if problem:
       raise ValueError(f"flash_attention: {problem}")
@@ -95,7 +99,7 @@ def make_config(q_BTHD, k_BTKD, v_BTKE, *, scale, block_size, sink_blocks, local
       local=local_blocks, seq_len=T, n_tiles=-(-T // block_size), d_parts=tiling.head_parts(D),
       e_parts=tiling.head_parts(v_BTKE.shape[3]), groups=H // k_BTKD.shape[2], interpret=interpret,
       fwd=tiles["fwd"], dq=tiles["dq"], dkv=tiles["dkv"], precision=precision, mosaic=mosaic,
-      mosaic_fwd=forward == "mosaic", mosaic_bwd=backward == "mosaic")
+      mosaic_fwd=forward == "mosaic", mosaic_dq=backward != "triton", mosaic_dkv=backward == "mosaic")
 
 
 def flash_attention(q_BTHD, k_BTKD, v_BTKE, segment_ids_BT=None, *, scale: float, block_size: int = 128,
@@ -110,7 +114,8 @@ def flash_attention(q_BTHD, k_BTKD, v_BTKE, segment_ids_BT=None, *, scale: float
   skips it). Document positions are derived from the segment ids. `tiles` overrides the
   per-kernel launch shapes ({"fwd" | "dq" | "dkv": Tiles}). forward="mosaic" / backward="mosaic"
   run that pass with the Mosaic GPU kernels (Hopper; mosaic_fwd.input_problem lists their
-  limits); the sink's dK/dV partials always run on the Triton kernel.
+  limits); backward="mosaic_dq" runs only dQ on Mosaic. The sink's dK/dV partials always run
+  on the Triton kernel.
   """
   problem = input_problem(q_BTHD, k_BTKD, v_BTKE, block_size)
   if problem:
@@ -170,12 +175,14 @@ def _attention_bwd(cfg, res, cot):
   do, dlse = cot
   do = do.astype(q.dtype)
   lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)          # rows that see nothing: p = 0
-  if cfg.mosaic_bwd:
+  if cfg.mosaic_dq:
     delta = jnp.einsum("bthe,bthe->bht", o.astype(jnp.float32), do.astype(jnp.float32)) - dlse
     dq = mosaic_bwd.dq(q, k, v, do, lse, delta, start, cfg.mosaic)
-    dk, dv = mosaic_bwd.dkv(q, k, v, do, lse, delta, end, cfg.mosaic)
   else:
     dq, delta = ssa_bwd.dq(q, k, v, o, do, lse, dlse.astype(jnp.float32), start, cfg)
+  if cfg.mosaic_dkv:
+    dk, dv = mosaic_bwd.dkv(q, k, v, do, lse, delta, end, cfg.mosaic)
+  else:
     dk, dv = ssa_bwd.dkv(q, k, v, do, lse, delta, end, cfg)
   if needs_sink_pass(cfg):
     pk, pv = ssa_bwd.sink_partials(q, k, v, do, lse, delta, start, end, cfg)

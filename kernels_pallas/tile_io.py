@@ -46,7 +46,8 @@ class KernelConfig:
   precision: object = None       # dot precision: HIGHEST for fp32 inputs
   mosaic: object = None          # mosaic_fwd.MosaicConfig of the Mosaic GPU kernels, if any runs
   mosaic_fwd: bool = False       # forward on Mosaic GPU
-  mosaic_bwd: bool = False       # dQ and local dK/dV on Mosaic GPU
+  mosaic_dq: bool = False        # dQ on Mosaic GPU
+  mosaic_dkv: bool = False       # local dK/dV on Mosaic GPU
 
   @property
   def ragged(self) -> bool:

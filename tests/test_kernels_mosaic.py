@@ -15,19 +15,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas import mosaic_attention, mosaic_fwd
+from kernels_pallas import flash_attention, mosaic_attention, mosaic_fwd
 from kernels_pallas.mosaic_attention import unsupported_reason, unsupported_reason_interpret
 from loza_jax import attention as A
 
 from attention_checks import TOL, assert_close, assert_lse_close, compare_to_reference, random_inputs
 
 KERNEL = "pallas_mosaic_interpret"
-MOSAIC_BACKWARD = "test_mosaic_backward_interpret"
+BACKWARD_IMPL = "test_mosaic_backward_interpret_{}"
 
-
-# Mosaic forward and backward (dQ, local dK/dV; Triton sink partials), interpreted.
-A.register(A.Impl(MOSAIC_BACKWARD, functools.partial(mosaic_attention.run, interpret=True, backward="mosaic"),
-                  platforms=("cpu", "gpu"), priority=-30, check=unsupported_reason_interpret))
+# Mosaic forward with backward="mosaic" (dQ, local dK/dV; Triton sink partials) or "mosaic_dq"
+# (Mosaic dQ, Triton dK/dV), interpreted.
+for _bwd in ("mosaic", "mosaic_dq"):
+  A.register(A.Impl(BACKWARD_IMPL.format(_bwd), functools.partial(mosaic_attention.run, interpret=True, backward=_bwd),
+                    platforms=("cpu", "gpu"), priority=-30, check=unsupported_reason_interpret))
 
 CASES = {
     # name: (pattern, B, T, H, K, D, E, dtype, max_docs)
@@ -45,12 +46,13 @@ def test_mosaic_forward_matches_dense_oracle(rng, case):
                        lead_pad=case.startswith("ssa_block64"))
 
 
-@pytest.mark.parametrize("case", ["ssa_mla_block128_gqa_docs", "ssa_block64_sink2_docs", "full_d128_docs"])
-def test_mosaic_backward_matches_dense_oracle(rng, case):
+@pytest.mark.parametrize("case,backward", [("ssa_mla_block128_gqa_docs", "mosaic"), ("ssa_block64_sink2_docs", "mosaic"),
+                                          ("full_d128_docs", "mosaic"), ("ssa_mla_block128_gqa_docs", "mosaic_dq")])
+def test_mosaic_backward_matches_dense_oracle(rng, case, backward):
   """The Mosaic dQ and local dK/dV kernels (with the Triton sink partials) against the oracle."""
   pattern, B, T, H, K, D, E, dtype, max_docs = CASES[case]
   block = pattern.block_size if isinstance(pattern, A.SSA) else 64
-  compare_to_reference(rng, MOSAIC_BACKWARD, pattern, B, T, H, K, D, E, dtype, max_docs, lse_cot=True,
+  compare_to_reference(rng, BACKWARD_IMPL.format(backward), pattern, B, T, H, K, D, E, dtype, max_docs, lse_cot=True,
                        block=block, lead_pad=case.startswith("ssa_block64"))
 
 
@@ -104,3 +106,9 @@ def test_gpu_impl_names_hopper_on_cpu(rng):
   assert "Hopper" in unsupported_reason(A.SSA(128, 1, 2), q, k, v)
   with pytest.raises(ValueError, match="pallas_mosaic"):
     A.attention(q, k, v, pattern=A.SSA(128, 1, 2), impl="pallas_mosaic")
+
+
+def test_unknown_backward_is_named(rng):
+  q, k, v, _, _ = random_inputs(rng, 1, 256, 2, 1, 64, 64, jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"backward must be one of .*'mosaic_dq'.*got 'cudnn'"):
+    flash_attention(q, k, v, scale=0.1, block_size=64, interpret=True, forward="mosaic", backward="cudnn")
