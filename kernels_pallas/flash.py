@@ -176,8 +176,7 @@ def _attention_bwd(cfg, res, cot):
   do = do.astype(q.dtype)
   lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)          # rows that see nothing: p = 0
   if cfg.mosaic_dq:
-    delta = jnp.einsum("bthe,bthe->bht", o.astype(jnp.float32), do.astype(jnp.float32)) - dlse
-    dq = mosaic_bwd.dq(q, k, v, do, lse, delta, start, cfg.mosaic)
+    dq, delta = mosaic_bwd.dq(q, k, v, o, do, lse, dlse.astype(jnp.float32), start, cfg.mosaic)
   else:
     dq, delta = ssa_bwd.dq(q, k, v, o, do, lse, dlse.astype(jnp.float32), start, cfg)
   if cfg.mosaic_dkv:

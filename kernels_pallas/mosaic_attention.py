@@ -19,6 +19,7 @@ from kernels_pallas.flash import flash_attention, input_problem
 from kernels_pallas.triton_attention import FULL_TILE, tile_args
 
 FULL_TILE_INTERPRET = 64
+BACKWARD = "mosaic_dq"     # Mosaic dQ + Triton dK/dV: fastest of the three on an H100 (kernels_pallas/README.md)
 
 
 def _tile_args(pattern, interpret: bool) -> dict:
@@ -53,12 +54,12 @@ def run(q, k, v, *, pattern, segment_ids, positions, scale, interpret: bool, bac
 
 
 def attention_impl(q, k, v, *, pattern, segment_ids, positions, scale):
-  """(o_BTHE, lse_BHT): Mosaic GPU forward, Triton backward."""
+  """(o_BTHE, lse_BHT): Mosaic GPU forward, BACKWARD for the gradients."""
   return run(q, k, v, pattern=pattern, segment_ids=segment_ids, positions=positions, scale=scale,
-             interpret=False)
+             interpret=False, backward=BACKWARD)
 
 
 def attention_impl_interpret(q, k, v, *, pattern, segment_ids, positions, scale):
   """Same kernels in interpret mode (CPU; slow, for tests)."""
   return run(q, k, v, pattern=pattern, segment_ids=segment_ids, positions=positions, scale=scale,
-             interpret=True)
+             interpret=True, backward=BACKWARD)

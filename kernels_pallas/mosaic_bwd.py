@@ -5,7 +5,7 @@ warpgroups with resident 64-row tiles and a producer warpgroup that streams 64-r
 TMA into a ring of shared-memory slots.
 
 - dq: items (batch row, head, query block), one compute warpgroup per 64 query rows. Resident:
-  q, dO, lse and delta of the rows; streamed: the key/value half-blocks of the forward's visit
+  q, dO, O, lse and dlse of the rows; streamed: the key/value half-blocks of the forward's visit
   list (sink blocks, local blocks, diagonal block masked). dS = P·(dP − delta) and dQ += dS·K
   stay in registers.
 - dkv: items (batch row, kv head, 64 keys), two compute warpgroups split by role. Resident:
@@ -16,12 +16,14 @@ TMA into a ring of shared-memory slots.
   parts and dV; Pᵀ and dSᵀ pass between them through shared memory. (A first version kept
   all of dK and dV in each warpgroup's registers and ran 1.58× slower than Triton on an H100.)
 
-delta = rowsum(dO·O) − dlse comes from the caller. lse is fp32, natural log, +inf on rows
+delta = rowsum(dO·O) − dlse is computed by the dQ kernel (from its resident O and dO tiles)
+and returned for the dK/dV kernels. lse is fp32, natural log, +inf on rows
 that see nothing (so P = 0 there). Interpret mode stages register operands of wgmma in shared
 memory, as in the forward.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -72,6 +74,22 @@ def _mma_ref(acc, a_ref, b_ref, interpret: bool):
 
   def body(r):
     plgpu.wgmma(r, a_ref, b_ref)
+  return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def _wgmma(acc, shape, terms, interpret: bool):
+  """acc (None: zeros of `shape`) + the sum of a @ b over terms (a_regs, a_ref, b_ref). The
+  left operand comes from registers (a_regs) where given, else from shared memory (a_ref);
+  the GPU interpreter takes operands from shared memory only, so there a_ref must hold a."""
+  if interpret:
+    total = _dots(shape or acc.shape, [(a_ref, b) for _, a_ref, b in terms])
+    return total if acc is None else acc + total
+
+  def body(r):
+    for a_regs, a_ref, b in terms:
+      plgpu.wgmma(r, a_ref if a_regs is None else a_regs, b)
+  if acc is None:
+    return pl.run_scoped(lambda r: (body(r), r[...])[1], plgpu.ACC(shape, jnp.float32))
   return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
@@ -139,7 +157,7 @@ def _stream(cfg: MosaicConfig, g, steps, free, copy_step):
 
 
 def _launch(body, cfg: MosaicConfig, items: int, out_type, scratch, resident_copies: int,
-            streamed_copies: int, *args, cwg=None):
+            streamed_copies: int, *args, name: str, cwg=None):
   """plgpu.kernel over persistent CTAs with `cwg` compute warpgroups (default: one per 64 rows
   of the tile) + 1 producer. Barriers: one per compute warpgroup for its resident tiles, one
   per ring slot for the streamed tiles, one per slot for its release by the compute warpgroups."""
@@ -153,7 +171,7 @@ def _launch(body, cfg: MosaicConfig, items: int, out_type, scratch, resident_cop
 
   return plgpu.kernel(
       entry, out_type=out_type, grid=(_ctas(cfg, items),), grid_names=("cta",),
-      num_threads=cwg + 1, thread_name="wg",
+      num_threads=cwg + 1, thread_name="wg", kernel_name=name,
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=plgpu.InterpretGPUParams() if cfg.interpret else None,
   )(*args)
@@ -163,9 +181,9 @@ def _launch(body, cfg: MosaicConfig, items: int, out_type, scratch, resident_cop
 # dQ
 
 
-def _dq_kernel(start_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scoped, *,
+def _dq_kernel(start_ref, q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref, dq_ref, delta_ref, scoped, *,
                cfg: MosaicConfig):
-  (q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, scratch), (res_bar, in_bar, free) = scoped
+  (q_smem, do_smem, o_smem, lse_smem, delta_smem, k_smem, v_smem, scratch), (res_bar, in_bar, free) = scoped
   B, T, H, _ = q_ref.shape
   bk, parts, subs = cfg.tile, cfg.d_parts, cfg.tile // HALF
   n_blocks = T // bk
@@ -182,11 +200,15 @@ def _dq_kernel(start_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_re
     for p, (off, size) in enumerate(parts):
       plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, pl.ds(off, size)], q_parts[p], res_bar.at[wg])
     plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[wg], res_bar.at[wg])
+    plgpu.copy_gmem_to_smem(o_ref.at[b, rows, h], o_smem.at[wg], res_bar.at[wg])
     plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[wg], res_bar.at[wg])
-    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[wg], res_bar.at[wg])
+    plgpu.copy_gmem_to_smem(dlse_ref.at[b, h, rows], delta_smem.at[wg], res_bar.at[wg])
     plgpu.barrier_wait(res_bar.at[wg])
     lse2 = plgpu.load(lse_smem.at[wg], layout=row_layout) * LOG2E
-    delta = plgpu.load(delta_smem.at[wg], layout=row_layout)
+    # delta = rowsum(dO·O) − dlse, also an output: the dK/dV kernels need it.
+    do_o = (plgpu.load(do_smem.at[wg], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+            * plgpu.load(o_smem.at[wg], layout=plgpu.Layout.WGMMA).astype(jnp.float32))
+    delta = do_o.sum(axis=1) - plgpu.load(delta_smem.at[wg], layout=row_layout)
     acc = [plgpu.layout_cast(jnp.zeros((ROWS_PER_WG, size), jnp.float32), plgpu.Layout.WGMMA)
            for _, size in parts]
 
@@ -209,9 +231,11 @@ def _dq_kernel(start_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_re
     acc = lax.fori_loop(first_diag, steps, functools.partial(step, masked=True), acc)
     for p, a in enumerate(acc):
       q_parts[p][...] = (a * cfg.scale).astype(dq_ref.dtype)
+    delta_smem.at[wg][...] = delta
     plgpu.commit_smem()
     for p, (off, size) in enumerate(parts):
       plgpu.copy_smem_to_gmem(q_parts[p], dq_ref.at[b, rows, h, pl.ds(off, size)])
+    plgpu.copy_smem_to_gmem(delta_smem.at[wg], delta_ref.at[b, h, rows])
     plgpu.wait_smem_to_gmem(0)
     return g + steps
 
@@ -230,16 +254,18 @@ def _dq_kernel(start_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_re
   _roles(cfg, B * H * n_blocks, free, compute_item, produce_item)
 
 
-def dq(q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT, start_BN, cfg: MosaicConfig):
-  """dQ [B, T, H, D] in the input dtype."""
+def dq(q_BTHD, k_BTKD, v_BTKE, o_BTHE, do_BTHE, lse_BHT, dlse_BHT, start_BN, cfg: MosaicConfig):
+  """(dQ [B, T, H, D] in the input dtype, delta [B, H, T] fp32 = rowsum(dO·O) − dlse)."""
   B, T, H, D = q_BTHD.shape
   E = v_BTKE.shape[3]
   dt = q_BTHD.dtype
   S, cwg, parts = cfg.slots, cfg.compute_wgs, cfg.d_parts
   rows_f32 = plgpu.SMEM((cwg, ROWS_PER_WG), jnp.float32)
-  scratch = (*_tiles(cfg, cwg, ROWS_PER_WG, E, dt), rows_f32, rows_f32, *_tiles(cfg, S, HALF, E, dt), _stage(cfg, dt))
-  return _launch(_dq_kernel, cfg, B * H * (T // cfg.tile), jax.ShapeDtypeStruct((B, T, H, D), dt), scratch,
-                 len(parts) + 3, len(parts) + 1, start_BN, q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT)
+  scratch = (*_tiles(cfg, cwg, ROWS_PER_WG, E, dt), _smem((cwg, ROWS_PER_WG, E), dt), rows_f32, rows_f32,
+             *_tiles(cfg, S, HALF, E, dt), _stage(cfg, dt))
+  out_type = (jax.ShapeDtypeStruct((B, T, H, D), dt), jax.ShapeDtypeStruct((B, H, T), jnp.float32))
+  return _launch(_dq_kernel, cfg, B * H * (T // cfg.tile), out_type, scratch, len(parts) + 4, len(parts) + 1,
+                 start_BN, q_BTHD, k_BTKD, v_BTKE, o_BTHE, do_BTHE, lse_BHT, dlse_BHT, name="mosaic_attention_bwd_dq")
 
 
 # ------------------------------------------------------------------------------------------
@@ -257,7 +283,10 @@ def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref
   """Items of 64 keys, the two compute warpgroups split by role so that neither holds all of
   dK and dV (160 fp32 registers per thread at D=192, E=128): warpgroup 0 computes Sᵀ and Pᵀ
   and accumulates dK's first head-dim part; warpgroup 1 computes dPᵀ and dSᵀ and accumulates
-  dK's other parts and dV. Pᵀ (fp32) and dSᵀ, Pᵀ (input dtype) pass through shared memory."""
+  dK's other parts and dV. Pᵀ (fp32) and dSᵀ pass through shared memory. Warpgroup 0 runs one
+  streamed step ahead (Sᵀ of step j+1 before its dK of step j), so the tensor cores have work
+  while warpgroup 1 turns dPᵀ into dSᵀ; K, V, Pᵀ and dSᵀ are wgmma operands from registers
+  where a warpgroup holds them, which halves the shared-memory reads of those products."""
   smem, (res_bar, in_bar, free) = scoped
   k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, pt_smem, ds_smem, p16_smem, exchange = smem
   pt_bar, pt_free, ds_bar, ds_free, sync_bar = exchange
@@ -266,6 +295,8 @@ def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref
   subs = bk // R                            # 64-row tiles per pattern block
   col_layout = plgpu.Layout.WGMMA.reduce(0)
   c = cfg.scale * LOG2E
+  interp = cfg.interpret
+  regs = lambda ref: None if interp else plgpu.load(ref, layout=plgpu.Layout.WGMMA)
 
   def info(w):
     b, kt, kh = _item(w, T // R, K)
@@ -294,6 +325,9 @@ def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref
       plgpu.copy_smem_to_gmem(tile, dst)
     plgpu.wait_smem_to_gmem(0)
 
+  def parity(g):
+    return lax.rem(g, jnp.int32(2))
+
   def compute_item(wg, w, g):
     b, kt, kh, kb, nq, steps = info(w)
     rows = pl.ds(kt * R, R)
@@ -307,10 +341,14 @@ def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref
 
     @pl.when(wg == 0)
     def _scores():
-      def step(j, dk0):
+      k_regs = [regs(k_smem[p]) for p in range(len(parts))]
+
+      def scores(j):
+        """Pᵀ of step j to shared memory for warpgroup 1."""
         slot = _slot(cfg, g + j)
         plgpu.barrier_wait(in_bar.at[slot])
-        st = _dots((R, R), [(k_smem[p], q_smem[p].at[slot].transpose((1, 0))) for p in range(len(parts))])
+        st = _wgmma(None, (R, R), [(k_regs[p], k_smem[p], q_smem[p].at[slot].transpose((1, 0)))
+                                   for p in range(len(parts))], interp)
         lse2 = plgpu.load(lse_smem.at[slot], layout=col_layout) * LOG2E
         pt = masked_pt(jnp.exp2(st * c - lax.broadcast_in_dim(lse2, st.shape, [1])), j, kt, nq)
 
@@ -320,39 +358,55 @@ def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref
         pt_smem[...] = pt
         plgpu.commit_smem()
         plgpu.barrier_arrive(pt_bar)
-        plgpu.barrier_wait(ds_bar)
-        dk0 = _mma_ref(dk0, ds_smem, q_smem[0].at[slot], cfg.interpret)
-        plgpu.barrier_arrive(ds_free)
+
+      def dk_step(j, dk0):
+        """dK part 0 of step j, once warpgroup 1 has written its dSᵀ."""
+        slot, e = _slot(cfg, g + j), parity(g + j)
+        plgpu.barrier_wait(ds_bar.at[e])
+        dk0 = _wgmma(dk0, None, [(None, ds_smem.at[e], q_smem[0].at[slot])], interp)
+        plgpu.barrier_arrive(ds_free.at[e])
         plgpu.barrier_arrive(free.at[slot])
         return dk0
 
-      dk0 = lax.fori_loop(0, steps, step, _zeros((R, parts[0][1])))
+      pl.when(steps > 0)(lambda: scores(0))
+
+      def step(j, dk0):                     # Sᵀ of step j, then dK of step j - 1
+        scores(j)
+        return dk_step(j - 1, dk0)
+
+      dk0 = lax.fori_loop(1, steps, step, _zeros((R, parts[0][1])))
+      dk0 = lax.fori_loop(jnp.maximum(steps - 1, 0), steps, dk_step, dk0)
       sync()                                # both warpgroups are done with this item's K and V
       store([(k_smem[0], (dk0 * cfg.scale).astype(dk_ref.dtype), dk_ref.at[b, rows, kh, pl.ds(0, parts[0][1])])])
       sync()
 
     @pl.when(wg == 1)
     def _grads():
+      v_regs = regs(v_smem)
+
       def step(j, carry):
         dks, dv = carry
-        slot = _slot(cfg, g + j)
+        slot, e = _slot(cfg, g + j), parity(g + j)
         plgpu.barrier_wait(in_bar.at[slot])
-        dpt = _dots((R, R), [(v_smem, do_smem.at[slot].transpose((1, 0)))])
+        dpt = _wgmma(None, (R, R), [(v_regs, v_smem, do_smem.at[slot].transpose((1, 0)))], interp)
         delta = plgpu.load(delta_smem.at[slot], layout=col_layout)
         plgpu.barrier_wait(pt_bar)
         pt = plgpu.load(pt_smem, layout=plgpu.Layout.WGMMA)
         plgpu.barrier_arrive(pt_free)
-        dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, [1]))
+        ds16 = (pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, [1]))).astype(q_ref.dtype)
+        p16 = pt.astype(q_ref.dtype)
 
-        @pl.when(g + j > 0)
+        @pl.when(g + j >= 2)
         def _():
-          plgpu.barrier_wait(ds_free)       # warpgroup 0's dK wgmma of the previous step is done
-        ds_smem[...] = dst.astype(q_ref.dtype)
-        p16_smem[...] = pt.astype(q_ref.dtype)
+          plgpu.barrier_wait(ds_free.at[e])  # warpgroup 0's dK wgmma two steps back is done
+        ds_smem.at[e][...] = ds16
+        if interp:
+          p16_smem[...] = p16
         plgpu.commit_smem()
-        plgpu.barrier_arrive(ds_bar)
-        dv = _mma_ref(dv, p16_smem, do_smem.at[slot], cfg.interpret)
-        dks = [_mma_ref(a, ds_smem, q_smem[p + 1].at[slot], cfg.interpret) for p, a in enumerate(dks)]
+        plgpu.barrier_arrive(ds_bar.at[e])
+        dv = _wgmma(dv, None, [(None if interp else p16, p16_smem, do_smem.at[slot])], interp)
+        dks = [_wgmma(a, None, [(None if interp else ds16, ds_smem.at[e], q_smem[p + 1].at[slot])], interp)
+               for p, a in enumerate(dks)]
         plgpu.barrier_arrive(free.at[slot])
         return dks, dv
 
@@ -370,9 +424,10 @@ def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref
     def _():
       plgpu.barrier_wait(pt_free)
 
-    @pl.when((total > 0) & (wg == 1))
-    def _():
-      plgpu.barrier_wait(ds_free)
+    for back in (1, 2):
+      @pl.when((total >= back) & (wg == 1))
+      def _():
+        plgpu.barrier_wait(ds_free.at[parity(total - back)])
 
   def produce_item(w, g):
     b, kt, kh, kb, nq, steps = info(w)
@@ -396,12 +451,15 @@ def dkv(q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT, end_BN, cfg: Mosaic
   B, T, K, D = k_BTKD.shape
   E = v_BTKE.shape[3]
   dt = q_BTHD.dtype
+  cfg = dataclasses.replace(cfg, slots=cfg.dkv_slots)
   S, R, parts = cfg.slots, ROWS_PER_WG, cfg.d_parts
   rows_f32 = plgpu.SMEM((S, R), jnp.float32)
   one = lambda n=1: plgpu.Barrier(num_arrivals=n)
   scratch = ([_smem((R, size), dt) for _, size in parts], _smem((R, E), dt), *_tiles(cfg, S, R, E, dt),
-             rows_f32, rows_f32, plgpu.SMEM((R, R), jnp.float32), _smem((R, R), dt), _smem((R, R), dt),
-             (one(), one(), one(), one(), one(2)))
+             rows_f32, rows_f32, plgpu.SMEM((R, R), jnp.float32), _smem((2, R, R), dt),
+             _smem((R, R), dt) if cfg.interpret else None,
+             (one(), one(), plgpu.Barrier(num_arrivals=1, num_barriers=2),
+              plgpu.Barrier(num_arrivals=1, num_barriers=2), one(2)))
   out_type = (jax.ShapeDtypeStruct((B, T, K, D), dt), jax.ShapeDtypeStruct((B, T, K, E), dt))
   return _launch(_dkv_kernel, cfg, B * K * (T // R), out_type, scratch, len(parts) + 1, len(parts) + 3,
-                 end_BN, q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT, cwg=2)
+                 end_BN, q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT, name="mosaic_attention_bwd_dkv", cwg=2)

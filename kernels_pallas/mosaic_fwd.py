@@ -33,14 +33,15 @@ SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
-  """Static parameters of one forward call."""
+  """Static parameters of one forward (or backward: mosaic_bwd.py) call."""
   scale: float
   tile: int                  # pattern block = query rows per work item = key rows per step
   sink: int                  # sink blocks (0 for Full)
   local: int | None          # local blocks; None = causal Full
   d_parts: tuple             # ((offset, size), ...) of the qk head dim, sizes 128 or 64
   groups: int                # query heads per kv head
-  slots: int = 2             # key/value ring depth
+  slots: int = 2             # key/value ring depth (forward, dQ)
+  dkv_slots: int = 3         # query/dO ring depth of the dK/dV kernel (its score warpgroup runs a step ahead)
   ctas: int | None = None    # CTAs, each looping over work items; None: one per SM for SSA
                              # (persistent), one per item for Full (uneven items balance better)
   rowsum_first: bool = True  # add P's row sum to l before (True) or after waiting for the tensor cores
@@ -298,7 +299,7 @@ def forward(q_BTHD, k_BTKD, v_BTKE, start_BN, cfg: MosaicConfig):
       entry,
       out_type=(jax.ShapeDtypeStruct((B, T, H, E), dt), jax.ShapeDtypeStruct((B, H, T), jnp.float32)),
       grid=(_ctas(cfg, B * H * (T // bk)),), grid_names=("cta",),
-      num_threads=cwg + 1, thread_name="wg",
+      num_threads=cwg + 1, thread_name="wg", kernel_name="mosaic_attention_fwd",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=plgpu.InterpretGPUParams() if cfg.interpret else None,
   )

@@ -8,6 +8,7 @@ bad tile addressing fail; it also checks that every barrier phase is observed.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas import flash_attention, mosaic_attention, mosaic_fwd
+from kernels_pallas import flash_attention, mosaic_attention, mosaic_bwd, mosaic_fwd
 from kernels_pallas.mosaic_attention import unsupported_reason, unsupported_reason_interpret
 from loza_jax import attention as A
 
@@ -81,6 +82,29 @@ def test_persistent_ctas_cover_every_item(rng, ctas):
   np.testing.assert_array_equal(np.asarray(o_few), np.asarray(o_one))
   np.testing.assert_array_equal(np.asarray(lse_few), np.asarray(lse_one))
   assert np.isfinite(np.asarray(o_one, np.float32)).all()
+
+
+@pytest.mark.parametrize("ctas,dkv_slots", [(1, 3), (3, 2)])
+def test_backward_persistent_ctas_cover_every_item(rng, ctas, dkv_slots):
+  """The dQ and dK/dV kernels with CTAs looping over several items (rings, exchange buffers
+  and their barrier phases carry across items) equal one CTA per item."""
+  q, k, v, _, _ = random_inputs(rng, 2, 512, 2, 1, 192, 128, jnp.bfloat16)
+  o, do = (jnp.asarray(rng.standard_normal((2, 512, 2, 128)), jnp.bfloat16) for _ in range(2))
+  lse = jnp.asarray(rng.standard_normal((2, 2, 512)) + 4.0, jnp.float32)
+  dlse = jnp.asarray(rng.standard_normal((2, 2, 512)), jnp.float32)
+  start, end = jnp.zeros((2, 4), jnp.int32), jnp.full((2, 4), 3, jnp.int32)
+  cfg = mosaic_fwd.MosaicConfig(scale=0.1, tile=128, sink=1, local=2, d_parts=mosaic_fwd.d_parts(192),
+                                groups=2, interpret=True)
+  few = dataclasses.replace(cfg, ctas=ctas, dkv_slots=dkv_slots)
+  dq_one, delta_one = mosaic_bwd.dq(q, k, v, o, do, lse, dlse, start, cfg)
+  dq_few, delta_few = mosaic_bwd.dq(q, k, v, o, do, lse, dlse, start, few)
+  dkv_one = mosaic_bwd.dkv(q, k, v, do, lse, delta_one, end, cfg)
+  dkv_few = mosaic_bwd.dkv(q, k, v, do, lse, delta_one, end, few)
+  for one, more in ((dq_one, dq_few), (delta_one, delta_few), *zip(dkv_one, dkv_few)):
+    assert np.isfinite(np.asarray(one, np.float32)).all()
+    np.testing.assert_array_equal(np.asarray(more), np.asarray(one))
+  want = jnp.einsum("bthe,bthe->bht", o.astype(jnp.float32), do.astype(jnp.float32)) - dlse
+  np.testing.assert_allclose(np.asarray(delta_one), np.asarray(want), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("shape,dtype,block,reason", [
