@@ -4,7 +4,8 @@
 #   STAGES: comma list of small (GPU sweep tests), large (real-size GPU tests), tune, mtune (Mosaic
 #   forward vs Triton and tokamax), btune (backward choices and kernels), ncu (profile of one SSA
 #   fwd+bwd, PROFILE_ARGS), bench, bench-quick
-#   Env: *_S per-stage timeouts, LARGE_K pytest -k filter, BENCH_ARGS, TUNE_ARGS, PROFILE_ARGS.
+#   Env: *_S per-stage timeouts, LARGE_K pytest -k filter, BENCH_ARGS, TUNE_ARGS, PROFILE_ARGS,
+#   NCU_FILTER (kernel-name regex), NCU_LAUNCHES.
 set -o pipefail
 STAGES=${1:-small,large,bench}; OUT=${2:-${OUT:-/tmp/out}}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:tests
@@ -22,7 +23,8 @@ for stage in ${STAGES//,/ }; do
     mtune) timeout ${MTUNE_S:-200} python3 -m benchmarks.mosaic_tune ${MTUNE_ARGS} 2>&1 | tee "$OUT/mtune.log" | tail -${MTUNE_TAIL:-40} ;;
     btune) timeout ${BTUNE_S:-240} python3 -m benchmarks.mosaic_tune --backward ${BTUNE_ARGS} 2>&1 | tee "$OUT/btune.log" | tail -20 ;;
     ncu) timeout ${NCU_S:-240} ncu --clock-control none --target-processes all --launch-count ${NCU_LAUNCHES:-40} \
-           --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+           ${NCU_FILTER:+-k regex:$NCU_FILTER} --section SpeedOfLight --section ComputeWorkloadAnalysis \
+           --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
            python3 -m benchmarks.profile_ssa ${PROFILE_ARGS} > "$OUT/ncu.txt" 2>&1; tail -3 "$OUT/ncu.txt" ;;
     bench) timeout ${BENCH_S:-300} python3 -m benchmarks.attention --out "$OUT" ${BENCH_ARGS} 2>&1 | tee "$OUT/bench.log" | tail -${BENCH_TAIL:-40} ;;
     bench-quick) timeout ${BENCH_S:-200} python3 -m benchmarks.attention --quick --out "$OUT" ${BENCH_ARGS} 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
