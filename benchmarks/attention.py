@@ -2,8 +2,9 @@
 
     python -m benchmarks.attention [--seqs 8192,32768,131072,262144] [--out DIR] [--quick]
 
-B=1, H=16, D=192, E=128, bf16, random normal inputs. "ours" runs the Mosaic GPU forward (and
-the Triton backward); "(triton fwd)" rows run the Triton forward instead. Each row: median ms per call (calls
+B=1, H=16, D=192, E=128, bf16, random normal inputs. "ours" runs what impl="pallas_mosaic"
+runs: the Mosaic GPU forward and mosaic_attention.BACKWARD (Mosaic dQ, Triton dK/dV); "(triton)"
+rows run the Triton forward and backward. Each row: median ms per call (calls
 issued back to back within a trial, warm-up and compilation excluded), effective TFLOP/s
 counting only unmasked (query, key) pairs (fwd+bwd counted as 3.5x the forward, as in
 ../shared/anchors), and ratios to the anchors timed in the same process. Writes
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas import flash_attention
+from kernels_pallas import flash_attention, mosaic_attention
 
 B, H, D, E = 1, 16, 192, 128
 SSA_ARGS = dict(block_size=128, sink_blocks=1, local_blocks=7)
@@ -73,13 +74,14 @@ def _fwd_bwd(attn):
 
 
 def our_impls(scale):
-  """Our kernels with the Mosaic GPU forward ("ours ssa", "ours full": what impl='auto' runs on
-  Hopper) and with the Triton forward; the backward kernels are the same Triton ones."""
+  """Our kernels as pallas_mosaic runs them ("ours ssa", "ours full": Mosaic GPU forward and
+  mosaic_attention.BACKWARD, what impl='auto' runs on Hopper) and all on Triton ("(triton)")."""
   out = {}
-  for fwd, tag in (("mosaic", ""), ("triton", " (triton fwd)")):
-    ssa = lambda q, k, v, fwd=fwd: flash_attention(q, k, v, scale=scale, forward=fwd, **SSA_ARGS)[0]
-    full = lambda q, k, v, fwd=fwd: flash_attention(q, k, v, scale=scale, block_size=128, local_blocks=None,
-                                                    forward=fwd)[0]
+  for fwd, bwd, tag in (("mosaic", mosaic_attention.BACKWARD, ""), ("triton", "triton", " (triton)")):
+    ssa = lambda q, k, v, fwd=fwd, bwd=bwd: flash_attention(q, k, v, scale=scale, forward=fwd, backward=bwd,
+                                                            **SSA_ARGS)[0]
+    full = lambda q, k, v, fwd=fwd, bwd=bwd: flash_attention(q, k, v, scale=scale, block_size=128, local_blocks=None,
+                                                             forward=fwd, backward=bwd)[0]
     out[f"ours ssa{tag}"] = (ssa, "ssa")
     out[f"ours full{tag}"] = (full, "causal")
   return out
@@ -121,8 +123,8 @@ def run(seqs, quick, after_each=lambda rows: None):
   """Time every impl at every length; `after_each(rows)` runs after each length."""
   scale = D ** -0.5
   found = {**our_impls(scale), **cudnn_impls(), **({} if quick else tokamax_impls())}
-  order = ["ours ssa", "ours ssa (triton fwd)", "cudnn window1024", "tokamax window1024", "ours full",
-           "ours full (triton fwd)", "cudnn causal", "tokamax causal"]
+  order = ["ours ssa", "ours ssa (triton)", "cudnn window1024", "tokamax window1024", "ours full",
+           "ours full (triton)", "cudnn causal", "tokamax causal"]
   impls = {name: found[name] for name in order if name in found}
   rows = []                                # (name, T, mode, ms, tflops)
   for T in seqs:
@@ -198,6 +200,7 @@ def report(rows, rat, cmd, seconds) -> str:
            "- timing: median ms per call over trials of back-to-back calls (warm-up excluded); "
            "TFLOP/s counts unmasked pairs only, fwd+bwd as 3.5x fwd",
            f"- wall time of the run: {seconds:.0f} s",
+           f"- ours: Mosaic GPU forward, backward={mosaic_attention.BACKWARD!r}; (triton): Triton forward and backward",
            f"- {auto_choices()}", "",
            "| impl | T | mode | ms | TFLOP/s |", "|---|---|---|---|---|"]
   lines += [f"| {n} | {T} | {m} | {fmt(ms)} | {fmt(tf, '.1f')} |" for n, T, m, ms, tf in rows]

@@ -205,10 +205,12 @@ def _dq_kernel(start_ref, q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref,
     plgpu.copy_gmem_to_smem(dlse_ref.at[b, h, rows], delta_smem.at[wg], res_bar.at[wg])
     plgpu.barrier_wait(res_bar.at[wg])
     lse2 = plgpu.load(lse_smem.at[wg], layout=row_layout) * LOG2E
-    # delta = rowsum(dO·O) − dlse, also an output: the dK/dV kernels need it.
-    do_o = (plgpu.load(do_smem.at[wg], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
-            * plgpu.load(o_smem.at[wg], layout=plgpu.Layout.WGMMA).astype(jnp.float32))
-    delta = do_o.sum(axis=1) - plgpu.load(delta_smem.at[wg], layout=row_layout)
+    # delta = rowsum(dO·O) − dlse, also an output: the dK/dV kernels need it. 64 columns at a
+    # time: whole 64×128 tiles in fp32 made the kernel spill registers on an H100.
+    delta = -plgpu.load(delta_smem.at[wg], layout=row_layout)
+    for col in range(0, o_ref.shape[3], HALF):
+      part = lambda ref: plgpu.load(ref.at[wg, :, pl.ds(col, HALF)], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+      delta = delta + (part(do_smem) * part(o_smem)).sum(axis=1)
     acc = [plgpu.layout_cast(jnp.zeros((ROWS_PER_WG, size), jnp.float32), plgpu.Layout.WGMMA)
            for _, size in parts]
 
