@@ -98,7 +98,7 @@ def test_mosaic_backward_real_size(rng, case):
 
 @pytest.mark.parametrize("case", list(MOSAIC_CASES))
 def test_mosaic_forward_real_size(rng, case):
-  """pallas_mosaic (Mosaic GPU forward, Triton backward), MLA head dims, bf16, vs XLA in fp32."""
+  """pallas_mosaic (Mosaic GPU forward, Mosaic dQ + Triton dK/dV), MLA head dims, bf16, vs XLA in fp32."""
   pattern, B, T, K, max_docs, block = MOSAIC_CASES[case]
   _, _, errs = compare_to_reference(rng, "pallas_mosaic", pattern, B, T, MLA["H"], K, MLA["D"], MLA["E"],
                                     jnp.bfloat16, max_docs, lse_cot=True, ref_impl="xla", block=block)
@@ -107,7 +107,7 @@ def test_mosaic_forward_real_size(rng, case):
 
 @pytest.mark.parametrize("case", range(4))
 def test_mosaic_random_sweep(rng, case):
-  """Random shapes for the Mosaic forward: head dims, GQA, block 64/128, packed documents."""
+  """Random shapes for pallas_mosaic: head dims, GQA, block 64/128, packed documents."""
   D, E = [(192, 128), (64, 64), (128, 128), (192, 128)][case]
   block = int(rng.choice([64, 128]))
   K = int(rng.choice([1, 2, 4]))
