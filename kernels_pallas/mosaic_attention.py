@@ -1,12 +1,11 @@
-"""Adapters from loza_jax.attention's impl registry to the Mosaic GPU forward + Triton backward.
+"""Adapters from loza_jax.attention's impl registry to the Mosaic GPU kernels.
 
 `pallas_mosaic` runs the forward pass with kernels_pallas/mosaic_fwd.py (Hopper wgmma, warp
-specialised) and the backward pass with the Triton kernels: on an H100 at T=128K, SSA fwd+bwd
-took 14.24 ms against 16.49 ms with the first Mosaic backward (its dQ faster, 3.57 vs 4.89
-ms, its dK/dV slower, 8.42 vs 5.32 ms; the dK/dV kernel has since been restructured and not
-yet timed, kernels_pallas/NOTES.md).
-`flash_attention(..., backward="mosaic")` selects the Mosaic backward. Tiles are the SSA block
-(Full: FULL_TILE). Interpret mode runs on CPU with Full on 64-row tiles.
+specialised) and the backward pass with BACKWARD = "mosaic_dq": the Mosaic dQ kernel
+(mosaic_bwd.py) with the Triton dK/dV and sink kernels. On an H100 at T=128K, SSA fwd+bwd
+took 13.06 ms this way, 13.04 ms with the Mosaic dK/dV too (a tie) and 14.25 ms with the
+Triton backward (kernels_pallas/README.md). Tiles are the SSA block (Full: FULL_TILE).
+Interpret mode runs on CPU with Full on 64-row tiles.
 """
 from __future__ import annotations
 
