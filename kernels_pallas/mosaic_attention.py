@@ -3,7 +3,7 @@
 `pallas_mosaic` runs the forward pass with kernels_pallas/mosaic_fwd.py (Hopper wgmma, warp
 specialised) and the backward pass with BACKWARD = "mosaic_dq": the Mosaic dQ kernel
 (mosaic_bwd.py) with the Triton dK/dV and sink kernels. On an H100 at T=128K, SSA fwd+bwd
-took 13.06 ms this way, 13.04 ms with the Mosaic dK/dV too (a tie) and 14.25 ms with the
+took 13.06 ms this way, 13.04 ms with the Mosaic dK/dV (its v7) too, a tie, and 14.25 ms with the
 Triton backward (kernels_pallas/README.md). Tiles are the SSA block (Full: FULL_TILE).
 Interpret mode runs on CPU with Full on 64-row tiles.
 """

@@ -8,13 +8,13 @@ TMA into a ring of shared-memory slots.
   q, dO, O, lse and dlse of the rows; streamed: the key/value half-blocks of the forward's visit
   list (sink blocks, local blocks, diagonal block masked). dS = P·(dP − delta) and dQ += dS·K
   stay in registers.
-- dkv: items (batch row, kv head, 64 keys), two compute warpgroups split by role. Resident:
-  the keys and values; streamed: q, dO, lse and delta tiles of every query head of the group
-  and every query block that sees the keys through its local window (the sink visits beyond
-  the window are the Triton sink-partial kernel's, as in the Triton backward). Warpgroup 0
-  computes Sᵀ, Pᵀ and dK's first head-dim part; warpgroup 1 computes dPᵀ, dSᵀ, the other dK
-  parts and dV; Pᵀ and dSᵀ pass between them through shared memory. (A first version kept
-  all of dK and dV in each warpgroup's registers and ran 1.58× slower than Triton on an H100.)
+- dkv: items (batch row, kv head, 64 keys), two compute warpgroups with a one-way hand-off.
+  Resident: the keys and values; streamed: q, dO, lse and delta tiles of every query head of
+  the group and every query block that sees the keys through its local window (the sink
+  visits beyond the window are the Triton sink-partial kernel's, as in the Triton backward).
+  Warpgroup 0 computes Sᵀ, dPᵀ, Pᵀ, dSᵀ and dV; warpgroup 1 accumulates dK from dSᵀ, which
+  it receives through shared memory. (Versions that kept all of dK and dV in each warpgroup, or
+  exchanged Pᵀ and dSᵀ both ways, ran at 8.4 and 5.4–6.8 ms on an H100 at T=128K: NOTES.md.)
 
 delta = rowsum(dO·O) − dlse is computed by the dQ kernel (from its resident O and dO tiles)
 and returned for the dK/dV kernels. lse is fp32, natural log, +inf on rows
@@ -56,25 +56,11 @@ def _mma(acc, a, b_ref, scratch, interpret: bool):
   """acc + a @ b_ref, a in registers (the GPU interpreter needs it in shared memory: `scratch`)."""
   if interpret:
     scratch[...] = a
-    return _mma_ref(acc, scratch, b_ref, interpret)
-
-  def body(r):
-    plgpu.wgmma(r, a, b_ref)
-  return pl.run_state(body)(plgpu.ACC.init(acc))
+  return _wgmma(acc, None, [(None if interpret else a, scratch, b_ref)], interpret)
 
 
 def _zeros(shape):
   return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
-
-
-def _mma_ref(acc, a_ref, b_ref, interpret: bool):
-  """acc + a_ref @ b_ref, both operands in shared memory (interpret mode: no run_state)."""
-  if interpret:
-    return acc + _dots(acc.shape, [(a_ref, b_ref)])
-
-  def body(r):
-    plgpu.wgmma(r, a_ref, b_ref)
-  return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
 def _wgmma(acc, shape, terms, interpret: bool):
@@ -91,6 +77,20 @@ def _wgmma(acc, shape, terms, interpret: bool):
   if acc is None:
     return pl.run_scoped(lambda r: (body(r), r[...])[1], plgpu.ACC(shape, jnp.float32))
   return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def _wgmma_pair(terms_a, terms_b, shape, interpret: bool):
+  """Two fresh products (sums over (a_regs, a_ref, b_ref) terms, as _wgmma) issued together
+  and awaited once."""
+  if interpret:
+    return _wgmma(None, shape, terms_a, True), _wgmma(None, shape, terms_b, True)
+
+  def body(ra, rb):
+    for r, terms in ((ra, terms_a), (rb, terms_b)):
+      for a_regs, a_ref, b in terms:
+        plgpu.wgmma(r, a_ref if a_regs is None else a_regs, b)
+    return ra[...], rb[...]
+  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
 
 
 def _dots(shape, pairs):
@@ -282,23 +282,20 @@ def _query_blocks(cfg: MosaicConfig, kb, end):
 
 def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, scoped, *,
                 cfg: MosaicConfig):
-  """Items of 64 keys, the two compute warpgroups split by role so that neither holds all of
-  dK and dV (160 fp32 registers per thread at D=192, E=128): warpgroup 0 computes Sᵀ and Pᵀ
-  and accumulates dK's first head-dim part; warpgroup 1 computes dPᵀ and dSᵀ and accumulates
-  dK's other parts and dV. Pᵀ (fp32) and dSᵀ pass through shared memory. Warpgroup 0 runs one
-  streamed step ahead (Sᵀ of step j+1 before its dK of step j), so the tensor cores have work
-  while warpgroup 1 turns dPᵀ into dSᵀ; K, V, Pᵀ and dSᵀ are wgmma operands from registers
-  where a warpgroup holds them, which halves the shared-memory reads of those products."""
+  """Items of 64 keys, two compute warpgroups with a one-way hand-off. Warpgroup 0 computes
+  Sᵀ, dPᵀ, Pᵀ and dSᵀ and accumulates dV; it passes dSᵀ (double-buffered) through shared memory
+  to warpgroup 1, which only accumulates dK. Neither holds all of dK and dV (160 fp32
+  registers per thread at D=192, E=128), and warpgroup 1's dK wgmma fill the tensor cores
+  while warpgroup 0 computes the softmax terms of the next tile. (Earlier versions exchanged
+  Pᵀ and dSᵀ both ways between the warpgroups, kernels_pallas/NOTES.md.)"""
   smem, (res_bar, in_bar, free) = scoped
-  k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, pt_smem, ds_smem, p16_smem, exchange = smem
-  pt_bar, pt_free, ds_bar, ds_free, sync_bar = exchange
+  k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, p16_smem, (ds_bar, ds_free, sync_bar) = smem
   B, T, K, _ = k_ref.shape
   bk, G, parts, R = cfg.tile, cfg.groups, cfg.d_parts, ROWS_PER_WG
   subs = bk // R                            # 64-row tiles per pattern block
   col_layout = plgpu.Layout.WGMMA.reduce(0)
   c = cfg.scale * LOG2E
   interp = cfg.interpret
-  regs = lambda ref: None if interp else plgpu.load(ref, layout=plgpu.Layout.WGMMA)
 
   def info(w):
     b, kt, kh = _item(w, T // R, K)
@@ -343,91 +340,58 @@ def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref
 
     @pl.when(wg == 0)
     def _scores():
-      k_regs = [regs(k_smem[p]) for p in range(len(parts))]
+      v_regs = None if interp else plgpu.load(v_smem, layout=plgpu.Layout.WGMMA)
 
-      def scores(j):
-        """Pᵀ of step j to shared memory for warpgroup 1."""
-        slot = _slot(cfg, g + j)
+      def step(j, dv):
+        slot, e = _slot(cfg, g + j), parity(g + j)
         plgpu.barrier_wait(in_bar.at[slot])
-        st = _wgmma(None, (R, R), [(k_regs[p], k_smem[p], q_smem[p].at[slot].transpose((1, 0)))
-                                   for p in range(len(parts))], interp)
+        st, dpt = _wgmma_pair(
+            [(None, k_smem[p], q_smem[p].at[slot].transpose((1, 0))) for p in range(len(parts))],
+            [(v_regs, v_smem, do_smem.at[slot].transpose((1, 0)))], (R, R), interp)
         lse2 = plgpu.load(lse_smem.at[slot], layout=col_layout) * LOG2E
-        pt = masked_pt(jnp.exp2(st * c - lax.broadcast_in_dim(lse2, st.shape, [1])), j, kt, nq)
-
-        @pl.when(g + j > 0)
-        def _():
-          plgpu.barrier_wait(pt_free)       # warpgroup 1 has read the previous Pᵀ
-        pt_smem[...] = pt
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(pt_bar)
-
-      def dk_step(j, dk0):
-        """dK part 0 of step j, once warpgroup 1 has written its dSᵀ."""
-        slot, e = _slot(cfg, g + j), parity(g + j)
-        plgpu.barrier_wait(ds_bar.at[e])
-        dk0 = _wgmma(dk0, None, [(None, ds_smem.at[e], q_smem[0].at[slot])], interp)
-        plgpu.barrier_arrive(ds_free.at[e])
-        plgpu.barrier_arrive(free.at[slot])
-        return dk0
-
-      pl.when(steps > 0)(lambda: scores(0))
-
-      def step(j, dk0):                     # Sᵀ of step j, then dK of step j - 1
-        scores(j)
-        return dk_step(j - 1, dk0)
-
-      dk0 = lax.fori_loop(1, steps, step, _zeros((R, parts[0][1])))
-      dk0 = lax.fori_loop(jnp.maximum(steps - 1, 0), steps, dk_step, dk0)
-      sync()                                # both warpgroups are done with this item's K and V
-      store([(k_smem[0], (dk0 * cfg.scale).astype(dk_ref.dtype), dk_ref.at[b, rows, kh, pl.ds(0, parts[0][1])])])
-      sync()
-
-    @pl.when(wg == 1)
-    def _grads():
-      v_regs = regs(v_smem)
-
-      def step(j, carry):
-        dks, dv = carry
-        slot, e = _slot(cfg, g + j), parity(g + j)
-        plgpu.barrier_wait(in_bar.at[slot])
-        dpt = _wgmma(None, (R, R), [(v_regs, v_smem, do_smem.at[slot].transpose((1, 0)))], interp)
         delta = plgpu.load(delta_smem.at[slot], layout=col_layout)
-        plgpu.barrier_wait(pt_bar)
-        pt = plgpu.load(pt_smem, layout=plgpu.Layout.WGMMA)
-        plgpu.barrier_arrive(pt_free)
+        pt = masked_pt(jnp.exp2(st * c - lax.broadcast_in_dim(lse2, st.shape, [1])), j, kt, nq)
         ds16 = (pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, [1]))).astype(q_ref.dtype)
         p16 = pt.astype(q_ref.dtype)
 
         @pl.when(g + j >= 2)
         def _():
-          plgpu.barrier_wait(ds_free.at[e])  # warpgroup 0's dK wgmma two steps back is done
+          plgpu.barrier_wait(ds_free.at[e])  # warpgroup 1's dK wgmma two tiles back is done
         ds_smem.at[e][...] = ds16
-        if interp:
-          p16_smem[...] = p16
         plgpu.commit_smem()
         plgpu.barrier_arrive(ds_bar.at[e])
+        if interp:
+          p16_smem[...] = p16
         dv = _wgmma(dv, None, [(None if interp else p16, p16_smem, do_smem.at[slot])], interp)
-        dks = [_wgmma(a, None, [(None if interp else ds16, ds_smem.at[e], q_smem[p + 1].at[slot])], interp)
-               for p, a in enumerate(dks)]
         plgpu.barrier_arrive(free.at[slot])
-        return dks, dv
+        return dv
 
-      init = ([_zeros((R, size)) for _, size in parts[1:]], _zeros((R, v_ref.shape[3])))
-      dks, dv = lax.fori_loop(0, steps, step, init)
+      dv = lax.fori_loop(0, steps, step, _zeros((R, v_ref.shape[3])))
+      sync()                                # both warpgroups are done with this item's K and V
+      store([(v_smem, dv.astype(dv_ref.dtype), dv_ref.at[b, rows, kh])])
       sync()
-      store([(k_smem[p + 1], (a * cfg.scale).astype(dk_ref.dtype), dk_ref.at[b, rows, kh, pl.ds(off, size)])
-             for p, (a, (off, size)) in enumerate(zip(dks, parts[1:]))]
-            + [(v_smem, dv.astype(dv_ref.dtype), dv_ref.at[b, rows, kh])])
+
+    @pl.when(wg == 1)
+    def _dk():
+      def step(j, dks):
+        slot, e = _slot(cfg, g + j), parity(g + j)
+        plgpu.barrier_wait(in_bar.at[slot])
+        plgpu.barrier_wait(ds_bar.at[e])
+        dks = [_wgmma(a, None, [(None, ds_smem.at[e], q_smem[p].at[slot])], interp) for p, a in enumerate(dks)]
+        plgpu.barrier_arrive(ds_free.at[e])
+        plgpu.barrier_arrive(free.at[slot])
+        return dks
+
+      dks = lax.fori_loop(0, steps, step, [_zeros((R, size)) for _, size in parts])
+      sync()
+      store([(k_smem[p], (a * cfg.scale).astype(dk_ref.dtype), dk_ref.at[b, rows, kh, pl.ds(off, size)])
+             for p, (a, (off, size)) in enumerate(zip(dks, parts))])
       sync()
     return g + steps
 
-  def after_compute(wg, total):             # observe the last release of the exchange buffers
-    @pl.when((total > 0) & (wg == 0))
-    def _():
-      plgpu.barrier_wait(pt_free)
-
+  def after_compute(wg, total):             # observe warpgroup 1's last releases of dSᵀ
     for back in (1, 2):
-      @pl.when((total >= back) & (wg == 1))
+      @pl.when((total >= back) & (wg == 0))
       def _():
         plgpu.barrier_wait(ds_free.at[parity(total - back)])
 
@@ -457,11 +421,10 @@ def dkv(q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT, end_BN, cfg: Mosaic
   S, R, parts = cfg.slots, ROWS_PER_WG, cfg.d_parts
   rows_f32 = plgpu.SMEM((S, R), jnp.float32)
   one = lambda n=1: plgpu.Barrier(num_arrivals=n)
+  two = plgpu.Barrier(num_arrivals=1, num_barriers=2)
   scratch = ([_smem((R, size), dt) for _, size in parts], _smem((R, E), dt), *_tiles(cfg, S, R, E, dt),
-             rows_f32, rows_f32, plgpu.SMEM((R, R), jnp.float32), _smem((2, R, R), dt),
-             _smem((R, R), dt) if cfg.interpret else None,
-             (one(), one(), plgpu.Barrier(num_arrivals=1, num_barriers=2),
-              plgpu.Barrier(num_arrivals=1, num_barriers=2), one(2)))
+             rows_f32, rows_f32, _smem((2, R, R), dt), _smem((R, R), dt) if cfg.interpret else None,
+             (two, two, one(2)))
   out_type = (jax.ShapeDtypeStruct((B, T, K, D), dt), jax.ShapeDtypeStruct((B, T, K, E), dt))
   return _launch(_dkv_kernel, cfg, B * K * (T // R), out_type, scratch, len(parts) + 1, len(parts) + 3,
                  end_BN, q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT, name="mosaic_attention_bwd_dkv", cwg=2)

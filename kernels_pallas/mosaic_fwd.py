@@ -41,7 +41,7 @@ class MosaicConfig:
   d_parts: tuple             # ((offset, size), ...) of the qk head dim, sizes 128 or 64
   groups: int                # query heads per kv head
   slots: int = 2             # key/value ring depth (forward, dQ)
-  dkv_slots: int = 3         # query/dO ring depth of the dK/dV kernel (its score warpgroup runs a step ahead)
+  dkv_slots: int = 3         # query/dO ring depth of the dK/dV kernel
   ctas: int | None = None    # CTAs, each looping over work items; None: one per SM for SSA
                              # (persistent), one per item for Full (uneven items balance better)
   rowsum_first: bool = True  # add P's row sum to l before (True) or after waiting for the tensor cores
