@@ -115,8 +115,9 @@ def bench_backward(T, table):
   fns["dq mosaic (+ delta)"] = (jax.jit(lambda *a: mosaic_bwd.dq(*a, start, cfg.mosaic)), (q, k, v, o, do, lse, dlse))
   fns["dkv triton"] = (jax.jit(lambda *a: ssa_bwd.dkv(*a, end, cfg)), (q, k, v, do, lse, delta))
   fns["dkv mosaic"] = (jax.jit(lambda *a: mosaic_bwd.dkv(*a, end, cfg.mosaic)), (q, k, v, do, lse, delta))
-  two = dataclasses.replace(cfg.mosaic, dkv_slots=2)
-  fns["dkv mosaic, 2 slots"] = (jax.jit(lambda *a: mosaic_bwd.dkv(*a, end, two)), (q, k, v, do, lse, delta))
+  for slots in (2, 4):
+    mc = dataclasses.replace(cfg.mosaic, dkv_slots=slots)
+    fns[f"dkv mosaic, {slots} slots"] = (jax.jit(lambda *a, mc=mc: mosaic_bwd.dkv(*a, end, mc)), (q, k, v, do, lse, delta))
   fns["sink partials triton"] = (jax.jit(lambda *a: ssa_bwd.sink_partials(*a, start, end, cfg)),
                                  (q, k, v, do, lse, delta))
   fns["delta (xla)"] = (jax.jit(lambda o, do: jnp.einsum("bthe,bthe->bht", o.astype(jnp.float32),

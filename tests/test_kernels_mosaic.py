@@ -84,7 +84,7 @@ def test_persistent_ctas_cover_every_item(rng, ctas):
   assert np.isfinite(np.asarray(o_one, np.float32)).all()
 
 
-@pytest.mark.parametrize("ctas,dkv_slots", [(1, 3), (3, 2)])
+@pytest.mark.parametrize("ctas,dkv_slots", [(1, 3), (3, 2), (2, 4)])
 def test_backward_persistent_ctas_cover_every_item(rng, ctas, dkv_slots):
   """The dQ and dK/dV kernels with CTAs looping over several items (rings, exchange buffers
   and their barrier phases carry across items) equal one CTA per item."""
