@@ -32,14 +32,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels_pallas.mosaic_fwd import ROWS_PER_WG, MosaicConfig, _ctas, _item, _loop_items, _visits
+from kernels_pallas.mosaic_fwd import ROWS_PER_WG, MosaicConfig, _ctas, _item, _loop_items, _smem, _visits
 from kernels_pallas.tile_io import LOG2E
 
 HALF = 64                      # streamed tile rows (half a 128 block): keeps S and dP at 32 regs
-
-
-def _smem(shape, dtype):
-  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
 
 def _tiles(cfg: MosaicConfig, n: int, rows: int, E: int, dtype):
@@ -56,58 +52,43 @@ def _mma(acc, a, b_ref, scratch, interpret: bool):
   """acc + a @ b_ref, a in registers (the GPU interpreter needs it in shared memory: `scratch`)."""
   if interpret:
     scratch[...] = a
-  return _wgmma(acc, None, [(None if interpret else a, scratch, b_ref)], interpret)
+  return _wgmma(acc, [(a, scratch, b_ref)], interpret)
 
 
 def _zeros(shape):
   return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
 
 
-def _wgmma(acc, shape, terms, interpret: bool):
-  """acc (None: zeros of `shape`) + the sum of a @ b over terms (a_regs, a_ref, b_ref). The
-  left operand comes from registers (a_regs) where given, else from shared memory (a_ref);
-  the GPU interpreter takes operands from shared memory only, so there a_ref must hold a."""
-  if interpret:
-    total = _dots(shape or acc.shape, [(a_ref, b) for _, a_ref, b in terms])
-    return total if acc is None else acc + total
-
-  def body(r):
-    for a_regs, a_ref, b in terms:
-      plgpu.wgmma(r, a_ref if a_regs is None else a_regs, b)
-  if acc is None:
-    return pl.run_scoped(lambda r: (body(r), r[...])[1], plgpu.ACC(shape, jnp.float32))
-  return pl.run_state(body)(plgpu.ACC.init(acc))
+def _issue(acc_ref, terms, interpret: bool):
+  """wgmma acc_ref += a @ b for each term (a_regs, a_ref, b_ref): the left operand from
+  registers (a_regs) where given, else from shared memory (a_ref). The GPU interpreter takes
+  operands from shared memory only, so there a_ref must hold a."""
+  for a_regs, a_ref, b in terms:
+    plgpu.wgmma(acc_ref, a_ref if interpret or a_regs is None else a_regs, b)
 
 
-def _wgmma_pair(terms_a, terms_b, shape, interpret: bool):
-  """Two fresh products (sums over (a_regs, a_ref, b_ref) terms, as _wgmma) issued together
-  and awaited once."""
-  if interpret:
-    return _wgmma(None, shape, terms_a, True), _wgmma(None, shape, terms_b, True)
-
-  def body(ra, rb):
-    for r, terms in ((ra, terms_a), (rb, terms_b)):
-      for a_regs, a_ref, b in terms:
-        plgpu.wgmma(r, a_ref if a_regs is None else a_regs, b)
-    return ra[...], rb[...]
-  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
+def _products(shape, groups, interpret: bool):
+  """One fresh fp32 product per group of terms (see _issue), all issued before one wait."""
+  def body(*accs):
+    for r, terms in zip(accs, groups):
+      _issue(r, terms, interpret)
+    return tuple(r[...] for r in accs)
+  return pl.run_scoped(body, *[plgpu.ACC(shape, jnp.float32) for _ in groups])
 
 
-def _dots(shape, pairs):
-  """sum of a_ref @ b_ref over pairs, both operands in shared memory, into a fresh fp32 tile."""
-  def body(r):
-    for a, b in pairs:
-      plgpu.wgmma(r, a, b)
-    return r[...]
-  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+def _wgmma(acc, terms, interpret: bool):
+  """acc + the sum of the terms' products (see _issue)."""
+  if interpret:                             # the interpreter has no run_state
+    return acc + _products(acc.shape, [terms], True)[0]
+  return pl.run_state(lambda r: _issue(r, terms, False))(plgpu.ACC.init(acc))
 
 
-def _diag_mask(x, wg, half, transposed: bool, only_if=None):
-  """Zero x outside the causal mask inside the diagonal block: resident rows of warpgroup `wg`
-  against the streamed half-block `half` (queries are rows unless `transposed`). `only_if`: a
-  scalar; where False, x passes unmasked."""
-  rows = plgpu.broadcasted_iota(jnp.int32, x.shape, 0, layout=plgpu.Layout.WGMMA) + wg * ROWS_PER_WG
-  cols = plgpu.broadcasted_iota(jnp.int32, x.shape, 1, layout=plgpu.Layout.WGMMA) + half * HALF
+def _diag_mask(x, row_tile, col_tile, transposed: bool, only_if=None):
+  """Zero x outside the causal mask inside the diagonal block: x's rows are 64-row tile
+  `row_tile` and its columns 64-row tile `col_tile` of the block (queries are rows unless
+  `transposed`). `only_if`: a scalar; where False, x passes unmasked."""
+  rows = plgpu.broadcasted_iota(jnp.int32, x.shape, 0, layout=plgpu.Layout.WGMMA) + row_tile * ROWS_PER_WG
+  cols = plgpu.broadcasted_iota(jnp.int32, x.shape, 1, layout=plgpu.Layout.WGMMA) + col_tile * HALF
   ok = cols >= rows if transposed else rows >= cols
   if only_if is not None:
     ok = ok | jnp.logical_not(only_if)
@@ -206,20 +187,20 @@ def _dq_kernel(start_ref, q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref,
     plgpu.barrier_wait(res_bar.at[wg])
     lse2 = plgpu.load(lse_smem.at[wg], layout=row_layout) * LOG2E
     # delta = rowsum(dO·O) − dlse, also an output: the dK/dV kernels need it. 64 columns at a
-    # time: whole 64×128 tiles in fp32 made the kernel spill registers on an H100.
+    # time to bound the fp32 registers it takes (ncu counted the same spills either way).
     delta = -plgpu.load(delta_smem.at[wg], layout=row_layout)
     for col in range(0, o_ref.shape[3], HALF):
       part = lambda ref: plgpu.load(ref.at[wg, :, pl.ds(col, HALF)], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
       delta = delta + (part(do_smem) * part(o_smem)).sum(axis=1)
-    acc = [plgpu.layout_cast(jnp.zeros((ROWS_PER_WG, size), jnp.float32), plgpu.Layout.WGMMA)
-           for _, size in parts]
+    acc = [_zeros((ROWS_PER_WG, size)) for _, size in parts]
 
     def step(j, acc, masked):
       slot = _slot(cfg, g + j)
       plgpu.barrier_wait(in_bar.at[slot])
-      s = _dots((ROWS_PER_WG, HALF), [(q_parts[p], k_smem[p].at[slot].transpose((1, 0)))
-                                      for p in range(len(parts))])
-      dp = _dots((ROWS_PER_WG, HALF), [(do_smem.at[wg], v_smem.at[slot].transpose((1, 0)))])
+      s, = _products((ROWS_PER_WG, HALF), [[(None, q_parts[p], k_smem[p].at[slot].transpose((1, 0)))
+                                            for p in range(len(parts))]], cfg.interpret)
+      dp, = _products((ROWS_PER_WG, HALF), [[(None, do_smem.at[wg], v_smem.at[slot].transpose((1, 0)))]],
+                      cfg.interpret)
       p = jnp.exp2(s * c - lax.broadcast_in_dim(lse2, s.shape, [0]))
       if masked:
         p = _diag_mask(p, wg, lax.rem(j, jnp.int32(subs)), transposed=False)
@@ -307,14 +288,6 @@ def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref
     plgpu.barrier_arrive(sync_bar)
     plgpu.barrier_wait(sync_bar)
 
-  def masked_pt(pt, j, kt, nq):
-    """Zero Pᵀ where the query precedes the key; only the pattern block's own (diagonal) block."""
-    t = lax.div(j, jnp.int32(subs))
-    keys = plgpu.broadcasted_iota(jnp.int32, pt.shape, 0, layout=plgpu.Layout.WGMMA) + lax.rem(kt, jnp.int32(subs)) * R
-    queries = plgpu.broadcasted_iota(jnp.int32, pt.shape, 1, layout=plgpu.Layout.WGMMA) + lax.rem(j, jnp.int32(subs)) * R
-    ok = (queries >= keys) | (lax.rem(t, nq) != 0)
-    return jnp.where(ok, pt, 0.0)
-
   def store(pairs):
     """Epilogue: write each (shared-memory tile, value, global view) and wait for the stores."""
     for tile, val, _ in pairs:
@@ -345,12 +318,14 @@ def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref
       def step(j, dv):
         slot, e = _slot(cfg, g + j), parity(g + j)
         plgpu.barrier_wait(in_bar.at[slot])
-        st, dpt = _wgmma_pair(
-            [(None, k_smem[p], q_smem[p].at[slot].transpose((1, 0))) for p in range(len(parts))],
-            [(v_regs, v_smem, do_smem.at[slot].transpose((1, 0)))], (R, R), interp)
+        st, dpt = _products(
+            (R, R), [[(None, k_smem[p], q_smem[p].at[slot].transpose((1, 0))) for p in range(len(parts))],
+                     [(v_regs, v_smem, do_smem.at[slot].transpose((1, 0)))]], interp)
         lse2 = plgpu.load(lse_smem.at[slot], layout=col_layout) * LOG2E
         delta = plgpu.load(delta_smem.at[slot], layout=col_layout)
-        pt = masked_pt(jnp.exp2(st * c - lax.broadcast_in_dim(lse2, st.shape, [1])), j, kt, nq)
+        # Causal mask only in the pattern block's own (diagonal) query block, the first of each head's.
+        pt = _diag_mask(jnp.exp2(st * c - lax.broadcast_in_dim(lse2, st.shape, [1])), lax.rem(kt, jnp.int32(subs)),
+                        lax.rem(j, jnp.int32(subs)), transposed=True, only_if=lax.rem(lax.div(j, jnp.int32(subs)), nq) == 0)
         ds16 = (pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, [1]))).astype(q_ref.dtype)
         p16 = pt.astype(q_ref.dtype)
 
@@ -362,7 +337,7 @@ def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref
         plgpu.barrier_arrive(ds_bar.at[e])
         if interp:
           p16_smem[...] = p16
-        dv = _wgmma(dv, None, [(None if interp else p16, p16_smem, do_smem.at[slot])], interp)
+        dv = _wgmma(dv, [(p16, p16_smem, do_smem.at[slot])], interp)
         plgpu.barrier_arrive(free.at[slot])
         return dv
 
@@ -377,7 +352,7 @@ def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref
         slot, e = _slot(cfg, g + j), parity(g + j)
         plgpu.barrier_wait(in_bar.at[slot])
         plgpu.barrier_wait(ds_bar.at[e])
-        dks = [_wgmma(a, None, [(None, ds_smem.at[e], q_smem[p].at[slot])], interp) for p, a in enumerate(dks)]
+        dks = [_wgmma(a, [(None, ds_smem.at[e], q_smem[p].at[slot])], interp) for p, a in enumerate(dks)]
         plgpu.barrier_arrive(ds_free.at[e])
         plgpu.barrier_arrive(free.at[slot])
         return dks

@@ -85,6 +85,11 @@ def input_problem(q_BTHD, k_BTKD, v_BTKE, block: int) -> str | None:
   return None
 
 
+def _smem(shape, dtype):
+  """A shared-memory tile in the layout wgmma and TMA take: (8, 64) tiles, 128-byte swizzle."""
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
 def _visits(cfg: MosaicConfig, i, start):
   """(n, block_of): the CTA for pattern block i visits key blocks block_of(j), j in [0, n),
   as the Triton forward does (tile_io.visit_ranges); the last one is the diagonal block."""
@@ -276,8 +281,7 @@ def forward(q_BTHD, k_BTKD, v_BTKE, start_BN, cfg: MosaicConfig):
   E = v_BTKE.shape[3]
   dt = q_BTHD.dtype
   S, cwg, bk = cfg.slots, cfg.compute_wgs, cfg.tile
-  smem = lambda shape: plgpu.SMEM(shape, dt, transforms=(plgpu.TilingTransform((8, 64)),
-                                                         plgpu.SwizzleTransform(128)))
+  smem = lambda shape: _smem(shape, dt)
   n_parts = len(cfg.d_parts)
 
   def entry(start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):

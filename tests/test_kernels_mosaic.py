@@ -78,7 +78,7 @@ def test_persistent_ctas_cover_every_item(rng, ctas):
   cfg = mosaic_fwd.MosaicConfig(scale=0.1, tile=128, sink=1, local=2, d_parts=mosaic_fwd.d_parts(192),
                                 groups=2, interpret=True)
   o_one, lse_one = mosaic_fwd.forward(q, k, v, start, cfg)
-  o_few, lse_few = mosaic_fwd.forward(q, k, v, start, cfg.__class__(**{**cfg.__dict__, "ctas": ctas}))
+  o_few, lse_few = mosaic_fwd.forward(q, k, v, start, dataclasses.replace(cfg, ctas=ctas))
   np.testing.assert_array_equal(np.asarray(o_few), np.asarray(o_one))
   np.testing.assert_array_equal(np.asarray(lse_few), np.asarray(lse_one))
   assert np.isfinite(np.asarray(o_one, np.float32)).all()
