@@ -3,7 +3,8 @@
 # Usage: bash benchmarks/gpu_check.sh STAGES OUTDIR
 #   STAGES: comma list of small (GPU sweep tests), large (real-size GPU tests), tune, mtune (Mosaic
 #   forward vs Triton and tokamax), btune (backward choices and kernels), ncu (profile of one SSA
-#   fwd+bwd, PROFILE_ARGS), bench, bench-quick
+#   fwd+bwd, PROFILE_ARGS), kernels (duration of every kernel of one SSA fwd+bwd, PROFILE_ARGS),
+#   bench, bench-quick
 #   Env: *_S per-stage timeouts, LARGE_K pytest -k filter, BENCH_ARGS, TUNE_ARGS, PROFILE_ARGS,
 #   NCU_FILTER (kernel-name regex), NCU_LAUNCHES.
 set -o pipefail
@@ -26,6 +27,9 @@ for stage in ${STAGES//,/ }; do
            ${NCU_FILTER:+-k regex:$NCU_FILTER} --section SpeedOfLight --section ComputeWorkloadAnalysis \
            --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
            python3 -m benchmarks.profile_ssa ${PROFILE_ARGS} > "$OUT/ncu.txt" 2>&1; tail -3 "$OUT/ncu.txt" ;;
+    kernels) timeout ${KERNELS_S:-240} ncu --clock-control none --target-processes all --metrics gpu__time_duration.sum \
+           --csv python3 -m benchmarks.profile_ssa ${PROFILE_ARGS} > "$OUT/kernels.csv" 2>&1
+             python3 -m benchmarks.kernel_times "$OUT/kernels.csv" | tee "$OUT/kernels.txt" ;;
     bench) timeout ${BENCH_S:-300} python3 -m benchmarks.attention --out "$OUT" ${BENCH_ARGS} 2>&1 | tee "$OUT/bench.log" | tail -${BENCH_TAIL:-40} ;;
     bench-quick) timeout ${BENCH_S:-200} python3 -m benchmarks.attention --quick --out "$OUT" ${BENCH_ARGS} 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
   esac
