@@ -9,8 +9,8 @@ the row sum taken after the tensor-core wait, tokamax's window-1024
 (SSA) or causal (Full) forward, and SSA fwd+bwd with either forward. --backward instead times
 SSA fwd+bwd (Mosaic forward) with each backward choice (Triton, Mosaic, Mosaic dQ + Triton
 dK/dV), cuDNN's window-1024 fwd+bwd, the dQ and dK/dV kernels of each alone (the Mosaic dK/dV
-also with other ring depths and dV on the other warpgroup, each checked bit-equal to the
-default first), the sink partials and the XLA delta.
+also with other ring depths, each checked bit-equal to the default first), the sink partials
+and the XLA delta.
 """
 from __future__ import annotations
 
@@ -116,12 +116,9 @@ def bench_backward(T, table):
   fns["dq mosaic (+ delta)"] = (jax.jit(lambda *a: mosaic_bwd.dq(*a, start, cfg.mosaic)), (q, k, v, o, do, lse, dlse))
   fns["dkv triton"] = (jax.jit(lambda *a: ssa_bwd.dkv(*a, end, cfg)), (q, k, v, do, lse, delta))
   fns["dkv mosaic"] = (jax.jit(lambda *a: mosaic_bwd.dkv(*a, end, cfg.mosaic)), (q, k, v, do, lse, delta))
-  other_wg = 1 - cfg.mosaic.dkv_dv_wg
   dkv_args = (q, k, v, do, lse, delta)
   base = fns["dkv mosaic"][0](*dkv_args)
-  for label, kw in (("2 slots", dict(dkv_slots=2)), ("4 slots", dict(dkv_slots=4)),
-                    (f"dV on warpgroup {other_wg}", dict(dkv_dv_wg=other_wg)),
-                    (f"dV on warpgroup {other_wg}, 2 slots", dict(dkv_dv_wg=other_wg, dkv_slots=2))):
+  for label, kw in (("2 slots", dict(dkv_slots=2)), ("4 slots", dict(dkv_slots=4))):
     fn = jax.jit(lambda *a, mc=dataclasses.replace(cfg.mosaic, **kw): mosaic_bwd.dkv(*a, end, mc))
     try:                                    # every variant must give the default's bits
       same = all(bool(jnp.array_equal(x, y)) for x, y in zip(fn(*dkv_args), base))

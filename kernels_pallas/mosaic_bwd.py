@@ -270,22 +270,19 @@ def _query_blocks(cfg: MosaicConfig, kb, end):
 def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, scoped, *,
                 cfg: MosaicConfig):
   """Items of 64 keys, two compute warpgroups with a one-way hand-off. Warpgroup 0 computes
-  Sᵀ, dPᵀ, Pᵀ and dSᵀ; it passes dSᵀ (and with cfg.dkv_dv_wg = 1 also Pᵀ), double-buffered,
-  through shared memory to warpgroup 1, which accumulates dK (and then dV). With
-  dkv_dv_wg = 0 warpgroup 0 accumulates dV from Pᵀ in its registers, so neither holds all of
-  dK and dV (160 fp32 registers per thread at D=192, E=128); with 1, warpgroup 1 holds both
-  and warpgroup 0 only the score tiles, which splits the wgmma work evenly. Warpgroup 1's
-  wgmma fill the tensor cores while warpgroup 0 computes the softmax terms of the next tile.
-  (Earlier versions exchanged Pᵀ and dSᵀ both ways, kernels_pallas/NOTES.md.)"""
+  Sᵀ, dPᵀ, Pᵀ and dSᵀ and accumulates dV; it passes dSᵀ (double-buffered) through shared memory
+  to warpgroup 1, which only accumulates dK. Neither holds all of dK and dV (160 fp32
+  registers per thread at D=192, E=128), and warpgroup 1's dK wgmma fill the tensor cores
+  while warpgroup 0 computes the softmax terms of the next tile. (Other splits, measured
+  slower on an H100: kernels_pallas/NOTES.md.)"""
   smem, (res_bar, in_bar, free) = scoped
-  k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, pt_smem, (ds_bar, ds_free, sync_bar) = smem
+  k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, p16_smem, (ds_bar, ds_free, sync_bar) = smem
   B, T, K, _ = k_ref.shape
   bk, G, parts, R = cfg.tile, cfg.groups, cfg.d_parts, ROWS_PER_WG
   subs = bk // R                            # 64-row tiles per pattern block
   col_layout = plgpu.Layout.WGMMA.reduce(0)
   c = cfg.scale * LOG2E
   interp = cfg.interpret
-  dv_late = cfg.dkv_dv_wg == 1              # warpgroup 1 accumulates dV from the handed-off Pᵀ
 
   def info(w):
     b, kt, kh = _item(w, T // R, K)
@@ -342,45 +339,34 @@ def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref
         def _():
           plgpu.barrier_wait(ds_free.at[e])  # warpgroup 1's dK wgmma two tiles back is done
         ds_smem.at[e][...] = ds16
-        if dv_late:
-          pt_smem.at[e][...] = p16
         plgpu.commit_smem()
         plgpu.barrier_arrive(ds_bar.at[e])
-        if not dv_late:
-          if interp:
-            pt_smem[...] = p16
-          dv = _wgmma(dv, [(p16, pt_smem, do_smem.at[slot])], interp)
+        if interp:
+          p16_smem[...] = p16
+        dv = _wgmma(dv, [(p16, p16_smem, do_smem.at[slot])], interp)
         plgpu.barrier_arrive(free.at[slot])
         return dv
 
-      dv = lax.fori_loop(0, steps, step, () if dv_late else _zeros((R, v_ref.shape[3])))
+      dv = lax.fori_loop(0, steps, step, _zeros((R, v_ref.shape[3])))
       sync()                                # both warpgroups are done with this item's K and V
-      if not dv_late:
-        store([(v_smem, dv.astype(dv_ref.dtype), dv_ref.at[b, rows, kh])])
+      store([(v_smem, dv.astype(dv_ref.dtype), dv_ref.at[b, rows, kh])])
       sync()
 
     @pl.when(wg == 1)
     def _dk():
-      def step(j, accs):
+      def step(j, dks):
         slot, e = _slot(cfg, g + j), parity(g + j)
         plgpu.barrier_wait(in_bar.at[slot])
         plgpu.barrier_wait(ds_bar.at[e])
-        groups = [[(None, ds_smem.at[e], q_smem[p].at[slot])] for p in range(len(parts))]
-        if dv_late:
-          groups.append([(None, pt_smem.at[e], do_smem.at[slot])])
-        accs = _wgmma_all(accs, groups, interp)
+        dks = _wgmma_all(dks, [[(None, ds_smem.at[e], q_smem[p].at[slot])] for p in range(len(parts))], interp)
         plgpu.barrier_arrive(ds_free.at[e])
         plgpu.barrier_arrive(free.at[slot])
-        return accs
+        return dks
 
-      init = [_zeros((R, size)) for _, size in parts] + ([_zeros((R, v_ref.shape[3]))] if dv_late else [])
-      accs = lax.fori_loop(0, steps, step, init)
+      dks = lax.fori_loop(0, steps, step, [_zeros((R, size)) for _, size in parts])
       sync()
-      out = [(k_smem[p], (a * cfg.scale).astype(dk_ref.dtype), dk_ref.at[b, rows, kh, pl.ds(off, size)])
-             for p, (a, (off, size)) in enumerate(zip(accs, parts))]
-      if dv_late:
-        out.append((v_smem, accs[-1].astype(dv_ref.dtype), dv_ref.at[b, rows, kh]))
-      store(out)
+      store([(k_smem[p], (a * cfg.scale).astype(dk_ref.dtype), dk_ref.at[b, rows, kh, pl.ds(off, size)])
+             for p, (a, (off, size)) in enumerate(zip(dks, parts))])
       sync()
     return g + steps
 
@@ -418,8 +404,7 @@ def dkv(q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT, end_BN, cfg: Mosaic
   one = lambda n=1: plgpu.Barrier(num_arrivals=n)
   two = plgpu.Barrier(num_arrivals=1, num_barriers=2)
   scratch = ([_smem((R, size), dt) for _, size in parts], _smem((R, E), dt), *_tiles(cfg, S, R, E, dt),
-             rows_f32, rows_f32, _smem((2, R, R), dt),
-             _smem((2, R, R), dt) if cfg.dkv_dv_wg == 1 else _smem((R, R), dt) if cfg.interpret else None,
+             rows_f32, rows_f32, _smem((2, R, R), dt), _smem((R, R), dt) if cfg.interpret else None,
              (two, two, one(2)))
   out_type = (jax.ShapeDtypeStruct((B, T, K, D), dt), jax.ShapeDtypeStruct((B, T, K, E), dt))
   return _launch(_dkv_kernel, cfg, B * K * (T // R), out_type, scratch, len(parts) + 1, len(parts) + 3,

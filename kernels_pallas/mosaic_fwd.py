@@ -42,16 +42,11 @@ class MosaicConfig:
   groups: int                # query heads per kv head
   slots: int = 2             # key/value ring depth (forward, dQ)
   dkv_slots: int = 3         # query/dO ring depth of the dK/dV kernel
-  dkv_dv_wg: int = 0         # dK/dV kernel warpgroup accumulating dV: 0 (the score warpgroup) or 1 (with dK)
   ctas: int | None = None    # CTAs, each looping over work items; None: one per SM for SSA
                              # (persistent), one per item for Full (uneven items balance better)
   rowsum_first: bool = True  # add P's row sum to l before (True) or after waiting for the tensor cores
   interpret: bool = False
   padded: bool = False       # segment ids were given: the caller zeroes padding rows
-
-  def __post_init__(self):
-    if self.dkv_dv_wg not in (0, 1):
-      raise ValueError(f"MosaicConfig.dkv_dv_wg must be 0 or 1, got {self.dkv_dv_wg!r}")
 
   @property
   def compute_wgs(self) -> int:
