@@ -3,9 +3,9 @@
 `pallas_mosaic` runs the forward pass with kernels_pallas/mosaic_fwd.py (Hopper wgmma, warp
 specialised) and the backward pass with BACKWARD = "mosaic_dq": the Mosaic dQ kernel
 (mosaic_bwd.py) with the Triton dK/dV and sink kernels. On an H100 at T=128K, SSA fwd+bwd
-took 13.06 ms this way, 13.04 ms with the Mosaic dK/dV (its v7) too, a tie, and 14.25 ms with the
-Triton backward (kernels_pallas/README.md). Tiles are the SSA block (Full: FULL_TILE).
-Interpret mode runs on CPU with Full on 64-row tiles.
+took 13.21-13.39 ms this way, 13.13-13.31 ms with the Mosaic dK/dV too (a tie), and
+14.12-14.54 ms with the Triton backward (kernels_pallas/README.md). Tiles are the SSA block
+(Full: FULL_TILE). Interpret mode runs on CPU with Full on 64-row tiles.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from kernels_pallas.flash import flash_attention, input_problem
 from kernels_pallas.triton_attention import FULL_TILE, tile_args
 
 FULL_TILE_INTERPRET = 64
-BACKWARD = "mosaic_dq"     # Mosaic dQ + Triton dK/dV: fastest of the three on an H100 (kernels_pallas/README.md)
+BACKWARD = "mosaic_dq"     # Mosaic dQ + Triton dK/dV: tied fastest on an H100 (kernels_pallas/README.md)
 
 
 def _tile_args(pattern, interpret: bool) -> dict:
