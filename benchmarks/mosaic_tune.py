@@ -9,8 +9,8 @@ the row sum taken after the tensor-core wait, tokamax's window-1024
 (SSA) or causal (Full) forward, and SSA fwd+bwd with either forward. --backward instead times
 SSA fwd+bwd (Mosaic forward) with each backward choice (Triton, Mosaic, Mosaic dQ + Triton
 dK/dV), cuDNN's window-1024 fwd+bwd, the dQ and dK/dV kernels of each alone (the Mosaic dK/dV
-also with other ring depths, each checked bit-equal to the default first), the sink partials
-and the XLA delta.
+also with other ring depths, each checked bit-equal to the default first, and with the sink
+items, checked against the Triton sink partials), the Triton sink partials and the XLA delta.
 """
 from __future__ import annotations
 
@@ -115,11 +115,11 @@ def bench_backward(T, table):
   fns["dq triton"] = (jax.jit(lambda *a: ssa_bwd.dq(*a, start, cfg)), (q, k, v, o, do, lse, dlse))
   fns["dq mosaic (+ delta)"] = (jax.jit(lambda *a: mosaic_bwd.dq(*a, start, cfg.mosaic)), (q, k, v, o, do, lse, dlse))
   fns["dkv triton"] = (jax.jit(lambda *a: ssa_bwd.dkv(*a, end, cfg)), (q, k, v, do, lse, delta))
-  fns["dkv mosaic"] = (jax.jit(lambda *a: mosaic_bwd.dkv(*a, end, cfg.mosaic)), (q, k, v, do, lse, delta))
+  fns["dkv mosaic"] = (jax.jit(lambda *a: mosaic_bwd.dkv(*a, start, end, cfg.mosaic)[0]), (q, k, v, do, lse, delta))
   dkv_args = (q, k, v, do, lse, delta)
   base = fns["dkv mosaic"][0](*dkv_args)
   for label, kw in (("2 slots", dict(dkv_slots=2)), ("4 slots", dict(dkv_slots=4))):
-    fn = jax.jit(lambda *a, mc=dataclasses.replace(cfg.mosaic, **kw): mosaic_bwd.dkv(*a, end, mc))
+    fn = jax.jit(lambda *a, mc=dataclasses.replace(cfg.mosaic, **kw): mosaic_bwd.dkv(*a, start, end, mc)[0])
     try:                                    # every variant must give the default's bits
       same = all(bool(jnp.array_equal(x, y)) for x, y in zip(fn(*dkv_args), base))
       print(f"check dkv mosaic, {label}: {'equal to' if same else 'DIFFERS from'} the default", flush=True)
@@ -128,6 +128,15 @@ def bench_backward(T, table):
     fns[f"dkv mosaic, {label}"] = (fn, dkv_args)
   fns["sink partials triton"] = (jax.jit(lambda *a: ssa_bwd.sink_partials(*a, start, end, cfg)),
                                  (q, k, v, do, lse, delta))
+  with_sink = jax.jit(lambda *a: mosaic_bwd.dkv(*a, start, end, cfg.mosaic, with_sink=True))
+  try:                                      # its partials against the Triton sink kernel's
+    _, got = with_sink(*dkv_args)
+    want = fns["sink partials triton"][0](*dkv_args)
+    err = max(float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w))) for g, w in zip(got, want))
+    print(f"check dkv mosaic + sink items: max|partial - triton| / max|triton| {err:.2e}", flush=True)
+  except Exception as e:  # noqa: BLE001 - reported again when timed
+    print(f"check dkv mosaic + sink items FAILED: {type(e).__name__}: {str(e)[:1500]}", flush=True)
+  fns["dkv mosaic + sink items"] = (with_sink, dkv_args)
   fns["delta (xla)"] = (jax.jit(lambda o, do: jnp.einsum("bthe,bthe->bht", o.astype(jnp.float32),
                                                           do.astype(jnp.float32))), (o, do))
   _time_all(fns, f"ssa  T={T:7d}", table)

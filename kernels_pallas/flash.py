@@ -179,12 +179,13 @@ def _attention_bwd(cfg, res, cot):
     dq, delta = mosaic_bwd.dq(q, k, v, o, do, lse, dlse.astype(jnp.float32), start, cfg.mosaic)
   else:
     dq, delta = ssa_bwd.dq(q, k, v, o, do, lse, dlse.astype(jnp.float32), start, cfg)
-  if cfg.mosaic_dkv:
-    dk, dv = mosaic_bwd.dkv(q, k, v, do, lse, delta, end, cfg.mosaic)
+  if cfg.mosaic_dkv:                       # one launch for the local and the sink visits
+    (dk, dv), sink = mosaic_bwd.dkv(q, k, v, do, lse, delta, start, end, cfg.mosaic, with_sink=needs_sink_pass(cfg))
   else:
     dk, dv = ssa_bwd.dkv(q, k, v, do, lse, delta, end, cfg)
-  if needs_sink_pass(cfg):
-    pk, pv = ssa_bwd.sink_partials(q, k, v, do, lse, delta, start, end, cfg)
+    sink = ssa_bwd.sink_partials(q, k, v, do, lse, delta, start, end, cfg) if needs_sink_pass(cfg) else None
+  if sink is not None:
+    pk, pv = sink
     dk = ssa_bwd.add_sink_partials(dk, pk, start, end, cfg)
     dv = ssa_bwd.add_sink_partials(dv, pv, start, end, cfg)
   return dq, dk, dv, None, None, None

@@ -18,7 +18,7 @@ from kernels_pallas.flash import flash_attention, input_problem
 from kernels_pallas.triton_attention import FULL_TILE, tile_args
 
 FULL_TILE_INTERPRET = 64
-BACKWARD = "mosaic_dq"     # Mosaic dQ + Triton dK/dV: tied fastest on an H100 (kernels_pallas/README.md)
+BACKWARD = "mosaic"        # Mosaic dQ and dK/dV, sink items included (kernels_pallas/README.md)
 
 
 def _tile_args(pattern, interpret: bool) -> dict:

@@ -33,6 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas.mosaic_fwd import ROWS_PER_WG, MosaicConfig, _ctas, _item, _loop_items, _smem, _visits
+from kernels_pallas.ssa_bwd import sink_chunk
 from kernels_pallas.tile_io import LOG2E
 
 HALF = 64                      # streamed tile rows (half a 128 block): keeps S and dP at 32 regs
@@ -267,28 +268,70 @@ def _query_blocks(cfg: MosaicConfig, kb, end):
   return jnp.where(end >= 0, last - kb + 1, 0)
 
 
-def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, scoped, *,
-                cfg: MosaicConfig):
+def _sink_items(cfg: MosaicConfig, B: int, T: int, K: int) -> int:
+  """Sink work items of the dK/dV kernel: (row, chunk, sink block, 64 keys, kv head)."""
+  if cfg.local is None or cfg.sink == 0:
+    return 0
+  return B * -(-(T // cfg.tile) // sink_chunk(cfg)) * cfg.sink * (cfg.tile // ROWS_PER_WG) * K
+
+
+def _sink_item(cfg: MosaicConfig, ws, start_ref, end_ref, K: int, chunks: int):
+  """(b, c, r, sub, kh, first key row, first query block, query blocks) of sink item ws: the
+  queries of chunk c past the local window of sink block r of the chunk's document (as the
+  Triton sink kernel, ssa_bwd._sink_kernel; none if the document has no block r)."""
+  subs, C = cfg.tile // ROWS_PER_WG, sink_chunk(cfg)
+  sub = lax.rem(ws, jnp.int32(subs))
+  r = lax.rem(lax.div(ws, jnp.int32(subs)), jnp.int32(cfg.sink))
+  kh = lax.rem(lax.div(ws, jnp.int32(subs * cfg.sink)), jnp.int32(K))
+  c = lax.rem(lax.div(ws, jnp.int32(subs * cfg.sink * K)), jnp.int32(chunks))
+  b = lax.div(ws, jnp.int32(subs * cfg.sink * K * chunks))
+  first = c * C
+  start, end = start_ref[b, first], end_ref[b, first]
+  exists = (start >= 0) & (start + r <= end)
+  lo = jnp.maximum(first, start + cfg.local + r)
+  hi = jnp.minimum(first + C - 1, end)
+  nq = jnp.where(exists, jnp.maximum(hi - lo + 1, 0), 0)
+  k0 = jnp.where(exists, start + r, 0) * cfg.tile + sub * ROWS_PER_WG
+  return b, c, r, sub, kh, k0, lo, nq
+
+
+def _dkv_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *rest,
+                cfg: MosaicConfig, sink_items: int):
   """Items of 64 keys, two compute warpgroups with a one-way hand-off. Warpgroup 0 computes
   Sᵀ, dPᵀ, Pᵀ and dSᵀ and accumulates dV; it passes dSᵀ (double-buffered) through shared memory
   to warpgroup 1, which only accumulates dK. Neither holds all of dK and dV (160 fp32
   registers per thread at D=192, E=128), and warpgroup 1's dK wgmma fill the tensor cores
   while warpgroup 0 computes the softmax terms of the next tile. (Other splits, measured
-  slower on an H100: kernels_pallas/NOTES.md.)"""
+  slower on an H100: kernels_pallas/NOTES.md.)
+
+  The first items are the local ones (a key tile, the query blocks seeing it through their
+  local window); then come `sink_items` sink items (a sink key tile, the query blocks of one
+  chunk past its window), whose fp32 partials go straight from registers to pk_ref, pv_ref."""
+  *partials, scoped = rest
   smem, (res_bar, in_bar, free) = scoped
   k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, p16_smem, (ds_bar, ds_free, sync_bar) = smem
   B, T, K, _ = k_ref.shape
   bk, G, parts, R = cfg.tile, cfg.groups, cfg.d_parts, ROWS_PER_WG
   subs = bk // R                            # 64-row tiles per pattern block
+  local_items = B * K * (T // R)
   col_layout = plgpu.Layout.WGMMA.reduce(0)
   c = cfg.scale * LOG2E
   interp = cfg.interpret
 
   def info(w):
-    b, kt, kh = _item(w, T // R, K)
+    """(b, kh, first key row, first query block, query blocks, steps, is_local, sink ids)."""
+    b, kt, kh = _item(jnp.minimum(w, local_items - 1), T // R, K)   # (decoded in range for sink items too)
     kb = lax.div(kt, jnp.int32(subs))
     nq = _query_blocks(cfg, kb, end_ref[b, kb])
-    return b, kt, kh, kb, nq, G * nq * subs
+    if not sink_items:
+      return b, kh, kt * R, kb, nq, G * nq * subs, True, None
+    is_local = w < local_items
+    sb, sc, sr, ssub, skh, sk0, slo, snq = _sink_item(cfg, jnp.maximum(w - local_items, 0), start_ref, end_ref, K,
+                                                      partials[0].shape[2])
+    pick = lambda x, y: jnp.where(is_local, x, y)
+    nq = pick(nq, snq)
+    return (pick(b, sb), pick(kh, skh), pick(kt * R, sk0), pick(kb, slo), nq, G * nq * subs, is_local,
+            (sc, sr, ssub))
 
   def sync():
     plgpu.barrier_arrive(sync_bar)
@@ -303,12 +346,30 @@ def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref
       plgpu.copy_smem_to_gmem(tile, dst)
     plgpu.wait_smem_to_gmem(0)
 
+  def epilogue(is_local, sink_ids, bf16_pairs, partial_pairs):
+    """Local items: bf16 results through shared memory (bf16_pairs); sink items: fp32
+    partials from registers into partial_pairs' (value, global view)."""
+    if sink_ids is None:
+      store(bf16_pairs)
+      return
+
+    @pl.when(is_local)
+    def _():
+      store(bf16_pairs)
+
+    @pl.when(jnp.logical_not(is_local))
+    def _():
+      for val, dst in partial_pairs:
+        dst[...] = val
+
   def parity(g):
     return lax.rem(g, jnp.int32(2))
 
   def compute_item(wg, w, g):
-    b, kt, kh, kb, nq, steps = info(w)
-    rows = pl.ds(kt * R, R)
+    b, kh, k0, q0, nq, steps, is_local, sink_ids = info(w)
+    rows = pl.ds(k0, R)
+    row_tile = lax.rem(lax.div(k0, jnp.int32(R)), jnp.int32(subs))
+    sink_rows = None if sink_ids is None else (b, kh, sink_ids[0], sink_ids[1], pl.ds(sink_ids[2] * R, R))
 
     @pl.when(wg == 0)
     def _():
@@ -329,9 +390,10 @@ def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref
                      [(v_regs, v_smem, do_smem.at[slot].transpose((1, 0)))]], interp)
         lse2 = plgpu.load(lse_smem.at[slot], layout=col_layout) * LOG2E
         delta = plgpu.load(delta_smem.at[slot], layout=col_layout)
-        # Causal mask only in the pattern block's own (diagonal) query block, the first of each head's.
-        pt = _diag_mask(jnp.exp2(st * c - lax.broadcast_in_dim(lse2, st.shape, [1])), lax.rem(kt, jnp.int32(subs)),
-                        lax.rem(j, jnp.int32(subs)), transposed=True, only_if=lax.rem(lax.div(j, jnp.int32(subs)), nq) == 0)
+        # Causal mask only in a local item's own (diagonal) query block, the first of each head's.
+        diag = is_local & (lax.rem(lax.div(j, jnp.int32(subs)), nq) == 0)
+        pt = _diag_mask(jnp.exp2(st * c - lax.broadcast_in_dim(lse2, st.shape, [1])), row_tile,
+                        lax.rem(j, jnp.int32(subs)), transposed=True, only_if=diag)
         ds16 = (pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, [1]))).astype(q_ref.dtype)
         p16 = pt.astype(q_ref.dtype)
 
@@ -349,7 +411,8 @@ def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref
 
       dv = lax.fori_loop(0, steps, step, _zeros((R, v_ref.shape[3])))
       sync()                                # both warpgroups are done with this item's K and V
-      store([(v_smem, dv.astype(dv_ref.dtype), dv_ref.at[b, rows, kh])])
+      epilogue(is_local, sink_ids, [(v_smem, dv.astype(dv_ref.dtype), dv_ref.at[b, rows, kh])],
+               None if sink_ids is None else [(dv, partials[1].at[sink_rows])])
       sync()
 
     @pl.when(wg == 1)
@@ -364,9 +427,13 @@ def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref
         return dks
 
       dks = lax.fori_loop(0, steps, step, [_zeros((R, size)) for _, size in parts])
+      dks = [a * cfg.scale for a in dks]
       sync()
-      store([(k_smem[p], (a * cfg.scale).astype(dk_ref.dtype), dk_ref.at[b, rows, kh, pl.ds(off, size)])
-             for p, (a, (off, size)) in enumerate(zip(dks, parts))])
+      epilogue(is_local, sink_ids,
+               [(k_smem[p], a.astype(dk_ref.dtype), dk_ref.at[b, rows, kh, pl.ds(off, size)])
+                for p, (a, (off, size)) in enumerate(zip(dks, parts))],
+               None if sink_ids is None else
+               [(a, partials[0].at[(*sink_rows, pl.ds(off, size))]) for a, (off, size) in zip(dks, parts)])
       sync()
     return g + steps
 
@@ -377,12 +444,12 @@ def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref
         plgpu.barrier_wait(ds_free.at[parity(total - back)])
 
   def produce_item(w, g):
-    b, kt, kh, kb, nq, steps = info(w)
+    b, kh, _, q0, nq, steps, _, _ = info(w)
 
     def copy_step(j, slot):
       t = lax.div(j, jnp.int32(subs))
       h = kh * G + lax.div(t, nq)
-      rows = pl.ds((kb + lax.rem(t, nq)) * bk + lax.rem(j, jnp.int32(subs)) * R, R)
+      rows = pl.ds((q0 + lax.rem(t, nq)) * bk + lax.rem(j, jnp.int32(subs)) * R, R)
       for p, (off, size) in enumerate(parts):
         plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, pl.ds(off, size)], q_smem[p].at[slot], in_bar.at[slot])
       plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], in_bar.at[slot])
@@ -390,16 +457,20 @@ def _dkv_kernel(end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref
       plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot], in_bar.at[slot])
     return _stream(cfg, g, steps, free, copy_step)
 
-  _roles(cfg, B * K * (T // R), free, compute_item, produce_item, after_compute, cwg=2)
+  _roles(cfg, local_items + sink_items, free, compute_item, produce_item, after_compute, cwg=2)
 
 
-def dkv(q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT, end_BN, cfg: MosaicConfig):
-  """(dK [B, T, K, D], dV [B, T, K, E]) in the input dtype, local-window visits only."""
+def dkv(q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT, start_BN, end_BN, cfg: MosaicConfig,
+        with_sink: bool = False):
+  """(dK [B, T, K, D], dV [B, T, K, E]) in the input dtype from the local-window visits, and
+  with_sink: also the fp32 sink partials (dK [B, K, chunks, sink, tile, D], dV [..., E]) in
+  the layout of ssa_bwd.sink_partials, from the same launch."""
   B, T, K, D = k_BTKD.shape
   E = v_BTKE.shape[3]
   dt = q_BTHD.dtype
   cfg = dataclasses.replace(cfg, slots=cfg.dkv_slots)
   S, R, parts = cfg.slots, ROWS_PER_WG, cfg.d_parts
+  sink_items = _sink_items(cfg, B, T, K) if with_sink else 0
   rows_f32 = plgpu.SMEM((S, R), jnp.float32)
   one = lambda n=1: plgpu.Barrier(num_arrivals=n)
   two = plgpu.Barrier(num_arrivals=1, num_barriers=2)
@@ -407,5 +478,11 @@ def dkv(q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT, end_BN, cfg: Mosaic
              rows_f32, rows_f32, _smem((2, R, R), dt), _smem((R, R), dt) if cfg.interpret else None,
              (two, two, one(2)))
   out_type = (jax.ShapeDtypeStruct((B, T, K, D), dt), jax.ShapeDtypeStruct((B, T, K, E), dt))
-  return _launch(_dkv_kernel, cfg, B * K * (T // R), out_type, scratch, len(parts) + 1, len(parts) + 3,
-                 end_BN, q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT, name="mosaic_attention_bwd_dkv", cwg=2)
+  if sink_items:
+    chunks = -(-(T // cfg.tile) // sink_chunk(cfg))
+    out_type += tuple(jax.ShapeDtypeStruct((B, K, chunks, cfg.sink, cfg.tile, X), jnp.float32) for X in (D, E))
+  kernel = functools.partial(_dkv_kernel, sink_items=sink_items)
+  outs = _launch(kernel, cfg, B * K * (T // R) + sink_items, out_type, scratch, len(parts) + 1, len(parts) + 3,
+                 start_BN, end_BN, q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT,
+                 name="mosaic_attention_bwd_dkv", cwg=2)
+  return tuple(outs[:2]), (tuple(outs[2:]) if sink_items else None)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas import flash_attention, mosaic_attention, mosaic_bwd, mosaic_fwd
+from kernels_pallas import flash, flash_attention, mosaic_attention, mosaic_bwd, mosaic_fwd, ssa_bwd, tiling
 from kernels_pallas.mosaic_attention import unsupported_reason, unsupported_reason_interpret
 from loza_jax import attention as A
 
@@ -87,7 +87,8 @@ def test_persistent_ctas_cover_every_item(rng, ctas):
 @pytest.mark.parametrize("ctas,dkv_slots", [(1, 3), (3, 2), (2, 4)])
 def test_backward_persistent_ctas_cover_every_item(rng, ctas, dkv_slots):
   """The dQ and dK/dV kernels with CTAs looping over several items (rings, exchange buffers
-  and their barrier phases carry across items) equal one CTA per item."""
+  and their barrier phases carry across items, local and sink items of dK/dV) equal one CTA
+  per item."""
   q, k, v, _, _ = random_inputs(rng, 2, 512, 2, 1, 192, 128, jnp.bfloat16)
   o, do = (jnp.asarray(rng.standard_normal((2, 512, 2, 128)), jnp.bfloat16) for _ in range(2))
   lse = jnp.asarray(rng.standard_normal((2, 2, 512)) + 4.0, jnp.float32)
@@ -98,9 +99,10 @@ def test_backward_persistent_ctas_cover_every_item(rng, ctas, dkv_slots):
   few = dataclasses.replace(cfg, ctas=ctas, dkv_slots=dkv_slots)
   dq_one, delta_one = mosaic_bwd.dq(q, k, v, o, do, lse, dlse, start, cfg)
   dq_few, delta_few = mosaic_bwd.dq(q, k, v, o, do, lse, dlse, start, few)
-  dkv_one = mosaic_bwd.dkv(q, k, v, do, lse, delta_one, end, cfg)
-  dkv_few = mosaic_bwd.dkv(q, k, v, do, lse, delta_one, end, few)
-  for one, more in ((dq_one, dq_few), (delta_one, delta_few), *zip(dkv_one, dkv_few)):
+  (dk_one, dv_one), sink_one = mosaic_bwd.dkv(q, k, v, do, lse, delta_one, start, end, cfg, with_sink=True)
+  (dk_few, dv_few), sink_few = mosaic_bwd.dkv(q, k, v, do, lse, delta_one, start, end, few, with_sink=True)
+  pairs = ((dq_one, dq_few), (delta_one, delta_few), (dk_one, dk_few), (dv_one, dv_few), *zip(sink_one, sink_few))
+  for one, more in pairs:
     assert np.isfinite(np.asarray(one, np.float32)).all()
     np.testing.assert_array_equal(np.asarray(more), np.asarray(one))
   want = jnp.einsum("bthe,bthe->bht", o.astype(jnp.float32), do.astype(jnp.float32)) - dlse
@@ -136,3 +138,30 @@ def test_unknown_backward_is_named(rng):
   q, k, v, _, _ = random_inputs(rng, 1, 256, 2, 1, 64, 64, jnp.bfloat16)
   with pytest.raises(ValueError, match=r"backward must be one of .*'mosaic_dq'.*got 'cudnn'"):
     flash_attention(q, k, v, scale=0.1, block_size=64, interpret=True, forward="mosaic", backward="cudnn")
+
+
+@pytest.mark.parametrize("T,local,sink,block", [(1024, 2, 1, 128), (768, 1, 2, 64)])
+def test_dkv_sink_items_match_the_triton_sink_partials(rng, T, local, sink, block):
+  """The Mosaic dK/dV kernel's sink items give the Triton sink kernel's fp32 partials (same
+  layout, chunks and documents), and its local results do not change with them."""
+  B, H, K, D, E = 1, 4, 2, 192, 128
+  q, k, v, _, _ = random_inputs(rng, B, T, H, K, D, E, jnp.bfloat16)
+  do = jnp.asarray(rng.standard_normal((B, T, H, E)), jnp.bfloat16)
+  lse = jnp.asarray(rng.standard_normal((B, H, T)) + 5.0, jnp.float32)
+  delta = jnp.asarray(rng.standard_normal((B, H, T)), jnp.float32)
+  seg = np.ones((B, T), np.int32)
+  seg[:, T // 2:] = 2                      # two documents, the second starting at a block boundary
+  start, end = tiling.tile_layout(jnp.asarray(seg), block)
+  cfg = flash.make_config(q, k, v, scale=0.1, block_size=block, sink_blocks=sink, local_blocks=local,
+                          interpret=True, backward="mosaic")
+  assert flash.needs_sink_pass(cfg)
+  (dk, dv), (pk, pv) = mosaic_bwd.dkv(q, k, v, do, lse, delta, start, end, cfg.mosaic, with_sink=True)
+  (dk0, dv0), none = mosaic_bwd.dkv(q, k, v, do, lse, delta, start, end, cfg.mosaic)
+  assert none is None
+  np.testing.assert_array_equal(np.asarray(dk), np.asarray(dk0))
+  np.testing.assert_array_equal(np.asarray(dv), np.asarray(dv0))
+  want_k, want_v = ssa_bwd.sink_partials(q, k, v, do, lse, delta, start, end, cfg)
+  for got, want in ((pk, want_k), (pv, want_v)):
+    assert got.shape == want.shape and np.isfinite(np.asarray(got)).all()
+    assert float(jnp.max(jnp.abs(want))) > 0
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(want))))
