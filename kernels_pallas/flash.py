@@ -114,8 +114,8 @@ def flash_attention(q_BTHD, k_BTKD, v_BTKE, segment_ids_BT=None, *, scale: float
   skips it). Document positions are derived from the segment ids. `tiles` overrides the
   per-kernel launch shapes ({"fwd" | "dq" | "dkv": Tiles}). forward="mosaic" / backward="mosaic"
   run that pass with the Mosaic GPU kernels (Hopper; mosaic_fwd.input_problem lists their
-  limits); backward="mosaic_dq" runs only dQ on Mosaic. The sink's dK/dV partials always run
-  on the Triton kernel.
+  limits); backward="mosaic_dq" runs only dQ on Mosaic (and the sink's dK/dV partials on the
+  Triton sink kernel; "mosaic" runs them inside its dK/dV kernel).
   """
   problem = input_problem(q_BTHD, k_BTKD, v_BTKE, block_size)
   if problem:

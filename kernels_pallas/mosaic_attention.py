@@ -1,10 +1,10 @@
 """Adapters from loza_jax.attention's impl registry to the Mosaic GPU kernels.
 
 `pallas_mosaic` runs the forward pass with kernels_pallas/mosaic_fwd.py (Hopper wgmma, warp
-specialised) and the backward pass with BACKWARD = "mosaic_dq": the Mosaic dQ kernel
-(mosaic_bwd.py) with the Triton dK/dV and sink kernels. On an H100 at T=128K, SSA fwd+bwd
-took 13.21-13.39 ms this way, 13.13-13.31 ms with the Mosaic dK/dV too (a tie), and
-14.12-14.54 ms with the Triton backward (kernels_pallas/README.md). Tiles are the SSA block
+specialised) and the backward pass with BACKWARD = "mosaic": the Mosaic dQ kernel and the
+Mosaic dK/dV kernel, which also takes the sink visits (mosaic_bwd.py). On an H100 at T=128K,
+SSA fwd+bwd took 12.72 ms this way, 13.30 ms with Mosaic dQ + Triton dK/dV and sink kernels
+("mosaic_dq") and 14.42 ms with the Triton backward, in one run (kernels_pallas/README.md). Tiles are the SSA block
 (Full: FULL_TILE). Interpret mode runs on CPU with Full on 64-row tiles.
 """
 from __future__ import annotations

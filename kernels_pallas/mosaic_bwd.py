@@ -10,8 +10,10 @@ TMA into a ring of shared-memory slots.
   stay in registers.
 - dkv: items (batch row, kv head, 64 keys), two compute warpgroups with a one-way hand-off.
   Resident: the keys and values; streamed: q, dO, lse and delta tiles of every query head of
-  the group and every query block that sees the keys through its local window (the sink
-  visits beyond the window are the Triton sink-partial kernel's, as in the Triton backward).
+  the group and every query block that sees the keys through its local window. With
+  with_sink, sink items follow: a 64-key tile of a document's sink block and the query blocks
+  of one chunk (ssa_bwd.sink_chunk) past its window, each writing an fp32 partial in the
+  layout of the Triton sink kernel, which the caller sums (ssa_bwd.add_sink_partials).
   Warpgroup 0 computes Sᵀ, dPᵀ, Pᵀ, dSᵀ and dV; warpgroup 1 accumulates dK from dSᵀ, which
   it receives through shared memory. (Versions that kept all of dK and dV in each warpgroup, or
   exchanged Pᵀ and dSᵀ both ways, ran at 8.4 and 5.4–6.8 ms on an H100 at T=128K: NOTES.md.)
