@@ -3,7 +3,7 @@
     python -m benchmarks.attention [--seqs 8192,32768,131072,262144] [--out DIR] [--quick]
 
 B=1, H=16, D=192, E=128, bf16, random normal inputs. "ours" runs what impl="pallas_mosaic"
-runs: the Mosaic GPU forward and mosaic_attention.BACKWARD (Mosaic dQ, Triton dK/dV); "(triton)"
+runs: the Mosaic GPU forward and the backward named by mosaic_attention.BACKWARD; "(triton)"
 rows run the Triton forward and backward. Each row: median ms per call (calls
 issued back to back within a trial, warm-up and compilation excluded), effective TFLOP/s
 counting only unmasked (query, key) pairs (fwd+bwd counted as 3.5x the forward, as in

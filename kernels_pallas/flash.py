@@ -69,7 +69,7 @@ def tiles_problem(tiles: dict, block_size: int) -> str | None:
 
 
 FORWARDS = ("triton", "mosaic")
-BACKWARDS = ("triton", "mosaic", "mosaic_dq")   # mosaic_dq: Mosaic dQ, Triton dK/dV
+BACKWARDS = ("triton", "mosaic", "mosaic_dq")   # mosaic_dq: Mosaic dQ, Triton dK/dV and sink
 
 
 def make_config(q_BTHD, k_BTKD, v_BTKE, *, scale, block_size, sink_blocks, local_blocks, interpret,

@@ -98,7 +98,7 @@ def test_mosaic_backward_real_size(rng, case):
 
 @pytest.mark.parametrize("case", list(MOSAIC_CASES))
 def test_mosaic_forward_real_size(rng, case):
-  """pallas_mosaic (Mosaic GPU forward, Mosaic dQ + Triton dK/dV), MLA head dims, bf16, vs XLA in fp32."""
+  """pallas_mosaic (Mosaic GPU forward, mosaic_attention.BACKWARD backward), MLA head dims, bf16, vs XLA in fp32."""
   pattern, B, T, K, max_docs, block = MOSAIC_CASES[case]
   _, _, errs = compare_to_reference(rng, "pallas_mosaic", pattern, B, T, MLA["H"], K, MLA["D"], MLA["E"],
                                     jnp.bfloat16, max_docs, lse_cot=True, ref_impl="xla", block=block)

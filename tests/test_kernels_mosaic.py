@@ -25,8 +25,8 @@ from attention_checks import TOL, assert_close, assert_lse_close, compare_to_ref
 KERNEL = "pallas_mosaic_interpret"
 BACKWARD_IMPL = "test_mosaic_backward_interpret_{}"
 
-# Mosaic forward with backward="mosaic" (dQ, local dK/dV; Triton sink partials) or "mosaic_dq"
-# (Mosaic dQ, Triton dK/dV), interpreted.
+# Mosaic forward with backward="mosaic" (dQ, dK/dV with the sink items) or "mosaic_dq"
+# (Mosaic dQ, Triton dK/dV and sink kernels), interpreted.
 for _bwd in ("mosaic", "mosaic_dq"):
   A.register(A.Impl(BACKWARD_IMPL.format(_bwd), functools.partial(mosaic_attention.run, interpret=True, backward=_bwd),
                     platforms=("cpu", "gpu"), priority=-30, check=unsupported_reason_interpret))
