@@ -261,7 +261,7 @@ def dq(q_BTHD, k_BTKD, v_BTKE, o_BTHE, do_BTHE, lse_BHT, dlse_BHT, start_BN, cfg
 
 
 # ------------------------------------------------------------------------------------------
-# dK / dV (local window)
+# dK / dV (local window, and the sink visits as extra items)
 
 
 def _query_blocks(cfg: MosaicConfig, kb, end):
