@@ -270,11 +270,16 @@ def _query_blocks(cfg: MosaicConfig, kb, end):
   return jnp.where(end >= 0, last - kb + 1, 0)
 
 
+def _sink_chunks(cfg: MosaicConfig, T: int) -> int:
+  """Query-block chunks of the sink split (as the Triton sink kernel's)."""
+  return -(-(T // cfg.tile) // sink_chunk(cfg))
+
+
 def _sink_items(cfg: MosaicConfig, B: int, T: int, K: int) -> int:
   """Sink work items of the dK/dV kernel: (row, chunk, sink block, 64 keys, kv head)."""
   if cfg.local is None or cfg.sink == 0:
     return 0
-  return B * -(-(T // cfg.tile) // sink_chunk(cfg)) * cfg.sink * (cfg.tile // ROWS_PER_WG) * K
+  return B * _sink_chunks(cfg, T) * cfg.sink * (cfg.tile // ROWS_PER_WG) * K
 
 
 def _sink_item(cfg: MosaicConfig, ws, start_ref, end_ref, K: int, chunks: int):
@@ -329,7 +334,7 @@ def _dkv_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
       return b, kh, kt * R, kb, nq, G * nq * subs, True, None
     is_local = w < local_items
     sb, sc, sr, ssub, skh, sk0, slo, snq = _sink_item(cfg, jnp.maximum(w - local_items, 0), start_ref, end_ref, K,
-                                                      partials[0].shape[2])
+                                                      _sink_chunks(cfg, T))
     pick = lambda x, y: jnp.where(is_local, x, y)
     nq = pick(nq, snq)
     return (pick(b, sb), pick(kh, skh), pick(kt * R, sk0), pick(kb, slo), nq, G * nq * subs, is_local,
@@ -481,8 +486,8 @@ def dkv(q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT, start_BN, end_BN, c
              (two, two, one(2)))
   out_type = (jax.ShapeDtypeStruct((B, T, K, D), dt), jax.ShapeDtypeStruct((B, T, K, E), dt))
   if sink_items:
-    chunks = -(-(T // cfg.tile) // sink_chunk(cfg))
-    out_type += tuple(jax.ShapeDtypeStruct((B, K, chunks, cfg.sink, cfg.tile, X), jnp.float32) for X in (D, E))
+    shape = (B, K, _sink_chunks(cfg, T), cfg.sink, cfg.tile)
+    out_type += tuple(jax.ShapeDtypeStruct((*shape, X), jnp.float32) for X in (D, E))
   kernel = functools.partial(_dkv_kernel, sink_items=sink_items)
   outs = _launch(kernel, cfg, B * K * (T // R) + sink_items, out_type, scratch, len(parts) + 1, len(parts) + 3,
                  start_BN, end_BN, q_BTHD, k_BTKD, v_BTKE, do_BTHE, lse_BHT, delta_BHT,

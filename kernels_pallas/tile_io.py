@@ -47,7 +47,7 @@ class KernelConfig:
   mosaic: object = None          # mosaic_fwd.MosaicConfig of the Mosaic GPU kernels, if any runs
   mosaic_fwd: bool = False       # forward on Mosaic GPU
   mosaic_dq: bool = False        # dQ on Mosaic GPU
-  mosaic_dkv: bool = False       # local dK/dV on Mosaic GPU
+  mosaic_dkv: bool = False       # dK/dV (local and sink visits) on Mosaic GPU
 
   @property
   def ragged(self) -> bool:

@@ -1,7 +1,7 @@
 """Mosaic GPU kernels (kernels_pallas/mosaic_fwd.py, mosaic_bwd.py) in the GPU interpreter (CPU).
 
-Forward values and lse come from the Mosaic kernel; gradients from the Triton backward kernels
-(pallas_mosaic) or from the Mosaic backward (backward="mosaic"), all interpreted, against the
+Forward values and lse come from the Mosaic kernel; gradients from pallas_mosaic's backward
+(mosaic_attention.BACKWARD) or from the other backward choices, all interpreted, against the
 dense XLA oracle with fresh random inputs per case. The
 interpreter starts buffers as NaN and raises on out-of-bounds reads, so unwritten outputs and
 bad tile addressing fail; it also checks that every barrier phase is observed.
@@ -25,9 +25,10 @@ from attention_checks import TOL, assert_close, assert_lse_close, compare_to_ref
 KERNEL = "pallas_mosaic_interpret"
 BACKWARD_IMPL = "test_mosaic_backward_interpret_{}"
 
-# Mosaic forward with backward="mosaic" (dQ, dK/dV with the sink items) or "mosaic_dq"
-# (Mosaic dQ, Triton dK/dV and sink kernels), interpreted.
-for _bwd in ("mosaic", "mosaic_dq"):
+# Mosaic forward with the backward choices that pallas_mosaic (KERNEL, whose gradients the
+# forward test checks) does not run, interpreted.
+OTHER_BACKWARDS = [b for b in flash.BACKWARDS if b != mosaic_attention.BACKWARD]
+for _bwd in OTHER_BACKWARDS:
   A.register(A.Impl(BACKWARD_IMPL.format(_bwd), functools.partial(mosaic_attention.run, interpret=True, backward=_bwd),
                     platforms=("cpu", "gpu"), priority=-30, check=unsupported_reason_interpret))
 
@@ -47,10 +48,10 @@ def test_mosaic_forward_matches_dense_oracle(rng, case):
                        lead_pad=case.startswith("ssa_block64"))
 
 
-@pytest.mark.parametrize("case,backward", [("ssa_mla_block128_gqa_docs", "mosaic"), ("ssa_block64_sink2_docs", "mosaic"),
-                                          ("full_d128_docs", "mosaic"), ("ssa_mla_block128_gqa_docs", "mosaic_dq")])
+@pytest.mark.parametrize("backward", OTHER_BACKWARDS)
+@pytest.mark.parametrize("case", ["ssa_mla_block128_gqa_docs"])
 def test_mosaic_backward_matches_dense_oracle(rng, case, backward):
-  """The Mosaic dQ and local dK/dV kernels (with the Triton sink partials) against the oracle."""
+  """The Mosaic forward with each backward choice other than pallas_mosaic's against the oracle."""
   pattern, B, T, H, K, D, E, dtype, max_docs = CASES[case]
   block = pattern.block_size if isinstance(pattern, A.SSA) else 64
   compare_to_reference(rng, BACKWARD_IMPL.format(backward), pattern, B, T, H, K, D, E, dtype, max_docs, lse_cot=True,
