@@ -203,7 +203,7 @@ def calibrate(stage_cfg: Config, init: str | Path, *, print_fn=None, return_para
 
 def main(argv: Sequence[str] | None = None) -> int:
   ap, _, cfg, init = cli.parse_stage(__doc__.splitlines()[0], argv, "calibrate", "model directory to calibrate")
-  summary = cli.run_or_exit(ap, calibrate, cfg, init, print_fn=tqdm.write)
+  summary = cli.run_or_exit(ap, calibrate, cfg, init, print_fn=tqdm.write, lock=cfg.train.run_dir)
   print(markdown(summary))
   print(f"wrote {Path(cfg.train.run_dir) / 'calibration.json'} and alpha.png")
   return 0

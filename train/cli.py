@@ -7,6 +7,7 @@ import sys
 from typing import Sequence
 
 from loza_jax.config import Config, load_config
+from train import rundir
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -54,9 +55,11 @@ def parse_stage(description: str, argv: Sequence[str] | None, section: str, what
   return ap, args, cfg, init
 
 
-def run_or_exit(ap: argparse.ArgumentParser, fn, *args, **kwargs):
-  """fn(*args, **kwargs); a ValueError/FileNotFoundError (bad input) exits 2 with its message."""
+def run_or_exit(ap: argparse.ArgumentParser, fn, *args, lock: str | None = None, **kwargs):
+  """fn(*args, **kwargs) holding the lock of run directory `lock` (when given); bad input
+  (ValueError, FileNotFoundError, FileExistsError) and a busy run directory exit 2 with the message."""
   try:
-    return fn(*args, **kwargs)
-  except (ValueError, FileNotFoundError) as e:
+    with rundir.locked(lock):
+      return fn(*args, **kwargs)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
     ap.exit(2, f"error: {e}\n")

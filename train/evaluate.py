@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "evaluate.models)")
   args, cfg = cli.parse(__doc__.splitlines()[0], argv, ap)
   models = list(cfg.evaluate.models) + args.model
-  out = cli.run_or_exit(ap, evaluate, cfg, models, cfg.evaluate.names or None)
+  out = cli.run_or_exit(ap, evaluate, cfg, models, cfg.evaluate.names or None, lock=cfg.train.run_dir)
   print(out["markdown"])
   print(f"wrote {Path(cfg.train.run_dir) / 'eval.json'}, eval.md and {', '.join(out['plots'])}")
   return 0

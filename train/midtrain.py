@@ -114,7 +114,7 @@ def midtrain(cfg: Config, init: str | Path, *, hooks: Sequence[Callable] = (), p
 
 def main(argv: Sequence[str] | None = None, hooks: Sequence[Callable] = ()) -> int:
   ap, _, cfg, init = cli.parse_stage(__doc__.splitlines()[0], argv, "midtrain", "sparse model directory")
-  out = cli.run_or_exit(ap, midtrain, cfg, init, hooks=hooks, print_fn=tqdm.write)
+  out = cli.run_or_exit(ap, midtrain, cfg, init, hooks=hooks, print_fn=tqdm.write, lock=cfg.train.run_dir)
   print(f"mid-trained model -> {out}")
   return 0
 

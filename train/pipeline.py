@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   overrides = list(args.set) + ([f"train.run_dir={args.run_dir}"] if args.run_dir else [])
   if not cfg.midtrain.stages:
     ap.exit(2, "error: midtrain.stages is empty; the pipeline needs at least one mid-training stage\n")
-  path = cli.run_or_exit(ap, run_pipeline, cfg, args.config, overrides, args.init)
+  path = cli.run_or_exit(ap, run_pipeline, cfg, args.config, overrides, args.init, lock=cfg.train.run_dir)
   print(path.read_text())
   print(f"report -> {path}")
   return 0

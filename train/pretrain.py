@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from loza_jax.sharding import maybe_initialize_distributed
-from train import cli
+from train import cli, rundir
 from train import data as data_lib
 from train.checkpoint import export_model
 from train.trainer import Trainer
@@ -42,6 +42,15 @@ def unigram_baseline(batches, vocab_size: int) -> float:
 def main(argv: Sequence[str] | None = None, hooks: Sequence[Callable] = ()) -> int:
   args, cfg = cli.parse(__doc__.splitlines()[0], argv)
   maybe_initialize_distributed(cfg.mesh)
+  try:
+    with rundir.locked(cfg.train.run_dir):
+      return pretrain(cfg, hooks)
+  except rundir.RunDirLocked as e:
+    raise SystemExit(f"error: {e}") from None
+
+
+def pretrain(cfg, hooks: Sequence[Callable] = ()) -> int:
+  """Train, evaluate on held-out text and export the model; 0 when done, 1 when training stopped early."""
   t0 = time.perf_counter()
   lead = jax.process_index() == 0
   say = tqdm.write if lead else (lambda _: None)
