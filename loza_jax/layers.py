@@ -91,7 +91,3 @@ def final_output(module: nn.Module, embed: nn.Embed, x_BTM, c: ModelConfig, retu
   x_BTM = RMSNorm(c.rms_norm_eps, dtype_of(c.dtype), dtype_of(c.param_dtype), name="norm")(x_BTM)
   return x_BTM if return_hidden else output_logits(module, embed, x_BTM, c)
 
-
-def check_architecture(architecture: str, expected: str) -> None:
-  if architecture != expected:
-    raise ValueError(f"this module implements architecture {expected!r}, config says {architecture!r}")

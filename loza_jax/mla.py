@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from loza_jax import attention as attn
+from loza_jax import cache as kv_cache
 from loza_jax import rope
 from loza_jax.config import AttentionConfig, ModelConfig
 from loza_jax.layers import Dense, RMSNorm, constrain, dtype_of
@@ -23,7 +24,8 @@ class MLA(nn.Module):
   kv_latent_scale: float = 1.0
 
   @nn.compact
-  def __call__(self, x_BTM, segment_ids_BT, positions_BT):
+  def __call__(self, x_BTM, segment_ids_BT, positions_BT, kv=None, step=None):
+    """Training/eval forward -> [B, T, M]; with a cache entry `kv` and a `Step` -> ([B, T, M], new kv)."""
     c = self.cfg
     B, T, _ = x_BTM.shape
     H, K = c.num_attention_heads, c.kv_heads
@@ -43,20 +45,28 @@ class MLA(nn.Module):
 
     kv_a = Dense(c.kv_lora_rank + R, ("embed", "kv_lora"), name="kv_a_proj_with_mqa", **kw)(x_BTM)
     kv_lat, k_rope_BTR = kv_a[..., :c.kv_lora_rank], kv_a[..., c.kv_lora_rank:]
-    kv_lat = norm("kv_a_layernorm")(kv_lat) * self.kv_latent_scale
-    kv = Dense(K * (Dn + E), ("kv_lora", "kv_heads"), name="kv_b_proj", **kw)(kv_lat).reshape(B, T, K, Dn + E)
-    k_nope_BTKD, v_BTKE = kv[..., :Dn], kv[..., Dn:]
+    ckv_BTC = norm("kv_a_layernorm")(kv_lat) * self.kv_latent_scale
+    kv_b = Dense(K * (Dn + E), ("kv_lora", "kv_heads"), name="kv_b_proj", **kw)
 
     inv_freq, att_factor = rope.inv_frequencies(R, c.rope_theta, c.rope_scaling)
-    q_rope = rope.apply_rope(q_BTHD[..., Dn:], positions_BT, inv_freq, att_factor, c.rope_interleave)
-    k_rope = rope.apply_rope(k_rope_BTR[:, :, None, :], positions_BT, inv_freq, att_factor, c.rope_interleave)
-    q_BTHD = jnp.concatenate([q_BTHD[..., :Dn], q_rope], axis=-1)
-    k_BTKD = jnp.concatenate([k_nope_BTKD, jnp.broadcast_to(k_rope, (B, T, K, R)).astype(k_nope_BTKD.dtype)], -1)
+    q_rope_BTHR = rope.apply_rope(q_BTHD[..., Dn:], positions_BT, inv_freq, att_factor, c.rope_interleave)
+    k_rope_BT1R = rope.apply_rope(k_rope_BTR[:, :, None, :], positions_BT, inv_freq, att_factor, c.rope_interleave)
+    scale = rope.softmax_scale(c.qk_head_dim, c.rope_scaling)
+    o_proj = Dense(x_BTM.shape[-1], ("heads", "embed"), name="o_proj", **kw)
+
+    if kv is not None:
+      o_BTHE, kv = self._cached(q_BTHD[..., :Dn], q_rope_BTHR, ckv_BTC, k_rope_BT1R[:, :, 0], kv_b, positions_BT,
+                                scale, kv, step)
+      return o_proj(o_BTHE.astype(dt).reshape(B, T, H * E)), kv
+
+    kv = kv_b(ckv_BTC).reshape(B, T, K, Dn + E)
+    k_nope_BTKD, v_BTKE = kv[..., :Dn], kv[..., Dn:]
+    q_BTHD = jnp.concatenate([q_BTHD[..., :Dn], q_rope_BTHR], axis=-1)
+    k_BTKD = jnp.concatenate([k_nope_BTKD, jnp.broadcast_to(k_rope_BT1R, (B, T, K, R)).astype(k_nope_BTKD.dtype)], -1)
     q_BTHD = constrain(q_BTHD, ("batch", "length", "act_heads", None))
     k_BTKD = constrain(k_BTKD, ("batch", "length", "act_kv_heads", None))
     v_BTKE = constrain(v_BTKE, ("batch", "length", "act_kv_heads", None))
 
-    scale = rope.softmax_scale(c.qk_head_dim, c.rope_scaling)
     run = lambda pattern: attn.attention(q_BTHD, k_BTKD, v_BTKE, pattern=pattern, segment_ids=segment_ids_BT,
                                          positions=positions_BT, scale=scale, impl=self.acfg.impl)
     if self.layer_type == "full":
@@ -75,4 +85,58 @@ class MLA(nn.Module):
     else:
       raise ValueError(f"layer_type must be one of full|ssa|blend, got {self.layer_type!r}")
     o_BTHE = constrain(o_BTHE, ("batch", "length", "act_heads", None))
-    return Dense(x_BTM.shape[-1], ("heads", "embed"), name="o_proj", **kw)(o_BTHE.reshape(B, T, H * E))
+    return o_proj(o_BTHE.reshape(B, T, H * E))
+
+  def _cached(self, q_nope_BTHD, q_rope_BTHR, ckv_BTC, krope_BTR, kv_b, positions_BT, scale, kv, step):
+    """Attention through the cache: prefill chunks use the attention kernels for their own keys and
+    the absorbed form for earlier ones; decode uses the absorbed form over the whole cache."""
+    c, a = self.cfg, self.acfg
+    B, T, H, Dn = q_nope_BTHD.shape
+    K, E = c.kv_heads, c.v_head_dim
+    if self.layer_type not in ("full", "ssa"):
+      raise ValueError(f"a {self.layer_type!r} sublayer cannot be served from a cache: sparsify the model first")
+    pattern = attn.Full() if self.layer_type == "full" else ssa_pattern(a)
+    sink, local = a.sink_blocks * a.block_size, a.local_blocks * a.block_size
+    if self.layer_type == "full":
+      new_kv = kv_cache.write_full(kv, ckv_BTC, krope_BTR, step)
+    else:
+      new_kv = kv_cache.write_ring(kv, ckv_BTC, krope_BTR, step, sink, local)
+
+    # Absorbed projections: W_uk [C, H, Dn] maps queries into the latent space, W_uv [C, H, E] maps back.
+    w = nn.unbox(kv_b.variables["params"]["kernel"]).astype(q_nope_BTHD.dtype)
+    w = jnp.repeat(w.reshape(-1, K, Dn + E), H // K, axis=1)
+    w_uk, w_uv = w[..., :Dn], w[..., Dn:]
+    latent = lambda entry, k_pos_BS: kv_cache.latent_attention(
+        jnp.einsum("bthd,chd->bthc", q_nope_BTHD, w_uk), q_rope_BTHR, entry["ckv"], entry["krope"],
+        positions_BT, k_pos_BS, pattern, scale)
+    key_pos = lambda entry: (entry["pos"] if "pos" in entry
+                             else jnp.broadcast_to(jnp.arange(entry["ckv"].shape[1]), entry["ckv"].shape[:2]))
+    to_heads = lambda o_lat: jnp.einsum("bthc,che->bthe", o_lat, w_uv.astype(jnp.float32))
+
+    if step.decode:
+      o_lat, _ = latent(new_kv, key_pos(new_kv))
+      return to_heads(o_lat), new_kv
+
+    kvx = kv_b(ckv_BTC).reshape(B, T, K, Dn + E)
+    q = jnp.concatenate([q_nope_BTHD, q_rope_BTHR], -1)
+    k = jnp.concatenate([kvx[..., :Dn], jnp.broadcast_to(krope_BTR[:, :, None], (B, T, K, krope_BTR.shape[-1]))
+                         .astype(kvx.dtype)], -1)
+    v = kvx[..., Dn:]
+    own = kv_cache.chunk_pattern(pattern, step.start)
+    if step.start == 0:
+      return attn.attention(q, k, v, pattern=own, scale=scale, impl=a.impl), new_kv
+    o_own, lse_own = attn.attention_with_lse(q, k, v, pattern=own, scale=scale, impl=a.impl)
+    past = kv if self.layer_type == "ssa" else {n: x[:, :step.start] for n, x in kv.items()}
+    o_lat, lse_past = latent(past, key_pos(past))
+    return kv_cache.merge(o_own, lse_own, to_heads(o_lat), lse_past), new_kv
+
+
+def attend(mla: MLA, h_BTM, segment_ids_BT, positions_BT, kv, step):
+  """Run one MLA sublayer with or without its cache entry; kv is a 1-tuple of entries or None.
+
+  Returns (output [B, T, M], (new entry,) or None), so layers thread caches without branching.
+  """
+  if kv is None:
+    return mla(h_BTM, segment_ids_BT, positions_BT), None
+  o, entry = mla(h_BTM, segment_ids_BT, positions_BT, kv[0], step)
+  return o, (entry,)
