@@ -204,13 +204,15 @@ class DataConfig:
   text_key: str = "text"            # JSONL / Parquet field holding the document text
   tokenizer: str = "byte"           # byte | path to a HuggingFace tokenizer.json
   seq_len: int = 256                # packed row length; a multiple of attention.block_size
-  chunk_bytes: int = 0              # split documents into pieces of this many bytes; 0 = auto from seq_len
+  chunk_bytes: int = 0              # split documents into pieces of this many bytes; 0 = seq_len tokens at the
+                                    # tokenizer's bytes/token measured on training text
   retrieval_fraction: float = 0.0   # share of documents that are synthetic retrieval tasks
   retrieval_tasks: tuple[str, ...] = RETRIEVAL_TASKS
   retrieval_lengths: tuple[int, ...] = ()   # task lengths in tokens; () = seq_len
   retrieval_loss: str = "answer"    # answer: loss only on the answer span | all: on the whole task text
   shuffle: bool = True
-  heldout_every: int = 50           # every N-th text chunk is held out of training for evaluation; 0 = none
+  heldout_fraction: float = 0.02    # share of whole documents (by a stable hash of their id) held out of
+                                    # training for evaluation, whatever the seq_len; 0 = none
   seed: int = 0
 
   def __post_init__(self):
@@ -220,8 +222,8 @@ class DataConfig:
       raise ValueError("data.paths: source 'files' needs at least one path (.jsonl, .txt, .parquet or a directory)")
     if self.seq_len < 2:
       raise ValueError(f"data.seq_len must be >= 2, got {self.seq_len}")
-    if self.heldout_every < 0 or self.heldout_every == 1:
-      raise ValueError(f"data.heldout_every must be 0 (no held-out split) or >= 2, got {self.heldout_every}")
+    if not 0.0 <= self.heldout_fraction < 1.0:
+      raise ValueError(f"data.heldout_fraction must be in [0, 1) (0 = no held-out split), got {self.heldout_fraction}")
     if self.chunk_bytes < 0:
       raise ValueError(f"data.chunk_bytes must be >= 0, got {self.chunk_bytes}")
     if not 0.0 <= self.retrieval_fraction <= 1.0:
@@ -292,10 +294,19 @@ class CalibrateConfig:
   seq_len: int = 0                  # 0 = data.seq_len
   batch_size: int = 0               # 0 = train.batch_size
   ratio: float = 0.5                # share of sublayers previewed as SSA in calibration.json / alpha.png
+  loss_mask: str = "answer"         # answer: fit only where the next token is a retrieval answer token | all:
+                                    # every non-padding token
+  retrieval_fraction: float = 1.0   # share of calibration documents that are retrieval tasks (calibrate.seq_len long)
 
   def __post_init__(self):
     if self.objective not in ("distill", "lm"):
       raise ValueError(f"calibrate.objective: {self.objective!r} is not 'distill' or 'lm'")
+    if self.loss_mask not in ("answer", "all"):
+      raise ValueError(f"calibrate.loss_mask: {self.loss_mask!r} is not 'answer' or 'all'")
+    if not 0.0 <= self.retrieval_fraction <= 1.0:
+      raise ValueError(f"calibrate.retrieval_fraction must be in [0, 1], got {self.retrieval_fraction}")
+    if self.loss_mask == "answer" and self.retrieval_fraction == 0:
+      raise ValueError("calibrate.loss_mask=answer needs retrieval tasks: calibrate.retrieval_fraction is 0")
     if self.steps < 1 or self.seq_len < 0 or self.batch_size < 0 or self.warmup_steps < 0:
       raise ValueError("calibrate: steps must be >= 1 and seq_len, batch_size, warmup_steps >= 0")
     if self.alpha_l1 < 0 or self.learning_rate <= 0:
@@ -353,7 +364,8 @@ class EvalConfig:
   depths: tuple[float, ...] = (0.1, 0.5, 0.9)
   tasks: tuple[str, ...] = ("passkey", "multikey", "multivalue", "vartrack")
   samples: int = 4                          # examples per (task, length, depth) cell
-  ppl_rows: int = 8                         # held-out rows of data.seq_len tokens for perplexity
+  ppl_rows: int = 8                         # held-out rows per perplexity length
+  ppl_lengths: tuple[int, ...] = ()         # perplexity on whole-length held-out pieces; () = evaluate.lengths
   ppl_buckets: int = 4                      # position buckets for perplexity
   batch_size: int = 8
   seed: int = 1234
@@ -365,6 +377,8 @@ class EvalConfig:
       raise ValueError("evaluate: lengths must be >= 8 tokens and depths in [0, 1]")
     if self.samples < 1 or self.ppl_rows < 0 or self.ppl_buckets < 1 or self.batch_size < 1:
       raise ValueError("evaluate: samples, ppl_buckets, batch_size must be >= 1 and ppl_rows >= 0")
+    if any(n < 2 for n in self.ppl_lengths):
+      raise ValueError(f"evaluate.ppl_lengths: every length must be >= 2 tokens, got {list(self.ppl_lengths)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Data pipeline: packing layout, determinism, per-process shards, retrieval tasks, source errors."""
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from train import data
 from tests.trainer_utils import tiny_cfg, write_jsonl
@@ -196,14 +198,206 @@ def test_hf_tokenizer_needs_the_package(tmp_path):
     data.load_tokenizer(str(tmp_path / "tokenizer.json"))
 
 
-def test_heldout_split_is_disjoint_from_training():
-  spans = np.stack([np.zeros(100, np.int64), np.arange(100) * 10, np.arange(100) * 10 + 10], 1)
-  train = data.split_spans(spans, 10, "train")
-  held = data.split_spans(spans, 10, "heldout")
-  assert len(train) == 90 and len(held) == 10
-  assert not set(map(tuple, train.tolist())) & set(map(tuple, held.tolist()))
-  np.testing.assert_array_equal(data.split_spans(spans, 0, "train"), spans)
+# ----------------------------------------------------------------------------------------
+# Held-out documents, needle placement, real lengths, input validation.
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+MARK = 0x100   # document i is written in the character chr(MARK + i) (2 UTF-8 bytes) plus spaces/newlines
+
+
+def shipped_seq_lens() -> list[int]:
+  """Every seq_len a stage of a shipped config trains or evaluates at."""
+  lens = set()
+  for path in CONFIGS:
+    c = yaml.safe_load(path.read_text())
+    lens.add(c.get("data", {}).get("seq_len", 256))
+    lens.add(c.get("calibrate", {}).get("seq_len") or c.get("data", {}).get("seq_len", 256))
+    lens |= {s["seq_len"] for s in c.get("midtrain", {}).get("stages", [])}
+    lens |= set(c.get("evaluate", {}).get("lengths", []))
+  return sorted(lens)
+
+
+def _marked_corpus(tmp_path, rng, n=30):
+  """n documents; document i uses only chr(MARK + i), spaces and newlines; sizes vary 100x."""
+  texts = []
+  for i in range(n):
+    words = [chr(MARK + i) * int(k) for k in rng.integers(1, 9, int(rng.integers(20, 2000)))]
+    texts.append(" ".join(w + ("\n" if rng.random() < 0.1 else "") for w in words))
+  return write_jsonl(tmp_path / "marked.jsonl", texts), texts
+
+
+def _docs_in(tokens: np.ndarray, n: int) -> set[int]:
+  chars = set(bytes(np.asarray(tokens, np.uint8).tolist()).decode("utf-8", errors="replace"))
+  return {ord(c) - MARK for c in chars if MARK <= ord(c) < MARK + n}
+
+
+def test_heldout_documents_never_reach_training_at_any_shipped_seq_len(tmp_path, rng):
+  path, texts = _marked_corpus(tmp_path, rng)
+  n, total = len(texts), sum(len(t.encode()) for t in texts)
+  seq_lens = shipped_seq_lens()
+  assert {256, 512, 1024, 32768, 131072, 262144} <= set(seq_lens)
+  base = ["data.source=files", f"data.paths=[{path}]", "data.heldout_fraction=0.2", "data.retrieval_fraction=0.3",
+          "data.retrieval_lengths=[256]", "data.retrieval_tasks=[passkey, multikey]", "model.max_position_embeddings=262144"]
+  corpus = data.file_corpus([str(path)])
+  train_docs, held_docs = (set(x.tolist()) for x in data.split_documents(corpus, 0.2))
+  assert train_docs and held_docs and not train_docs & held_docs
+  for seq_len in seq_lens:
+    cfg = tiny_cfg(tmp_path / "run", base + [f"data.seq_len={seq_len}"])
+    seen, n_tokens = set(), 0
+    for b in data.build_dataset(cfg, 1, corpus=corpus):
+      real = b["tokens"][b["segment_ids"] != 0]
+      seen |= _docs_in(real, n)
+      n_tokens += len(real)
+      if n_tokens > 2 * total:
+        break
+    assert not seen & held_docs, f"seq_len {seq_len}: held-out documents {sorted(seen & held_docs)} in training"
+    assert len(seen) > 0.8 * len(train_docs), (seq_len, len(seen), len(train_docs))
+    held = next(iter(data.build_dataset(cfg, 1, corpus=corpus, split="heldout")))
+    assert _docs_in(held["tokens"][held["segment_ids"] != 0], n) <= held_docs
+
+
+def test_heldout_split_of_small_corpora(tmp_path):
+  for k in (2, 3):
+    corpus = data.file_corpus([str(write_jsonl(tmp_path / f"c{k}.jsonl", [f"text {i}" for i in range(k)]))])
+    train, held = data.split_documents(corpus, 0.02)
+    assert len(train) and len(held) and len(train) + len(held) == k
+  one = data.file_corpus([str(write_jsonl(tmp_path / "one.jsonl", ["only"]))])
+  with pytest.raises(ValueError, match="has 1 document.*data.heldout_fraction=0.02"):
+    data.split_documents(one, 0.02)
+  np.testing.assert_array_equal(data.split_documents(one, 0.0)[0], [0])
   with pytest.raises(ValueError, match="no held-out text"):
-    data.split_spans(spans, 0, "heldout")
-  with pytest.raises(ValueError, match="too few"):
-    data.split_spans(spans[:3], 10, "heldout")
+    data.split_docs(one, 0.0, "heldout")
+
+
+def test_heldout_split_depends_on_document_ids_only(tmp_path, monkeypatch):
+  (tmp_path / "d").mkdir()
+  for i in range(40):
+    (tmp_path / "d" / f"f{i}.txt").write_text(f"document {i}\n" * (i + 1))
+  a = data.file_corpus([str(tmp_path / "d")])
+  monkeypatch.chdir(tmp_path)
+  b = data.file_corpus(["d"])
+  assert [a.doc_id(i) for i in range(len(a))] == [b.doc_id(i) for i in range(len(b))]
+  for x, y in zip(data.split_documents(a, 0.25), data.split_documents(b, 0.25)):
+    np.testing.assert_array_equal(x, y)
+  held = data.split_documents(a, 0.25)[1]
+  assert 3 <= len(held) <= 20
+
+
+def test_retrieval_filler_comes_only_from_the_given_documents(tmp_path, rng):
+  path, texts = _marked_corpus(tmp_path, rng, n=10)
+  corpus, tok = data.file_corpus([str(path)]), data.ByteTokenizer()
+  for _ in range(20):
+    ex = data.make_retrieval_example("passkey", 512, float(rng.uniform()), rng, corpus, tok, docs=[2, 5])
+    assert _docs_in(tok.encode(ex.prompt), 10) <= {2, 5}
+
+
+def _hay_corpus(tmp_path, rng, newlines: bool):
+  words = ["lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do", "eiusmod",
+           "tempor", "incididunt", "ut", "labore", "et", "dolore", "magna", "aliqua", "enim", "minim", "veniam"]
+  sep = lambda: "\n" if newlines and rng.random() < 0.1 else " "
+  texts = ["".join(str(w) + sep() for w in rng.choice(words, 3000)) for _ in range(6)]
+  return data.file_corpus([str(write_jsonl(tmp_path / "hay.jsonl", texts))]), words
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory):
+  """A real tokenizer.json (byte-level BPE, ~6 bytes/token on its words) trained here, loaded by load_tokenizer."""
+  tokenizers = pytest.importorskip("tokenizers")
+  rng = np.random.default_rng(0)
+  words = ["lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do", "eiusmod",
+           "tempor", "incididunt", "ut", "labore", "et", "dolore", "magna", "aliqua", "enim", "minim", "veniam",
+           "the", "pass", "key", "is", "remember", "it", "what", "magic", "number", "for", "answer", "list", "all"]
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(vocab_size=600, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator([" ".join(rng.choice(words, 200)) for _ in range(200)], trainer)
+  path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+  tok.save(str(path))
+  return data.load_tokenizer(str(path))
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "hf"])
+def test_needle_lands_at_the_requested_token_depth_without_newlines(tmp_path, rng, tokenizer, request):
+  corpus, _ = _hay_corpus(tmp_path, rng, newlines=False)
+  tok = data.ByteTokenizer() if tokenizer == "byte" else request.getfixturevalue("hf_tokenizer")
+  for depth in (0.05, 0.25, 0.5, 0.75, 0.95):
+    ex = data.make_retrieval_example("passkey", 1024, depth, rng, corpus, tok)
+    needle_len = ex.needle_ends[0] - ex.needle_tokens[0] + 1
+    hay = ex.question_token - needle_len            # haystack tokens
+    assert abs(ex.needle_tokens[0] - depth * hay) <= 4, (depth, ex.needle_tokens[0], hay)
+    assert ex.depth_actual == pytest.approx(ex.needle_tokens[0] / ex.prompt_tokens)
+    pieces = tok.encode(ex.prompt)
+    assert tok.decode(pieces[ex.needle_tokens[0]:ex.needle_ends[0] + 1].tolist()).strip().startswith("The pass key")
+    assert ex.distance == ex.question_token - ex.needle_ends[0] > 0
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "hf"])
+def test_examples_have_their_stated_length(tmp_path, rng, tokenizer, request):
+  corpus, _ = _hay_corpus(tmp_path, rng, newlines=True)
+  tok = data.ByteTokenizer() if tokenizer == "byte" else request.getfixturevalue("hf_tokenizer")
+  for kind in ("passkey", "multikey", "multivalue", "vartrack"):
+    for length in (256, 1000, 4096):
+      ex = data.make_retrieval_example(kind, length, float(rng.uniform()), rng, corpus, tok)
+      n = len(data.encode_example(ex, tok)["tokens"])
+      assert length - BLOCK <= n <= length, (kind, length, n)
+
+
+def test_bytes_per_token_is_measured(tmp_path, rng, hf_tokenizer):
+  corpus, _ = _hay_corpus(tmp_path, rng, newlines=True)
+  bpt = data.measure_bytes_per_token(hf_tokenizer, corpus, range(len(corpus)))
+  text = corpus.read(0)
+  assert bpt == pytest.approx(len(text) / len(hf_tokenizer.encode(text)), rel=0.1)
+  assert bpt > 3.5, "the fixture must be denser than the old 3 bytes/token guess"
+  assert data.measure_bytes_per_token(data.ByteTokenizer(), corpus, [0]) == 1.0
+
+
+def test_training_documents_reach_seq_len_with_a_dense_tokenizer(tmp_path, rng, hf_tokenizer):
+  corpus, _ = _hay_corpus(tmp_path, rng, newlines=True)
+  cfg = tiny_cfg(tmp_path / "run", ["data.seq_len=256", "data.heldout_fraction=0.0"])
+  longest = 0
+  for _, b in zip(range(20), data.build_dataset(cfg, 2, corpus=corpus, tokenizer=hf_tokenizer)):
+    for r in range(2):
+      longest = max([longest] + [e - s for _, s, e in _segments({k: v[r] for k, v in b.items()})])
+  assert longest == 256
+
+
+def test_needle_zone_follows_the_ssa_rule(rng):
+  B, sink, local = 16, 1, 3
+
+  def sees(t, s):   # README: query t sees key s iff s <= t and (s//B < sink or s//B >= t//B - (local - 1))
+    return s <= t and (s // B < sink or s // B >= t // B - (local - 1))
+
+  for _ in range(2000):
+    q = int(rng.integers(1, 400))
+    end = int(rng.integers(0, q))
+    zone = data.needle_zone(end, q, B, sink, local)
+    assert zone == ("sink" if end < sink * B else "local" if sees(q, end) else "beyond"), (end, q, zone)
+
+
+def test_exact_match_scoring():
+  ex = lambda kind, answer: data.RetrievalExample(kind, "", answer, 0.5, (0,))
+  assert data.score_answer(ex("passkey", "1234567"), " 1234567\nmore") == 1.0
+  assert data.score_answer(ex("passkey", "1234567"), "123456") == 0.0
+  assert data.score_answer(ex("passkey", "1234567"), "12345678") == 0.0
+  mv = ex("multivalue", "111, 222, 333")
+  assert data.score_answer(mv, "333, 111, 222") == 1.0
+  assert data.score_answer(mv, "111, 222") == 0.0
+  assert data.score_answer(mv, "111, 222, 333, 444") == 0.0
+  vt = ex("vartrack", "ABCDE FGHIJ KLMNO")
+  assert data.score_answer(vt, "KLMNO ABCDE FGHIJ") == 1.0
+  assert data.score_answer(vt, "ABCDE FGHIJ") == 0.0
+
+
+@pytest.mark.parametrize("line,match", [('{"text": 5}', r"bad.jsonl:2: 'text' is int"),
+                                        ('{"text": null}', r"bad.jsonl:2: 'text' is NoneType")])
+def test_jsonl_text_must_be_a_string(tmp_path, line, match):
+  (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n' + line + "\n")
+  with pytest.raises(ValueError, match=match):
+    data.file_corpus([str(tmp_path / "bad.jsonl")])
+
+
+def test_jsonl_invalid_utf8_names_file_and_line(tmp_path):
+  (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok"}\n\n{"text": "caf\xe9"}\n')
+  with pytest.raises(ValueError, match=r"bad.jsonl:3: not valid UTF-8"):
+    data.file_corpus([str(tmp_path / "bad.jsonl")])

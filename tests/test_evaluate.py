@@ -6,7 +6,8 @@ import pytest
 
 from loza_jax.config import load_config
 from train import data as data_lib
-from train.evaluate import accuracy_table, evaluate_logits_fn, greedy_answer, perplexity, retrieval_cases
+from train.evaluate import (Answer, accuracy_table, evaluate_logits_fn, greedy_answer, markdown, perplexity,
+                            retrieval_cases, score_cases)
 
 CFG = ["evaluate.lengths=[256, 400]", "evaluate.depths=[0.0, 0.5, 1.0]", "evaluate.samples=2",
        "evaluate.ppl_rows=2", "evaluate.ppl_buckets=4", "attention.block_size=16"]
@@ -54,7 +55,8 @@ def test_generator_answers_match_independent_scorer(setup):
   assert len(cases) == 4 * 2 * 3 * 2
   for c in cases:
     assert independent_answer(c.kind, c.example.prompt) == c.example.answer, c.kind
-    assert len(c.tokens) <= c.length
+    assert c.length - cfg.attention.block_size <= len(c.tokens) <= c.length
+    assert c.zone in ("sink", "local", "beyond")
     assert data_lib.score_answer(c.example, c.example.answer) == 1.0
     assert data_lib.score_answer(c.example, "0000000") == 0.0
 
@@ -75,9 +77,61 @@ def test_perfect_copier_scores_100_and_random_scores_chance(setup):
   assert perfect["retrieval"]["overall"] == 1.0
   assert all(v == 1.0 for v in perfect["retrieval"]["cells"].values())
   assert perfect["perplexity"]["ppl"] < 1.001 and perfect["retrieval"]["token_acc"] == 1.0
+  by_length = perfect["perplexity"]["by_length"]
+  assert sorted(by_length) == ["256", "400"]
+  for n, r in by_length.items():   # whole-length held-out rows: every target of a row of n tokens counts
+    assert r["rows"] == 2 and r["tokens"] == 2 * (int(n) - 1) and r["ppl"] < 1.001
+  assert perfect["retrieval"]["per_zone"]["beyond"]["n"] > 0 and perfect["retrieval"]["per_zone"]["beyond"]["acc"] == 1.0
   chance = evaluate_logits_fn(rand, cfg, corpus=corpus, tokenizer=tok, progress=False)
   assert chance["retrieval"]["overall"] < 0.05 and chance["retrieval"]["token_acc"] < 0.05
   assert chance["perplexity"]["ppl"] > 100   # ~ uniform over 256 bytes (plus noise)
+  assert all(r["ppl"] > 100 for r in chance["perplexity"]["by_length"].values())
+  md = markdown({"perfect": perfect, "chance": chance}, cfg)
+  head = md.splitlines()[0]
+  assert "ppl@256" in head and "ppl@400" in head and "beyond" in head and "exact match" in head
+  assert "| perfect |" in md and "| chance |" in md and "(n=" in md
+
+
+def test_cases_record_actual_depth_and_zone(setup):
+  cfg, tok, corpus = setup
+  a = cfg.attention
+  for c in retrieval_cases(cfg, corpus, tok):
+    ex = c.example
+    prompt = tok.encode(ex.prompt)
+    assert len(prompt) == ex.prompt_tokens == c.answer_start
+    assert tok.decode(prompt[ex.needle_tokens[0]:ex.needle_ends[0] + 1]).strip() in ex.prompt
+    q = ex.question_token
+    assert tok.decode(prompt[q:]) == ex.prompt[len(ex.prompt) - len(tok.decode(prompt[q:])):]
+    if c.depth == 1.0:
+      assert c.zone == "local" and ex.distance < a.local_blocks * a.block_size
+    assert c.zone == data_lib.needle_zone(ex.needle_ends[0], q, a.block_size, a.sink_blocks, a.local_blocks)
+    if c.depth == 0.5 and c.kind == "passkey":
+      assert c.zone == "beyond" and ex.distance >= (a.local_blocks - 1) * a.block_size
+    hay = ex.question_token - sum(e - s + 1 for s, e in zip(ex.needle_tokens, ex.needle_ends))
+    before = sum(e - s + 1 for s, e in zip(ex.needle_tokens, ex.needle_ends) if s < ex.needle_tokens[0])
+    assert abs(ex.needle_tokens[0] - before - c.depth * hay) <= 6, (c.kind, c.depth, ex.needle_tokens, hay)
+    assert ex.depth_actual == ex.needle_tokens[0] / len(prompt)
+
+
+def test_score_cases_takes_an_answer_function(setup):
+  cfg, tok, corpus = setup
+  cases = retrieval_cases(cfg, corpus, tok)
+  seen = []
+
+  def oracle(prompts, refs):   # answers from the reference, multi-value items reversed
+    seen.append(len(prompts))
+    out = []
+    for p, r in zip(prompts, refs):
+      text = tok.decode(r)
+      out.append(", ".join(reversed(text.split(", "))) if ", " in text else Answer(text, 1.0))
+    return out
+
+  scored = score_cases(None, cases, tok, 5, cfg.attention.block_size, progress=False, answer_fn=oracle)
+  assert all(r["score"] == 1.0 for r in scored) and sum(seen) == len(cases) and max(seen) <= 5
+  wrong = score_cases(None, cases, tok, 8, 16, progress=False, answer_fn=lambda p, r: ["0"] * len(p))
+  assert all(r["score"] == 0.0 and r["token_acc"] is None for r in wrong)
+  with pytest.raises(ValueError, match="answer_fn returned"):
+    score_cases(None, cases, tok, 8, 16, progress=False, answer_fn=lambda p, r: [])
 
 
 def test_greedy_answer_stops_after_first_error():
@@ -89,8 +143,10 @@ def test_accuracy_table_and_perplexity_buckets():
   scored = [{"kind": "passkey", "length": 8, "depth": 0.5, "score": 1.0},
             {"kind": "passkey", "length": 8, "depth": 0.5, "score": 0.0},
             {"kind": "multikey", "length": 16, "depth": 0.5, "score": 1.0}]
+  scored[0]["zone"] = scored[2]["zone"] = "beyond"
   t = accuracy_table(scored, ["passkey", "multikey"], [8, 16], [0.5])
   assert t["per_task"] == {"passkey": 0.5, "multikey": 1.0} and t["cells"]["passkey|8|0.5"] == 0.5
+  assert t["per_zone"]["beyond"] == {"acc": 1.0, "n": 2} and t["per_zone"]["local"] == {"acc": None, "n": 0}
   assert np.isnan(t["token_acc"])
   V, T = 4, 8
   tokens = np.array([[0, 1, 2, 3, 0, 1, 2, 3]])

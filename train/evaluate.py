@@ -3,11 +3,15 @@
 python -m train.evaluate --config configs/demo_cpu.yaml --set 'evaluate.models=[runs/demo/pretrain/model]'
 
 Retrieval tasks (passkey, multi-key and multi-value needle-in-a-haystack, variable tracking) are
-scored on the model's greedy continuation of the question: its argmax tokens over the answer span
-up to and including the first wrong token (after that the greedy text would diverge, so nothing
-more is credited). "answer-token acc" is the finer teacher-forced share of answer tokens predicted
-right, useful while a small model is still learning to retrieve. Writes eval.json, eval.md and plots (accuracy heatmaps, perplexity by
-position) to train.run_dir.
+drawn with haystacks from held-out documents only and scored by exact match of the whole answer
+(multi-value answers in any order) on the model's answer text. One callable, `AnswerFn`, turns a
+batch of prompts into answer text; the default reads the greedy continuation off one teacher-forced
+pass (argmax over the answer span up to and including the first wrong token). "answer-token acc"
+is the finer teacher-forced share of answer tokens predicted right. Each case records the needle's
+actual token depth, its distance to the question and its SSA zone (sink, local, beyond); accuracy
+on `beyond` cases is what sparse layers cannot read directly. Perplexity is measured on held-out
+text at data.seq_len (packed, by position) and at each evaluate.ppl_lengths on whole-length
+pieces of held-out documents. Writes eval.json, eval.md and plots to train.run_dir.
 """
 from __future__ import annotations
 
@@ -32,16 +36,33 @@ LogitsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """(tokens [B, T], segment_ids [B, T]) -> logits [B, T, V]."""
 
 HELDOUT_SEED = 99_991
+ZONES = ("sink", "local", "beyond")
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+  """The model's answer to one case; token_acc: teacher-forced share of reference tokens right (None: not measured)."""
+  text: str
+  token_acc: float | None = None
+
+
+AnswerFn = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], Sequence["Answer | str"]]
+"""(prompt tokens per case, reference answer tokens per case) -> the model's answer per case (Answer or text).
+
+A free-running generator uses each reference only for its length (the token budget); the default,
+`teacher_forced_answers`, feeds prompt + reference through the model once.
+"""
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
   kind: str
-  length: int
-  depth: float
+  length: int                 # requested length in tokens; len(tokens) is within one block below it
+  depth: float                # requested depth of the answer needle
   example: data_lib.RetrievalExample
   tokens: np.ndarray          # prompt + answer
   answer_start: int           # index of the first answer token
+  zone: str = ""              # sink | local | beyond: needle 0 seen from the question's first token by SSA
 
 
 def model_logits_fn(params, cfg: Config) -> LogitsFn:
@@ -52,19 +73,26 @@ def model_logits_fn(params, cfg: Config) -> LogitsFn:
 
 
 def retrieval_cases(cfg: Config, corpus, tokenizer) -> list[Case]:
-  """Every (task, length, depth, sample) of the evaluate section, drawn deterministically."""
-  e = cfg.evaluate
+  """Every (task, length, depth, sample) of the evaluate section, drawn deterministically, haystacks from
+  held-out documents (never trained on)."""
+  e, a = cfg.evaluate, cfg.attention
+  held = data_lib.split_docs(corpus, cfg.data.heldout_fraction, "heldout")
+  bpt = data_lib.measure_bytes_per_token(tokenizer, corpus, data_lib.split_docs(corpus, cfg.data.heldout_fraction,
+                                                                                  "train"))
   cases = []
   for kind in e.tasks:
     for length in e.lengths:
       for di, depth in enumerate(e.depths):
         for s in range(e.samples):
           rng = np.random.default_rng([e.seed, length, di, s, e.tasks.index(kind)])
-          ex = data_lib.make_retrieval_example(kind, length, float(depth), rng, corpus, tokenizer)
+          ex = data_lib.make_retrieval_example(kind, length, float(depth), rng, corpus, tokenizer, docs=held,
+                                               bytes_per_token=bpt)
           prompt = tokenizer.encode(ex.prompt)
           answer = tokenizer.encode(ex.answer)
+          zone = data_lib.needle_zone(ex.needle_ends[0], ex.question_token, a.block_size, a.sink_blocks,
+                                      a.local_blocks)
           cases.append(Case(kind, length, float(depth), ex, np.concatenate([prompt, answer]).astype(np.int32),
-                            len(prompt)))
+                            len(prompt), zone))
   return cases
 
 
@@ -85,36 +113,68 @@ def greedy_answer(pred_tokens: np.ndarray, answer_tokens: np.ndarray) -> np.ndar
   return pred_tokens if not len(wrong) else pred_tokens[:wrong[0] + 1]
 
 
-def score_cases(logits_fn: LogitsFn, cases: Sequence[Case], tokenizer, batch_size: int, multiple: int,
-                progress: bool = True) -> list[dict]:
-  """Greedy answers and scores for every case."""
+def teacher_forced_answers(logits_fn: LogitsFn, tokenizer, multiple: int) -> AnswerFn:
+  """The default AnswerFn: one forward pass over prompt + reference; the greedy answer as far as it is known."""
+  def answer_fn(prompts: Sequence[np.ndarray], refs: Sequence[np.ndarray]) -> list[Answer]:
+    tokens, seg = _pad_batch([np.concatenate([p, r]) for p, r in zip(prompts, refs)], multiple)
+    pred = np.argmax(logits_fn(tokens, seg), axis=-1)
+    out = []
+    for row, (p, r) in enumerate(zip(prompts, refs)):
+      guess = pred[row, len(p) - 1:len(p) + len(r) - 1]
+      out.append(Answer(tokenizer.decode(greedy_answer(guess, r).tolist()), float(np.mean(guess == r))))
+    return out
+  return answer_fn
+
+
+def score_cases(logits_fn: LogitsFn | None, cases: Sequence[Case], tokenizer, batch_size: int, multiple: int,
+                progress: bool = True, answer_fn: AnswerFn | None = None) -> list[dict]:
+  """Answers (from `answer_fn`, default teacher_forced_answers(logits_fn)) and exact-match scores per case."""
+  if answer_fn is None:
+    if logits_fn is None:
+      raise ValueError("score_cases needs a logits_fn or an answer_fn")
+    answer_fn = teacher_forced_answers(logits_fn, tokenizer, multiple)
   order = sorted(range(len(cases)), key=lambda i: len(cases[i].tokens))   # similar lengths share a batch
   results: dict[int, dict] = {}
   bar = tqdm(total=len(cases), desc="retrieval", disable=not progress, leave=False)
   for b0 in range(0, len(order), batch_size):
     idx = order[b0:b0 + batch_size]
-    tokens, seg = _pad_batch([cases[i].tokens for i in idx], multiple)
-    pred = np.argmax(logits_fn(tokens, seg), axis=-1)
-    for row, i in enumerate(idx):
-      c = cases[i]
-      a0, a1 = c.answer_start, len(c.tokens)
-      greedy = greedy_answer(pred[row, a0 - 1:a1 - 1], c.tokens[a0:a1])
-      text = tokenizer.decode(greedy.tolist())
-      results[i] = {"kind": c.kind, "length": c.length, "depth": c.depth, "answer": c.example.answer,
-                    "generated": text, "score": data_lib.score_answer(c.example, text),
-                    "token_acc": float(np.mean(pred[row, a0 - 1:a1 - 1] == c.tokens[a0:a1]))}
+    answers = answer_fn([cases[i].tokens[:cases[i].answer_start] for i in idx],
+                        [cases[i].tokens[cases[i].answer_start:] for i in idx])
+    if len(answers) != len(idx):
+      raise ValueError(f"answer_fn returned {len(answers)} answers for {len(idx)} prompts")
+    for i, ans in zip(idx, answers):
+      ans = Answer(ans) if isinstance(ans, str) else ans
+      c, ex = cases[i], cases[i].example
+      results[i] = {"kind": c.kind, "length": c.length, "tokens": int(len(c.tokens)), "depth": c.depth,
+                    "depth_actual": round(ex.depth_actual, 4), "needle_token": int(ex.needle_tokens[0]),
+                    "question_token": int(ex.question_token), "distance": int(ex.distance), "zone": c.zone,
+                    "answer": ex.answer, "generated": ans.text, "score": data_lib.score_answer(ex, ans.text),
+                    "token_acc": ans.token_acc}
     bar.update(len(idx))
   bar.close()
   return [results[i] for i in range(len(cases))]
 
 
 def heldout_rows(cfg: Config, n_rows: int, corpus=None, tokenizer=None) -> list[dict[str, np.ndarray]]:
-  """n_rows packed rows of the held-out text chunks (data.heldout_every), never seen in training."""
+  """n_rows packed rows of data.seq_len tokens of held-out documents (data.heldout_fraction), never trained on."""
   if n_rows == 0:
     return []
   it = iter(data_lib.build_dataset(cfg, 1, seed=cfg.data.seed + HELDOUT_SEED, split="heldout", corpus=corpus,
                                    tokenizer=tokenizer))
   return [next(it) for _ in range(n_rows)]
+
+
+def heldout_rows_at(cfg: Config, length: int, n_rows: int, corpus, tokenizer) -> list[dict[str, np.ndarray]]:
+  """Up to n_rows single-document rows of exactly `length` held-out tokens (padded to a block multiple)."""
+  fraction = cfg.data.heldout_fraction
+  bpt = data_lib.measure_bytes_per_token(tokenizer, corpus, data_lib.split_docs(corpus, fraction, "train"))
+  pieces = data_lib.full_length_rows(corpus, tokenizer, data_lib.split_docs(corpus, fraction, "heldout"), length,
+                                     n_rows, cfg.data.seed + HELDOUT_SEED + length, bpt)
+  rows = []
+  for p in pieces:
+    tokens, seg = _pad_batch([p], cfg.attention.block_size)
+    rows.append({"tokens": tokens, "segment_ids": seg, "positions": np.arange(tokens.shape[1])[None] * seg})
+  return rows
 
 
 def perplexity(logits_fn: LogitsFn, rows: Sequence[dict[str, np.ndarray]], buckets: int, seq_len: int) -> dict:
@@ -135,37 +195,57 @@ def perplexity(logits_fn: LogitsFn, rows: Sequence[dict[str, np.ndarray]], bucke
       nll_sum[k] += (nll * m).sum()
       count[k] += m.sum()
   total = nll_sum.sum() / max(count.sum(), 1)
-  return {"nll": float(total), "ppl": float(np.exp(total)),
+  return {"nll": float(total), "ppl": float(np.exp(total)), "rows": len(rows), "tokens": int(count.sum()),
           "buckets": [{"from": int(edges[k]), "to": int(edges[k + 1]), "tokens": int(count[k]),
                        "ppl": float(np.exp(nll_sum[k] / count[k])) if count[k] else None} for k in range(buckets)]}
 
 
+def _mean(xs) -> float | None:
+  xs = [x for x in xs if x is not None]
+  return float(np.mean(xs)) if xs else None
+
+
 def accuracy_table(scored: Sequence[dict], tasks, lengths, depths) -> dict:
-  """Mean score per task and per (task, length, depth) cell; plus overall."""
+  """Exact-match accuracy overall, per task, length, SSA zone and (task, length, depth) cell; plus mean
+  actual depth per (length, depth) and the teacher-forced answer-token share."""
   by_cell: dict = {}
   for r in scored:
     by_cell.setdefault((r["kind"], r["length"], r["depth"]), []).append(r["score"])
   cells = {f"{k}|{n}|{d}": float(np.mean(v)) for (k, n, d), v in by_cell.items()}
-  per_task = {k: float(np.mean([r["score"] for r in scored if r["kind"] == k])) for k in tasks}
-  per_length = {str(n): float(np.mean([r["score"] for r in scored if r["length"] == n])) for n in lengths}
-  return {"overall": float(np.mean([r["score"] for r in scored])) if scored else None,
-          "token_acc": float(np.mean([r.get("token_acc", np.nan) for r in scored])) if scored else None,
-          "per_task": per_task, "per_length": per_length, "cells": cells}
+  per_task = {k: _mean([r["score"] for r in scored if r["kind"] == k]) for k in tasks}
+  per_length = {str(n): _mean([r["score"] for r in scored if r["length"] == n]) for n in lengths}
+  per_zone = {z: {"acc": _mean([r["score"] for r in scored if r.get("zone") == z]),
+                  "n": sum(r.get("zone") == z for r in scored)} for z in ZONES}
+  actual = {f"{n}|{d}": _mean([r.get("depth_actual") for r in scored if r["length"] == n and r["depth"] == d])
+            for n in lengths for d in depths}
+  return {"overall": _mean([r["score"] for r in scored]),
+          "token_acc": (float(np.mean([np.nan if r.get("token_acc") is None else r["token_acc"] for r in scored]))
+                        if scored else None),
+          "per_task": per_task, "per_length": per_length, "per_zone": per_zone, "cells": cells,
+          "depth_actual": actual}
 
 
-def evaluate_logits_fn(logits_fn: LogitsFn, cfg: Config, *, corpus=None, tokenizer=None, progress=True) -> dict:
-  """The whole suite for one model given as a logits function."""
+def evaluate_logits_fn(logits_fn: LogitsFn, cfg: Config, *, corpus=None, tokenizer=None, progress=True,
+                       answer_fn: AnswerFn | None = None) -> dict:
+  """The whole suite for one model given as a logits function (answers from `answer_fn` if given)."""
   tokenizer = tokenizer or data_lib.load_tokenizer(cfg.data.tokenizer)
   corpus = corpus or data_lib.load_corpus(cfg.data)
   e = cfg.evaluate
   cases = retrieval_cases(cfg, corpus, tokenizer)
-  scored = score_cases(logits_fn, cases, tokenizer, e.batch_size, cfg.attention.block_size, progress)
+  scored = score_cases(logits_fn, cases, tokenizer, e.batch_size, cfg.attention.block_size, progress, answer_fn)
   ppl = perplexity(logits_fn, heldout_rows(cfg, e.ppl_rows, corpus, tokenizer), e.ppl_buckets, cfg.data.seq_len)
+  by_length = {}
+  for n in e.ppl_lengths or e.lengths:
+    r = perplexity(logits_fn, heldout_rows_at(cfg, n, e.ppl_rows, corpus, tokenizer), e.ppl_buckets, n)
+    by_length[str(n)] = {"ppl": r["ppl"] if r["tokens"] else None, "nll": r["nll"] if r["tokens"] else None,
+                         "rows": r["rows"], "tokens": r["tokens"], "buckets": r["buckets"]}
+  ppl["by_length"] = by_length
   return {"perplexity": ppl, "retrieval": accuracy_table(scored, e.tasks, e.lengths, e.depths), "cases": scored}
 
 
 def plot_results(results: dict[str, dict], cfg: Config, out_dir: Path) -> list[str]:
-  """One accuracy heatmap (length x depth, all tasks averaged) per model + perplexity by position."""
+  """One accuracy heatmap (length x requested depth, all tasks averaged, each cell labelled with the mean
+  actual token depth of its needles) per model + perplexity by position."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -178,14 +258,17 @@ def plot_results(results: dict[str, dict], cfg: Config, out_dir: Path) -> list[s
                      for d in e.depths])
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
     ax.set_xticks(range(len(e.lengths)), [str(n) for n in e.lengths])
+    actual = results[name]["retrieval"].get("depth_actual", {})
     ax.set_yticks(range(len(e.depths)), [f"{d:.2f}" for d in e.depths])
     ax.set_xlabel("context length (tokens)")
     if col == 0:
-      ax.set_ylabel("needle depth")
+      ax.set_ylabel("requested needle depth")
     ax.set_title(name, fontsize=9)
-    for i in range(grid.shape[0]):
-      for j in range(grid.shape[1]):
-        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w", fontsize=7)
+    for i, d in enumerate(e.depths):
+      for j, n in enumerate(e.lengths):
+        got = actual.get(f"{n}|{float(d)}")
+        label = f"{grid[i, j]:.2f}" + ("" if got is None else f"\nat {got:.2f}")
+        ax.text(j, i, label, ha="center", va="center", color="w", fontsize=6)
   fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
   heat = out_dir / "retrieval_heatmap.png"
   fig.savefig(heat, dpi=120, bbox_inches="tight")
@@ -205,16 +288,34 @@ def plot_results(results: dict[str, dict], cfg: Config, out_dir: Path) -> list[s
   return [heat.name, pplp.name]
 
 
+def _fmt(x, spec=".2f") -> str:
+  return "-" if x is None else format(x, spec)
+
+
 def markdown(results: dict[str, dict], cfg: Config) -> str:
+  """Main table (perplexity per length, exact match per task/length, on `beyond` cases, answer-token share)
+  and a table of exact match per SSA zone."""
   e = cfg.evaluate
-  head = ["model", "ppl"] + list(e.tasks) + [f"len {n}" for n in e.lengths] + ["retrieval", "answer-token acc"]
+  ppl_lengths = e.ppl_lengths or e.lengths
+  head = (["model", f"ppl@{cfg.data.seq_len} packed"] + [f"ppl@{n}" for n in ppl_lengths] + list(e.tasks) +
+          [f"len {n}" for n in e.lengths] + ["exact match", "beyond", "answer-token acc"])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, r in results.items():
-    rt = r["retrieval"]
-    row = [name, f"{r['perplexity']['ppl']:.3f}" if r["perplexity"]["buckets"] and r["perplexity"]["ppl"] else "-"]
-    row += [f"{rt['per_task'][k]:.2f}" for k in e.tasks] + [f"{rt['per_length'][str(n)]:.2f}" for n in e.lengths]
-    row += [f"{rt['overall']:.2f}", f"{rt['token_acc']:.2f}"]
+    rt, pp = r["retrieval"], r["perplexity"]
+    row = [name, f"{pp['ppl']:.3f}" if pp["buckets"] and pp.get("tokens", 1) else "-"]
+    row += [_fmt(pp.get("by_length", {}).get(str(n), {}).get("ppl"), ".3f") for n in ppl_lengths]
+    row += [_fmt(rt["per_task"][k]) for k in e.tasks] + [_fmt(rt["per_length"][str(n)]) for n in e.lengths]
+    beyond = rt["per_zone"]["beyond"]
+    row += [_fmt(rt["overall"]), f"{_fmt(beyond['acc'])} (n={beyond['n']})", _fmt(rt["token_acc"])]
     lines.append("| " + " | ".join(row) + " |")
+  zone_head = ["model"] + [f"{z} (n)" for z in ZONES]
+  lines += ["", "Exact match by where the answer needle lies for SSA seen from the question (sink: in the first "
+            f"{cfg.attention.sink_blocks}x{cfg.attention.block_size} tokens; local: within the "
+            f"{cfg.attention.local_blocks} most recent blocks; beyond: neither):", "",
+            "| " + " | ".join(zone_head) + " |", "|" + "---|" * len(zone_head)]
+  for name, r in results.items():
+    z = r["retrieval"]["per_zone"]
+    lines.append("| " + " | ".join([name] + [f"{_fmt(z[k]['acc'])} ({z[k]['n']})" for k in ZONES]) + " |")
   return "\n".join(lines) + "\n"
 
 
