@@ -121,7 +121,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   tr = Trainer(cfg, model, loss_fn=loss_fn, print_fn=said.append)
   result = tr.fit(iter(batches))
   assert result.stopped == "non_finite" and result.step == 4
-  assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()) == [2]
+  assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.is_dir()) == [2]
   assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
   assert any("step 4: loss is nan" in s and "checkpoints/2" in s for s in said), said
 
@@ -191,4 +191,4 @@ def test_resume_false_refuses_to_overwrite(tmp_path):
   again = tiny_cfg(tmp_path / "run", ["train.steps=2", "train.resume=false"])
   with pytest.raises(ValueError, match="train.resume=false"):
     Trainer(again).fit(iter(data.build_dataset(again, 4)))
-  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2", "2.sha256.json"]

@@ -1,16 +1,22 @@
 """Orbax checkpoints: train state + data-iterator state + resolved config, keep-last-K, async saves,
-restore onto the current mesh with a fallback past corrupt checkpoints; model-only export/load.
+sha256 checksums written once a save is final and verified on restore, a fallback past corrupt
+checkpoints (moved aside, details in a log file); model-only export/load.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import shutil
 import time
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 from jax.experimental import multihost_utils
@@ -20,6 +26,10 @@ from loza_jax.config import Config, from_dict, save_config, to_dict
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
+MODEL_MARKER = "loza_model.json"         # written by save_model: marks a directory as ours to replace
+CHECKSUM_SUFFIX = ".sha256.json"         # <checkpoints>/<step>.sha256.json beside each step directory
+ERROR_LOG = "checkpoint_errors.log"      # in the run directory: full detail of unreadable checkpoints
+NOISY_LOGGERS = ("asyncio", "orbax", "absl", "tensorstore")
 
 
 class CheckpointMismatchError(ValueError):
@@ -59,12 +69,82 @@ def _config_diff(saved: dict | None, cfg: Config | None) -> str:
   return f" (config differs: {'; '.join(diffs[:4])})" if diffs else ""
 
 
+# ----------------------------------------------------------------------------------------
+# Checksums, rotation and quiet restores.
+
+
+def file_digests(step_dir: Path) -> dict[str, str]:
+  """sha256 of every file under `step_dir`, keyed by its relative path."""
+  out = {}
+  for f in sorted(step_dir.rglob("*")):
+    if f.is_file():
+      h = hashlib.sha256()
+      with f.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+          h.update(chunk)
+      out[f.relative_to(step_dir).as_posix()] = h.hexdigest()
+  return out
+
+
+def digest_problem(recorded: dict[str, str], found: dict[str, str]) -> str | None:
+  """Why `found` does not match the `recorded` digests (first differing file), or None."""
+  bad = [k for k in sorted(recorded) if found.get(k) != recorded[k]]
+  if not bad:
+    return None
+  what = "is missing" if bad[0] not in found else "changed after the save"
+  more = f" (and {len(bad) - 1} more file(s))" if len(bad) > 1 else ""
+  return f"checksum mismatch: {bad[0]} {what}{more}"
+
+
+def steps_to_delete(steps: Iterable[int], keep: int | None, protected: int | None) -> list[int]:
+  """Steps beyond the newest `keep`, sparing `protected` (the newest checkpoint known to be good)."""
+  steps = sorted(steps)
+  if keep is None or keep <= 0:
+    return []
+  return [s for s in steps[:-keep] if s != protected]
+
+
+@contextlib.contextmanager
+def quiet_loggers(log_file: Path, names: Sequence[str] = NOISY_LOGGERS):
+  """Send the named loggers (asyncio's per-task tracebacks of a failed read, orbax, ...) to `log_file`
+  only, so the console shows the one line that says what happened."""
+  log_file.parent.mkdir(parents=True, exist_ok=True)
+  handler = logging.FileHandler(log_file)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+  saved = []
+  for name in names:
+    lg = logging.getLogger(name)
+    saved.append((lg, lg.propagate))
+    lg.addHandler(handler)
+    lg.propagate = False
+  try:
+    yield handler
+  finally:
+    for lg, propagate in saved:
+      lg.removeHandler(handler)
+      lg.propagate = propagate
+    handler.close()
+
+
+def _first_line(error: Exception, limit: int = 240) -> str:
+  text = str(error).splitlines()[0] if str(error) else ""
+  return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
 class Checkpointer:
-  """CheckpointManager over `directory` holding items `state`, `data` (grain iterator) and `config`."""
+  """CheckpointManager over `directory` holding items `state`, `data` (grain iterator) and `config`.
+
+  Rotation keeps the newest `keep` steps plus the newest step marked good (`mark_good`), so a run
+  that diverges never rotates away the checkpoint it can resume from.
+  """
 
   def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
     self.directory = Path(directory).absolute()
-    self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+    self.keep = keep
+    self.good_step: int | None = None
+    self._unsummed: set[int] = set()
+    self.error_log = self.directory.parent / ERROR_LOG
+    self._options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=async_save,
                                                  create=True)
     self._manager = self._new_manager()
 
@@ -80,7 +160,9 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state, data_iter=None, cfg: Config | None = None) -> None:
-    """Start saving (async unless disabled); a step already on disk is skipped."""
+    """Start saving (async unless disabled); a step already on disk is skipped. The previous save is
+    finalized (checksummed, old steps rotated) first."""
+    self.wait()
     if step in self._manager.all_steps():
       return
     items = {"state": ocp.args.StandardSave(state)}
@@ -89,24 +171,79 @@ class Checkpointer:
     if cfg is not None:
       items["config"] = ocp.args.JsonSave(to_dict(cfg))
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._unsummed.add(step)
 
   def wait(self) -> None:
+    """Wait for pending saves, then write their checksums and rotate old steps."""
     self._manager.wait_until_finished()
+    self._finalize()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
 
-  def _quarantine(self, step: int, error: Exception) -> None:
-    target = self.directory.parent / f"{self.directory.name}.corrupt" / f"{step}-{int(time.time())}"
-    log.error("checkpoint step %d in %s is unreadable (%s: %s); moved to %s, trying the previous one", step,
-              self.directory, type(error).__name__, str(error).splitlines()[0][:300] if str(error) else "", target)
+  def mark_good(self, step: int) -> None:
+    """`step`'s params gave a finite loss afterwards: rotation keeps it until a newer step is good."""
+    self.good_step = step if self.good_step is None else max(self.good_step, step)
+
+  def checksum_path(self, step: int) -> Path:
+    return self.directory / f"{step}{CHECKSUM_SUFFIX}"
+
+  def _finalize(self) -> None:
+    """Checksums of finished saves (process 0; the files are final once orbax returns), then rotation."""
+    done, self._unsummed = self._unsummed, set()
     if jax.process_index() == 0:
-      target.parent.mkdir(parents=True, exist_ok=True)
-      shutil.move(str(self.directory / str(step)), str(target))
+      for step in sorted(done):
+        if (self.directory / str(step)).is_dir():
+          self.checksum_path(step).write_text(json.dumps(file_digests(self.directory / str(step)), indent=0))
+    for step in steps_to_delete(self._manager.all_steps(), self.keep, self.good_step):
+      self._manager.delete(step)
+      if jax.process_index() == 0:
+        self.checksum_path(step).unlink(missing_ok=True)
+
+  def verify(self, step: int) -> str | None:
+    """Why `step`'s files differ from the checksums written at save, or None (also when none were
+    written, e.g. a run killed between the save and its checksum). Agreed by every process."""
+    problem = None
+    path = self.checksum_path(step)
+    if jax.process_index() == 0 and path.is_file():
+      try:
+        recorded = json.loads(path.read_text())
+      except json.JSONDecodeError:
+        recorded = None
+      problem = (f"{path.name} is not valid JSON" if recorded is None
+                 else digest_problem(recorded, file_digests(self.directory / str(step))))
+    if jax.process_count() > 1:
+      bad = multihost_utils.broadcast_one_to_all(np.int32(problem is not None))
+      problem = problem or ("checksum mismatch (seen by process 0)" if int(bad) else None)
+    return problem
+
+  def quarantine(self, step: int, reason: str, what: str = "is unreadable", after: str = "trying the previous one",
+                 details: bool = False) -> Path:
+    """Move step (and its checksum) to <checkpoints>.corrupt/<step>-<time>; one log line says why."""
+    self._manager.wait_until_finished()
+    target = self.directory.parent / f"{self.directory.name}.corrupt" / f"{step}-{int(time.time())}"
+    log.error("checkpoint step %d in %s %s (%s); moved to %s, %s%s", step, self.directory, what, reason, target, after,
+              f" (full error in {self.error_log})" if details else "")
+    if jax.process_index() == 0:
+      target.mkdir(parents=True, exist_ok=True)
+      shutil.move(str(self.directory / str(step)), str(target / str(step)))
+      if self.checksum_path(step).is_file():
+        shutil.move(str(self.checksum_path(step)), str(target / self.checksum_path(step).name))
     multihost_utils.sync_global_devices(f"loza_quarantine_{step}")
+    self._unsummed.discard(step)
+    if self.good_step == step:
+      self.good_step = None
     self._manager.close()
     self._manager = self._new_manager()
+    return target
+
+  def _quarantine(self, step: int, error: Exception | str) -> None:
+    if isinstance(error, Exception):
+      with self.error_log.open("a") as f:
+        f.write(f"--- checkpoint step {step} in {self.directory} ({time.ctime()}):\n")
+        f.write("".join(traceback.format_exception(error)))
+    self.quarantine(step, error if isinstance(error, str) else _first_line(error), details=True)
 
   def _saved_config(self, step: int) -> dict | None:
     try:
@@ -118,9 +255,19 @@ class Checkpointer:
     """(state, step) from the newest readable checkpoint, or None when there is none.
 
     `abstract_state` holds jax.ShapeDtypeStructs with the shardings to restore onto (resharding
-    as needed). Unreadable checkpoints are reported and moved aside; a shape mismatch raises.
+    as needed). Unreadable checkpoints (or ones whose checksums differ) are reported in one line
+    each and moved aside, with the full detail in <run_dir>/checkpoint_errors.log; a shape
+    mismatch raises.
     """
+    with quiet_loggers(self.error_log):
+      return self._restore_latest(abstract_state, data_iter, cfg)
+
+  def _restore_latest(self, abstract_state, data_iter, cfg):
     for step in reversed(self.all_steps()):
+      problem = self.verify(step)
+      if problem:
+        self.quarantine(step, problem, what="is corrupt")
+        continue
       try:
         meta = self._manager.item_metadata(step)
         state_meta = meta["state"] if meta is not None else None
@@ -150,8 +297,42 @@ class Checkpointer:
 # Model-only export for other stages.
 
 
+def is_model_dir(directory: Path) -> bool:
+  """Whether `directory` is a model directory we wrote: save_model's marker file, or (written before
+  the marker existed) exactly config.yaml + params/ (+ sparsify's selection.json)."""
+  if (directory / MODEL_MARKER).is_file():
+    return True
+  names = {p.name for p in directory.iterdir()}
+  return {CONFIG_FILE, "params"} <= names <= {CONFIG_FILE, "params", "selection.json"}
+
+
+def check_replaceable(directory: str | Path, what: str = "output directory") -> Path:
+  """`directory` if it is absent, empty or one of our model directories; else FileExistsError."""
+  directory = Path(directory).absolute()
+  if directory.exists() and not directory.is_dir():
+    raise FileExistsError(f"{what} {directory} is a file; pick a directory path")
+  if directory.is_dir() and any(directory.iterdir()) and not is_model_dir(directory):
+    raise FileExistsError(f"{what} {directory} is not empty and is not a model directory written by this project "
+                          f"(no {MODEL_MARKER}); refusing to replace it: pick a new or empty directory")
+  return directory
+
+
+def check_distinct(src: str | Path, out: str | Path, what: str = "out") -> None:
+  """Refuse an output that is the input directory, holds it, or lies inside it."""
+  src, out = Path(src).resolve(), Path(out).resolve()
+  if out == src or src.is_relative_to(out) or out.is_relative_to(src):
+    raise ValueError(f"{what} {out} overlaps the input model {src}; writing there would destroy the input: "
+                     "pick another output directory")
+
+
+def write_marker(directory: Path, cfg: Config) -> None:
+  (directory / MODEL_MARKER).write_text(json.dumps({"format": "loza_jax model", "architecture":
+                                                    cfg.model.architecture}) + "\n")
+
+
 def save_model(directory: str | Path, params, cfg: Config) -> Path:
-  """Write params (orbax) and config.yaml to `directory` (which must not hold a model yet)."""
+  """Write params (orbax), config.yaml and the model marker to `directory` (which must not hold a
+  model yet)."""
   directory = Path(directory).absolute()
   if (directory / "params").exists():
     raise FileExistsError(f"save_model: {directory / 'params'} already exists; pick a new directory")
@@ -161,13 +342,15 @@ def save_model(directory: str | Path, params, cfg: Config) -> Path:
     ckptr.wait_until_finished()
   if jax.process_index() == 0:
     save_config(cfg, directory / CONFIG_FILE)
+    write_marker(directory, cfg)
   return directory
 
 
 def export_model(directory: str | Path, params, cfg: Config) -> Path:
   """Replace `directory` with a save_model directory of params/cfg: written beside it, then renamed,
-  so a crash never leaves a half-written model; every process takes part."""
-  directory = Path(directory).absolute()
+  so a crash never leaves a half-written model; every process takes part. Only an absent or empty
+  directory, or one of our own model directories, is replaced."""
+  directory = check_replaceable(directory, "model directory")
   tmp = directory.with_name(directory.name + ".tmp")
   if jax.process_index() == 0:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -179,6 +179,30 @@ def flops_per_token(cfg: Config, n_params: int, seq_len: int) -> float:
 # Logging.
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+  """Records of a metrics.jsonl; a partial last line (a run killed mid-write) is dropped, a damaged
+  line before it raises ValueError naming the file and line."""
+  path = Path(path)
+  if not path.is_file():
+    return []
+  lines = path.read_text().split("\n")
+  out = []
+  for i, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError as e:
+      if i == len(lines):            # the last line, with no newline after it: an interrupted write
+        log.warning("%s:%d: dropping a partial last line (%d chars) left by an interrupted run", path, i, len(line))
+        break
+      raise ValueError(f"{path}:{i}: not a JSON record ({e}); remove or fix the line") from None
+    if not isinstance(rec, dict):
+      raise ValueError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
+    out.append(rec)
+  return out
+
+
 class MetricsLogger:
   """JSONL metrics and TensorBoard scalars in the run directory (process 0 only)."""
 
@@ -190,9 +214,8 @@ class MetricsLogger:
       return
     run_dir.mkdir(parents=True, exist_ok=True)
     if self.path.exists():   # keep history up to the restored step only, so a resumed log reads as one run
-      keep = [line for line in self.path.read_text().splitlines()
-              if line.strip() and resume_step is not None and json.loads(line).get("step", 0) <= resume_step]
-      self.path.write_text("".join(line + "\n" for line in keep))
+      keep = [r for r in read_jsonl(self.path) if resume_step is not None and r.get("step", 0) <= resume_step]
+      self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
     if tensorboard:
       import tensorboardX  # pylint: disable=import-outside-toplevel
       self._tb = tensorboardX.SummaryWriter(str(run_dir / "tb"), purge_step=(resume_step or 0) + 1)
@@ -214,6 +237,15 @@ class MetricsLogger:
 
 def _finite(x) -> bool:
   return bool(np.isfinite(x))
+
+
+def non_finite_what(rec: dict) -> str:
+  """'loss is nan', 'grad-norm is inf', 'params are not finite': what stopped the run."""
+  if "params" in rec:
+    return "params are not finite (NaN/Inf) after the update"
+  if not _finite(rec["loss"]):
+    return f"loss is {rec['loss']}"
+  return f"grad-norm is {rec.get('grad_norm')} (loss {rec['loss']:.4f})"
 
 
 # ----------------------------------------------------------------------------------------
@@ -263,6 +295,7 @@ class Trainer:
     self.state: TrainState | None = None
     self._step_fn = None
     self._eval_fn = None
+    self._finite_fn = None
 
   # --- construction ---------------------------------------------------------------------
 
@@ -348,6 +381,13 @@ class Trainer:
         total, weight = total + float(loss) * float(w), weight + float(w)
     return total / max(weight, 1e-9)
 
+  def params_finite(self) -> bool:
+    """Whether every parameter of the current state is finite (one scalar fetched)."""
+    if self._finite_fn is None:
+      self._finite_fn = jax.jit(lambda p: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))
+    with jax.set_mesh(self.mesh):
+      return bool(jax.device_get(self._finite_fn(self.state.params)))
+
   # --- the loop -------------------------------------------------------------------------
 
   def _say(self, msg: str, level: int = logging.INFO) -> None:
@@ -403,9 +443,24 @@ class Trainer:
     last: dict[str, float] = {}
     stopped = "done"
     step = start
+    unverified = {start} if start else set()   # checkpoints whose params have not yet given a finite loss
+
+    def stop(s: int, rec: dict) -> None:
+      """Report a non-finite step; a checkpoint holding the params that gave it is moved aside."""
+      moved = ""
+      if not _finite(rec["loss"]) and s - 1 in unverified:   # the loss of step s is that of checkpoint s - 1
+        target = ckpt.quarantine(s - 1, f"its params give loss {rec['loss']} at step {s}", what="holds diverged params",
+                                 after="so that a resume starts before the divergence")
+        unverified.discard(s - 1)
+        moved = f"; checkpoint {s - 1} (saved after the diverging update) was moved to {target}"
+      good = ckpt.latest_step()
+      where = ckpt.directory / str(good) if good is not None else "none"
+      self._say(f"step {s}: {non_finite_what(rec)}; stopping. Last good checkpoint (before the diverging update): "
+                f"{where}{moved}. A resume starts from {where}; lower train.learning_rate (or train.grad_clip) first",
+                logging.ERROR)
 
     def flush() -> bool:
-      """Fetch pending metrics, log them; False when a loss is not finite."""
+      """Fetch pending metrics, log them; False when a loss or grad-norm is not finite."""
       nonlocal window_start, window_steps, last
       if not pending:
         return True
@@ -414,10 +469,12 @@ class Trainer:
       ok = True
       for (s, _), m in zip(pending, host):
         rec = {"step": s, **{k: float(v) for k, v in m.items()}}
-        if not _finite(rec["loss"]):
+        if _finite(rec["loss"]) and s - 1 in unverified:
+          ckpt.mark_good(s - 1)
+          unverified.discard(s - 1)
+        if not (_finite(rec["loss"]) and _finite(rec.get("grad_norm", 0.0))):
           ok = False
-          self._say(f"step {s}: loss is {rec['loss']}; stopping. Last good checkpoint: "
-                    f"{ckpt.directory / str(last_saved) if last_saved is not None else 'none'}", logging.ERROR)
+          stop(s, rec)
           break
         rec.update(step_time=dt, tokens_per_s=tokens_per_step / dt, tflops_per_device=flops_step / dt / n_dev / 1e12)
         logger.write(rec)
@@ -433,6 +490,15 @@ class Trainer:
         else:
           self._say(line)
       return ok
+
+    def save(s: int) -> bool:
+      """Checkpoint step s when its params are finite; False (and a report) when they are not."""
+      if not self.params_finite():
+        stop(s, {"loss": last.get("loss", float("nan")), "params": float("nan")})
+        return False
+      ckpt.save(s, self.state, data_iter, self.cfg)
+      unverified.add(s)
+      return True
 
     try:
       while step < steps:
@@ -453,15 +519,19 @@ class Trainer:
             stopped = "non_finite"
             break
         if save_now:
-          ckpt.save(step, self.state, data_iter, self.cfg)
+          if not save(step):
+            stopped = "non_finite"
+            break
           last_saved = step
         for hook in self.hooks:
           hook(self, step)
       if stopped == "done" and not flush():
         stopped = "non_finite"
       if stopped == "done" and step != last_saved and step > 0:
-        ckpt.save(step, self.state, data_iter, self.cfg)
-        last_saved = step
+        if save(step):
+          last_saved = step
+        else:
+          stopped = "non_finite"
     finally:
       ckpt.close()
       logger.close()
