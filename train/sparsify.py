@@ -10,6 +10,7 @@ selection.json beside it.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +22,7 @@ from loza_jax.config import Config, replace
 from loza_jax.sparsity import Selection, select_layers
 from train import cli
 from train.calibrate import is_alpha, model_fingerprint
-from train.checkpoint import export_model, load_model
+from train.checkpoint import check_distinct, check_replaceable, export_model, load_model
 from train.trainer import without
 
 
@@ -35,13 +36,42 @@ def read_calibration(path: str | Path, model_cfg: Config) -> dict:
     cal = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"sparsify.calibration: {path} is not valid JSON ({e})") from None
+  if not isinstance(cal, dict) or not isinstance(cal.get("model_fingerprint", {}), dict):
+    raise ValueError(f"sparsify.calibration: {path} is not a calibration.json object (written by train.calibrate)")
   want = model_fingerprint(model_cfg)
   got = cal.get("model_fingerprint", {})
   diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
   if diff:
     detail = ", ".join(f"{k}: calibration {a!r} vs model {b!r}" for k, (a, b) in diff.items())
     raise ValueError(f"sparsify.calibration: {path} was made for a different model ({detail})")
+  rows = cal.get("alpha")
+  bad = [i for i, r in enumerate(rows if isinstance(rows, list) else [])   # a diverged calibration
+         if isinstance(r, dict) and isinstance(r.get("alpha"), float) and not abs(r["alpha"]) < float("inf")]
+  if bad:
+    raise ValueError(f"sparsify.calibration: {path}: α of sublayers {bad} is NaN or infinite (the calibration "
+                     "diverged); re-run train.calibrate")
   return cal
+
+
+def calibration_alphas(cal: dict, path: str | Path, n: int) -> list[float]:
+  """The finite α in [0, 1] of each of the n sublayers from calibration.json's `alpha` records;
+  ValueError naming the file and the entry otherwise."""
+  records = cal.get("alpha")
+  if not isinstance(records, list) or len(records) != n:
+    got = f"{len(records)} entries" if isinstance(records, list) else repr(records)[:60]
+    raise ValueError(f"sparsify.calibration: {path}: key 'alpha' must list {n} records "
+                     f"{{sublayer, alpha}}, got {got}; re-run train.calibrate")
+  alphas = []
+  for i, rec in enumerate(records):
+    a = rec.get("alpha") if isinstance(rec, dict) else None
+    if isinstance(a, bool) or not isinstance(a, (int, float)):
+      raise ValueError(f"sparsify.calibration: {path}: alpha[{i}].alpha must be a number, got {a!r}"
+                       + ("" if isinstance(rec, dict) else f" (entry {rec!r} is not an object)"))
+    if not math.isfinite(a) or not 0.0 <= a <= 1.0:
+      raise ValueError(f"sparsify.calibration: {path}: alpha[{i}].alpha = {a} is not a finite value in [0, 1] "
+                       "(calibration diverged?); re-run train.calibrate")
+    alphas.append(float(a))
+  return alphas
 
 
 def choose(cfg: Config, model_cfg: Config) -> Selection:
@@ -52,7 +82,7 @@ def choose(cfg: Config, model_cfg: Config) -> Selection:
     if not s.calibration:
       raise ValueError("sparsify.calibration: strategy 'alpha' needs the calibration.json written by train.calibrate")
     cal = read_calibration(s.calibration, model_cfg)
-    alphas = [r["alpha"] for r in cal["alpha"]]
+    alphas = calibration_alphas(cal, s.calibration, n)
     geom = cal.get("ssa", {})
     mine = {"block_size": cfg.attention.block_size, "sink_blocks": cfg.attention.sink_blocks,
             "local_blocks": cfg.attention.local_blocks}
@@ -80,7 +110,10 @@ def sparse_config(cfg: Config, model_cfg: Config, selection: Selection) -> Confi
 
 
 def sparsify(cfg: Config, init: str | Path, out: str | Path) -> tuple[Path, dict]:
-  """Write the sparse model for `init` to `out`; returns (out, selection record)."""
+  """Write the sparse model for `init` to `out`; returns (out, selection record). `out` must not be or
+  overlap `init`, and must be absent, empty or one of our model directories."""
+  check_distinct(init, out, "sparsify.out")
+  check_replaceable(out, "sparsify.out")
   params, model_cfg = load_model(init)
   if model_cfg.attention.layer_types and "blend" in model_cfg.attention.layer_types:
     model_cfg = replace(model_cfg, **{"attention.layer_types": None})
