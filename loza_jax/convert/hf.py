@@ -17,10 +17,10 @@ import jax
 import numpy as np
 from flax import traverse_util
 import flax.linen as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from loza_jax.config import Config, apply_overrides, from_dict, to_dict
-from loza_jax.convert.checkpoint import load_model, save_model
+from loza_jax.convert.checkpoint import check_new_dir, load_model, save_model
 from loza_jax.convert.hf_config import config_from_hf, config_to_hf
 from loza_jax.convert.names import TensorSpec, ignore_rule, tensor_specs, zero_expert_specs
 
@@ -59,6 +59,16 @@ def read_hf_config(hf_dir: Path) -> dict:
     raise ValueError(f"{path}: not valid JSON: {e}") from None
 
 
+def open_safetensors(path: Path):
+  """safe_open(path) whose errors (truncated or damaged file) name the file."""
+  try:
+    return safe_open(path, "numpy")
+  except SafetensorError as e:
+    size = path.stat().st_size if path.is_file() else 0
+    raise ValueError(f"{path}: not a readable .safetensors file ({e}; {size:,} bytes on disk): the file is "
+                     "truncated or damaged, download or copy it again") from None
+
+
 def checkpoint_files(hf_dir: Path) -> dict[Path, list[str]]:
   """safetensors file -> its tensor names, from model.safetensors.index.json or the files themselves."""
   index = hf_dir / INDEX_FILE
@@ -79,7 +89,7 @@ def checkpoint_files(hf_dir: Path) -> dict[Path, list[str]]:
                             "supported, re-save with safetensors")
   out = {}
   for p in paths:
-    with safe_open(p, "numpy") as f:
+    with open_safetensors(p) as f:
       out[p] = list(f.keys())
   return out
 
@@ -159,7 +169,7 @@ def read_hf_params(hf_dir: str | Path, cfg: Config, mtp_layers: int = 0) -> tupl
   found: dict[str, Path] = {}
   unexpected, wrong, skipped = [], [], collections.Counter()
   for path, names in files.items():
-    with safe_open(path, "numpy") as f:
+    with open_safetensors(path) as f:
       present = set(f.keys())
       for name in names:
         if name not in present:
@@ -192,12 +202,15 @@ def read_hf_params(hf_dir: str | Path, cfg: Config, mtp_layers: int = 0) -> tupl
   flat = {p: (np.ones if p[-1] == "alpha" else np.empty)(s.shape, s.dtype) for p, s in expected.items()}
   nbytes = 0
   for path, names in files.items():
-    with safe_open(path, "numpy") as f:
+    with open_safetensors(path) as f:
       for name in names:
         spec = by_name.get(name)
         if spec is None:
           continue
-        t = f.get_tensor(name)
+        try:
+          t = f.get_tensor(name)
+        except SafetensorError as e:
+          raise ValueError(f"{path}: cannot read tensor {name!r} ({e}): the file is damaged") from None
         nbytes += t.nbytes
         dest = flat[spec.path] if spec.expert is None else flat[spec.path][spec.expert]
         _copy_into(dest, t.T if spec.kind == "linear" else t)
@@ -223,6 +236,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, overrides: tuple[str, 
   """HF directory -> our model directory (orbax params + config.yaml). Returns the config and timing."""
   hf_dir = Path(hf_dir)
   t0 = time.perf_counter()
+  check_new_dir(out_dir)      # before reading anything: never write into the input or a used directory
   hf = read_hf_config(hf_dir)
   cfg = config_from_hf(hf, ignore_keys=ignore_config_keys, block_size=block_size, source=str(hf_dir / "config.json"))
   cfg = _cfg_with_overrides(cfg, overrides)
@@ -275,10 +289,11 @@ def hf_tensors(params: Any, cfg: Config, zero_expert_weights: str = "omit") -> l
   for spec in specs:
     arr = flat[spec.path]
     out.append(HFTensor(spec.hf_name, hf_shape(spec, arr.shape), arr.dtype, make(spec)))
-  if zero_expert_weights == "zeros":
-    gate = flat[("layers_0", "mlp", "experts", "gate_proj")]
+  zero_names = zero_expert_specs(cfg) if zero_expert_weights == "zeros" else []
+  if zero_names:   # LongCat-Flash only (every layer has experts); other architectures have no zero experts
+    gate = next(v for k, v in flat.items() if k[-2:] == ("experts", "gate_proj"))
     shape, dtype = tuple(gate.shape[1:][::-1]), gate.dtype
-    for name in zero_expert_specs(cfg):
+    for name in zero_names:
       out.append(HFTensor(name, shape, dtype, lambda: np.zeros(shape, dtype)))
   return out
 
@@ -323,6 +338,16 @@ def write_safetensors(path: Path, tensors: list[HFTensor], metadata: dict) -> No
       del arr
 
 
+def check_empty_out(out_dir: Path) -> None:
+  """FileExistsError unless `out_dir` is absent or an empty directory (export never overwrites)."""
+  if out_dir.exists() and not out_dir.is_dir():
+    raise FileExistsError(f"{out_dir} is a file; --out must be a directory")
+  present = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+  if present:
+    raise FileExistsError(f"{out_dir} is not empty (holds {_listing(present)}); export into a new or empty "
+                          "directory so nothing there is overwritten")
+
+
 def write_hf(params: Any, cfg: Config, out_dir: str | Path, *, max_shard_size: str | int = "5GB",
              zero_expert_weights: str = "omit") -> Stats:
   """config.json + model-0000i-of-0000N.safetensors + model.safetensors.index.json into `out_dir`."""
@@ -339,10 +364,8 @@ def write_hf(params: Any, cfg: Config, out_dir: str | Path, *, max_shard_size: s
       size = 0
     shards[-1].append(t)
     size += t.nbytes
+  check_empty_out(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  stale = sorted(p.name for p in out_dir.glob("*.safetensors"))
-  if stale:
-    raise FileExistsError(f"{out_dir} already holds {_listing(stale)}; export into an empty directory")
   weight_map, total = {}, 0
   for i, shard in enumerate(shards):
     fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -360,6 +383,9 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, max_shard_size: str 
               zero_expert_weights: str = "omit") -> tuple[Config, Stats]:
   """Our model directory -> HF directory (see write_hf)."""
   t0 = time.perf_counter()
+  if Path(out_dir).resolve() == Path(ckpt_dir).resolve():
+    raise ValueError(f"--out {out_dir} is the --ckpt directory; export into a new directory")
+  check_empty_out(Path(out_dir))    # before loading: fail fast
   params, cfg = load_model(ckpt_dir)
   stats = write_hf(params, cfg, out_dir, max_shard_size=max_shard_size, zero_expert_weights=zero_expert_weights)
   return cfg, dataclasses.replace(stats, seconds=time.perf_counter() - t0)
