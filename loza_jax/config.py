@@ -495,17 +495,31 @@ def to_dict(cfg) -> dict:
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
   """Apply `a.b=c` overrides (values parsed as YAML) to a nested dict, returning a new dict."""
   data = yaml.safe_load(yaml.safe_dump(data)) or {}
+  set_by: dict[str, str] = {}          # dotted key -> the override that last set it
   for item in overrides:
     if "=" not in item:
       raise ValueError(f"--set {item!r}: expected key=value, e.g. train.steps=10")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
+    if not all(parts):
+      raise ValueError(f"--set {item!r}: empty part in key {key.strip()!r}; expected e.g. train.steps=10")
+    try:
+      value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+      raise ValueError(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
     node = data
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
       node = node.setdefault(p, {})
       if not isinstance(node, dict):
-        raise ValueError(f"--set {item!r}: {p!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+        here = ".".join(parts[:i + 1])
+        culprit = f"--set {set_by[here]!r} made it {node!r}" if here in set_by else f"it is {node!r} in the config"
+        raise ValueError(f"--set {item!r}: {here!r} is not a section ({culprit})")
+    is_section = isinstance(node.get(parts[0]), dict) or parts[0] in {f.name for f in dataclasses.fields(Config)}
+    if len(parts) == 1 and is_section and not isinstance(value, dict):
+      raise ValueError(f"--set {item!r}: {key.strip()!r} is a section, not a value; set a key inside it, e.g. "
+                       f"{key.strip()}.<key>=...")
+    node[parts[-1]] = value
+    set_by[".".join(parts)] = item
   return data
 
 
