@@ -1,8 +1,10 @@
 """Adapters from loza_jax.attention's impl registry to the Pallas (Triton lowering) kernels.
 
-`positions` is accepted and ignored: the kernels derive document positions from the segment
-ids (position = token index minus its document's first index), which is what the attention
-API uses by default. Full attention runs on tiles of FULL_TILE tokens (FULL_TILE_INTERPRET in
+The kernels derive document positions from the segment ids (position = token index minus its
+document's first index), which is what the attention API uses by default. The impls are
+registered with custom_positions=False, so `attention(..., positions=X)` with an explicit X
+raises for them (and impl="auto" skips them); the `positions` reaching these adapters are
+always the default ones. Full attention runs on tiles of FULL_TILE tokens (FULL_TILE_INTERPRET in
 interpret mode), so documents must start at multiples of that tile; SSA uses its block size.
 """
 from __future__ import annotations
@@ -38,7 +40,7 @@ def unsupported_reason(pattern, q, k, v) -> str | None:
 
 
 def _run(q, k, v, *, pattern, segment_ids, positions, scale, interpret):
-  del positions  # derived from segment_ids, see module docstring
+  del positions  # the defaults (custom_positions=False): derived from segment_ids, see module docstring
   return flash_attention(q, k, v, segment_ids, scale=scale, interpret=interpret, **_tile_args(pattern, interpret))
 
 

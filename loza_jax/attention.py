@@ -112,6 +112,19 @@ def _check_inputs(q, k, v, segment_ids, positions):
   for name, arr in (("segment_ids", segment_ids), ("positions", positions)):
     if arr is not None and tuple(arr.shape) != (Bq, T):
       raise ValueError(f"{name} must have shape [B, T] = {(Bq, T)}, got {tuple(arr.shape)}")
+  _check_dtypes(q=q, k=k, v=v, segment_ids=segment_ids, positions=positions)
+
+
+def _check_dtypes(**arrays) -> None:
+  """q/k/v floating point, segment_ids/positions integer: ValueError naming the argument otherwise."""
+  for name, arr in arrays.items():
+    if arr is None:
+      continue
+    dtype = jnp.result_type(arr)
+    if name in ("q", "k", "v") and not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(f"attention: {name} has dtype {dtype}; q, k and v must be floating point (bf16/fp16/fp32)")
+    if name in ("segment_ids", "positions") and not jnp.issubdtype(dtype, jnp.integer):
+      raise ValueError(f"attention: {name} has dtype {dtype}; it must be an integer array (e.g. int32)")
 
 
 def _normalise(q, segment_ids, positions):
@@ -371,6 +384,7 @@ class Impl:
   check: Callable | None = None         # (pattern, q, k, v) -> None or a reason it cannot run
   returns_lse: bool = True              # False: returns (o, None); attention_with_lse cannot use it
   packed_documents: bool = True         # False: only for segment_ids=None (one document per row)
+  custom_positions: bool = True         # False: derives document positions itself (positions=None only)
 
   def load(self) -> Callable:
     if callable(self.fn):
@@ -394,24 +408,29 @@ def registered() -> dict[str, Impl]:
 register(Impl("xla_dense", xla_dense, platforms=("cpu", "gpu", "tpu"), priority=-10))
 register(Impl("xla", xla, platforms=("cpu", "gpu", "tpu"), priority=0))
 register(Impl("pallas_triton", "kernels_pallas.triton_attention:attention_impl", platforms=("gpu",),
-              priority=10, check="kernels_pallas.triton_attention:unsupported_reason"))
+              priority=10, check="kernels_pallas.triton_attention:unsupported_reason", custom_positions=False))
 register(Impl("tokamax", "loza_jax.attention_tokamax:attention_impl", platforms=("gpu",), priority=20,
-              check="loza_jax.attention_tokamax:unsupported_reason", returns_lse=False, packed_documents=False))
+              check="loza_jax.attention_tokamax:unsupported_reason", returns_lse=False, packed_documents=False,
+              custom_positions=False))
 register(Impl("pallas_mosaic", "kernels_pallas.mosaic_attention:attention_impl", platforms=("gpu",),
-              priority=15, check="kernels_pallas.mosaic_attention:unsupported_reason"))
+              priority=15, check="kernels_pallas.mosaic_attention:unsupported_reason", custom_positions=False))
 register(Impl("pallas_mosaic_interpret", "kernels_pallas.mosaic_attention:attention_impl_interpret",
               platforms=("cpu", "gpu"), priority=-20,
-              check="kernels_pallas.mosaic_attention:unsupported_reason_interpret"))
+              check="kernels_pallas.mosaic_attention:unsupported_reason_interpret", custom_positions=False))
 register(Impl("pallas_triton_interpret", "kernels_pallas.triton_attention:attention_impl_interpret",
               platforms=("cpu", "gpu"), priority=-20,
-              check="kernels_pallas.triton_attention:unsupported_reason"))
+              check="kernels_pallas.triton_attention:unsupported_reason", custom_positions=False))
 
 
-def _reason(impl: Impl, pattern, q, k, v, platform: str, packed: bool = True, need_lse: bool = False) -> str | None:
+def _reason(impl: Impl, pattern, q, k, v, platform: str, packed: bool = True, need_lse: bool = False,
+            positions: bool = False) -> str | None:
   if platform not in impl.platforms:
     return f"impl {impl.name!r} runs on {impl.platforms}, not on platform {platform!r}"
   if packed and not impl.packed_documents:
     return f"impl {impl.name!r} cannot express packed documents: call it with segment_ids=None"
+  if positions and not impl.custom_positions:
+    return (f"impl {impl.name!r} ignores `positions` (it derives document positions from segment_ids): call it "
+            "with positions=None, or use impl='xla'")
   if need_lse and not impl.returns_lse:
     return f"impl {impl.name!r} returns no log-sum-exp; use attention() instead of attention_with_lse()"
   if impl.check is None:
@@ -428,17 +447,19 @@ def _log_choice(platform: str, pattern_kind: str, name: str) -> None:
   log.info("attention impl='auto' on %s for %s: using %r", platform, pattern_kind, name)
 
 
-def resolve_impl(impl: str, pattern, q, k, v, *, packed: bool = True, need_lse: bool = False) -> Impl:
+def resolve_impl(impl: str, pattern, q, k, v, *, packed: bool = True, need_lse: bool = False,
+                 positions: bool = False) -> Impl:
   """The implementation that will run: `impl` itself (raising if it cannot) or the auto choice.
 
-  packed: whether segment_ids were given (documents may be packed in a row).
+  packed: whether segment_ids were given (documents may be packed in a row); positions: whether
+  positions were given (only impls registered with custom_positions=True honour them).
   """
   platform = jax.default_backend()
   if impl != "auto":
     if impl not in _REGISTRY:
       raise ValueError(f"unknown attention impl {impl!r}; registered: {sorted(_REGISTRY)} or 'auto'")
     chosen = _REGISTRY[impl]
-    reason = _reason(chosen, pattern, q, k, v, platform, packed, need_lse)
+    reason = _reason(chosen, pattern, q, k, v, platform, packed, need_lse, positions)
     if reason:
       raise ValueError(f"attention impl {impl!r} cannot run here: {reason}")
     return chosen
@@ -446,7 +467,7 @@ def resolve_impl(impl: str, pattern, q, k, v, *, packed: bool = True, need_lse: 
   for cand in candidates:
     if cand.priority < 0:
       continue  # oracles and interpreters are never chosen automatically
-    if _reason(cand, pattern, q, k, v, platform, packed, need_lse) is None:
+    if _reason(cand, pattern, q, k, v, platform, packed, need_lse, positions) is None:
       _log_choice(platform, f"{type(pattern).__name__}{' packed' if packed else ''}", cand.name)
       return cand
   raise ValueError(f"no attention impl can run {pattern} on {platform}")
@@ -456,7 +477,8 @@ def _dispatch(q, k, v, pattern, segment_ids, positions, scale, impl, need_lse):
   if not isinstance(pattern, (Full, SSA)):
     raise ValueError(f"pattern must be Full() or SSA(...), got {pattern!r}")
   _check_inputs(q, k, v, segment_ids, positions)
-  chosen = resolve_impl(impl, pattern, q, k, v, packed=segment_ids is not None, need_lse=need_lse)
+  chosen = resolve_impl(impl, pattern, q, k, v, packed=segment_ids is not None, need_lse=need_lse,
+                        positions=positions is not None)
   segment_ids, positions = _normalise(q, segment_ids, positions)
   if scale is None:
     scale = q.shape[-1] ** -0.5
@@ -477,6 +499,9 @@ def attention(q_BTHD, k_BSKD, v_BSKE, *, pattern: Pattern, segment_ids=None, pos
   registered name. An explicit impl that cannot run raises ValueError; "auto" logs its choice
   once per platform/pattern.
   segment_ids=None means one document per row (no padding), which some impls require.
+  positions=None means document-relative positions; explicit positions run only on impls that
+  honour them (xla, xla_dense): the Pallas kernels and tokamax derive positions themselves, so an
+  explicit request for them raises and "auto" skips them.
   """
   o, _ = _dispatch(q_BTHD, k_BSKD, v_BSKE, pattern, segment_ids, positions, scale, impl, need_lse=False)
   return o

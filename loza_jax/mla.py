@@ -68,7 +68,7 @@ class MLA(nn.Module):
     v_BTKE = constrain(v_BTKE, ("batch", "length", "act_kv_heads", None))
 
     run = lambda pattern: attn.attention(q_BTHD, k_BTKD, v_BTKE, pattern=pattern, segment_ids=segment_ids_BT,
-                                         positions=positions_BT, scale=scale, impl=self.acfg.impl)
+                                         positions=None, scale=scale, impl=self.acfg.impl)
     if self.layer_type == "full":
       o_BTHE = run(attn.Full())
     elif self.layer_type == "ssa":
