@@ -2,8 +2,12 @@
 
 python -m train.calibrate --config configs/demo_cpu.yaml --set calibrate.init=runs/demo/pretrain/model
 
-Writes to train.run_dir: calibration.json (α per sublayer, ranking, the layers chosen for
-calibrate.ratio, α trajectory), alpha.png, TensorBoard α curves, and prints a markdown summary.
+Calibration batches are mostly retrieval tasks (calibrate.retrieval_fraction) of calibrate.seq_len
+tokens; with calibrate.loss_mask=answer the fit (distill MSE or lm loss) is averaged only over the
+positions that predict a retrieval answer token, as in DuoAttention; with `all` over every
+non-padding position. Writes to train.run_dir: calibration.json (α per sublayer, ranking, the
+layers chosen for calibrate.ratio, the α separation at that boundary, α trajectory), alpha.png,
+calibration.md, TensorBoard α curves. A NaN α is an error.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from loza_jax.sparsity import select_layers
 from train import cli
 from train import data as data_lib
 from train.checkpoint import check_compatible, load_model
-from train.trainer import Trainer, make_distill_loss, make_lm_loss, make_optimizer, without
+from train.trainer import Trainer, lm_loss_terms, make_optimizer, without
 
 ALPHA = "alpha"
 
@@ -47,6 +51,9 @@ def calibration_config(stage_cfg: Config, model_cfg: Config) -> Config:
       "model": model_cfg.model,
       "attention.layer_types": ("blend",) * n,
       "data.seq_len": c.seq_len or stage_cfg.data.seq_len,
+      "data.retrieval_fraction": c.retrieval_fraction,
+      "data.retrieval_lengths": (c.seq_len or stage_cfg.data.seq_len,),
+      "data.retrieval_loss": "answer",
       "train.batch_size": c.batch_size or stage_cfg.train.batch_size,
       "train.steps": c.steps,
       "train.learning_rate": c.learning_rate,
@@ -75,17 +82,43 @@ def project_to_unit_box() -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_calibration_loss(cfg: Config, objective: str, alpha_l1: float):
-  """distill (MSE to the frozen full model's final hidden states) or lm, plus alpha_l1 · mean(α)."""
+def calibration_weights(batch, loss_mask: str) -> jax.Array:
+  """[B, T] weights of the positions the calibration fit averages over.
+
+  answer: positions whose next token is a loss-mask token (a retrieval answer token) of the same document;
+  all: every non-padding position.
+  """
+  seg = batch["segment_ids"]
+  if loss_mask == "all":
+    return (seg != 0).astype(jnp.float32)
+  if loss_mask != "answer":
+    raise ValueError(f"calibrate.loss_mask: {loss_mask!r} is not 'answer' or 'all'")
+  w = data_lib.target_weights(seg, batch["loss_mask"]).astype(jnp.float32)
+  return jnp.pad(w, ((0, 0), (0, 1)))
+
+
+def make_calibration_loss(cfg: Config, objective: str, alpha_l1: float, loss_mask: str = "all"):
+  """distill (MSE to the frozen full model's final hidden states) or lm, on the positions of
+  calibration_weights(loss_mask), plus alpha_l1 · mean(α)."""
   student = build_model(cfg)
-  if objective == "distill":
-    teacher = build_model(replace(cfg, **{"attention.layer_types": ("full",) * cfg.model.num_attention_sublayers}))
-    fit_fn = make_distill_loss(student, teacher)   # the teacher is the same weights without α
-  else:
-    fit_fn = make_lm_loss(student)
+  teacher = build_model(replace(cfg, **{"attention.layer_types": ("full",) * cfg.model.num_attention_sublayers}))
+
+  def fit_fn(params, batch):
+    args = (batch["tokens"], batch["segment_ids"], batch["positions"])
+    w = calibration_weights(batch, loss_mask)
+    if objective == "lm":
+      logits = student.apply({"params": params}, *args)
+      shifted = jnp.concatenate([jnp.zeros_like(w[:, :1]), w[:, :-1]], axis=1)   # position t-1 -> target t
+      return lm_loss_terms(logits, dict(batch, loss_mask=(shifted > 0).astype(jnp.int32)))
+    h_s = student.apply({"params": params}, *args, return_hidden=True).astype(jnp.float32)
+    h_t = teacher.apply({"params": jax.lax.stop_gradient(without(params, is_alpha))}, *args, return_hidden=True)
+    n = jnp.maximum(w.sum() * h_s.shape[-1], 1.0)
+    mse = (((h_s - h_t.astype(jnp.float32)) ** 2) * w[..., None]).sum() / n
+    return mse, {"mse": mse, "weight": w.sum()}
 
   def loss_fn(params, batch, rng):
-    fit, aux = fit_fn(params, batch, rng)
+    del rng
+    fit, aux = fit_fn(params, batch)
     a = clipped_alphas(params)
     loss = fit + alpha_l1 * jnp.mean(a)
     per_layer = a if a.ndim == 1 else a.mean(-1)
@@ -121,8 +154,28 @@ def trajectory(run_dir: Path, n: int) -> dict:
   return {"steps": steps, "alpha": values}
 
 
+def check_finite_alphas(alphas: Sequence, where: str) -> None:
+  """ValueError naming the sublayers whose α is not a finite number (NaN, Inf, null)."""
+  ok = lambda x: isinstance(x, (int, float, np.number)) and not isinstance(x, bool) and bool(np.isfinite(x))
+  bad = [i for i, x in enumerate(alphas) if not ok(x)]
+  if bad:
+    raise ValueError(f"{where}: α of sublayers {bad} is not a finite number ({[alphas[i] for i in bad]}); the "
+                     "calibration diverged: lower calibrate.learning_rate or check the model")
+
+
+def alpha_separation(per_layer: np.ndarray, selected) -> dict:
+  """α just inside the selection (highest α made SSA), just outside (lowest α kept full) and their gap."""
+  chosen = set(int(i) for i in selected)
+  inside = [float(per_layer[i]) for i in chosen]
+  outside = [float(per_layer[i]) for i in range(len(per_layer)) if i not in chosen]
+  hi, lo = (max(inside) if inside else None), (min(outside) if outside else None)
+  return {"highest_ssa_alpha": hi, "lowest_full_alpha": lo,
+          "gap": None if hi is None or lo is None else lo - hi}
+
+
 def summarise(cfg: Config, alphas: np.ndarray, traj: dict, init: str, final_metrics: dict) -> dict:
   per_layer = alphas if alphas.ndim == 1 else alphas.mean(-1)
+  check_finite_alphas(per_layer, "calibrate")
   n = per_layer.shape[0]
   sel = select_layers("alpha", n, cfg.calibrate.ratio, alphas=per_layer)
   ranking = [int(i) for i in np.argsort(per_layer, kind="stable")]
@@ -130,6 +183,7 @@ def summarise(cfg: Config, alphas: np.ndarray, traj: dict, init: str, final_metr
   return {
       "model": str(init), "model_fingerprint": model_fingerprint(cfg),
       "objective": cfg.calibrate.objective, "alpha_l1": cfg.calibrate.alpha_l1, "steps": cfg.calibrate.steps,
+      "loss_mask": cfg.calibrate.loss_mask, "retrieval_fraction": cfg.calibrate.retrieval_fraction,
       "seq_len": cfg.data.seq_len, "granularity": cfg.attention.granularity,
       "ssa": {"block_size": cfg.attention.block_size, "sink_blocks": cfg.attention.sink_blocks,
               "local_blocks": cfg.attention.local_blocks},
@@ -138,6 +192,7 @@ def summarise(cfg: Config, alphas: np.ndarray, traj: dict, init: str, final_metr
       "alpha_per_head": alphas.tolist() if alphas.ndim == 2 else None,
       "ranking": ranking,
       "ratio": cfg.calibrate.ratio, "selected_ssa": list(sel.ssa_layers),
+      "separation": alpha_separation(per_layer, sel.ssa_layers),
       "trajectory": {"steps": traj["steps"], "alpha": traj["alpha"], "first_logged": first,
                      "final": per_layer.tolist(),
                      "change": [float(b - a) for a, b in zip(first, per_layer)]},
@@ -170,9 +225,13 @@ def markdown(summary: dict) -> str:
   chosen = set(summary["selected_ssa"])
   for r in summary["alpha"]:
     rows.append(f"| {r['sublayer']} | {r['alpha']:.3f} | {r['rank']} | {'yes' if r['sublayer'] in chosen else ''} |")
-  return (f"## Calibration ({summary['objective']}, λ={summary['alpha_l1']}, {summary['steps']} steps, "
-          f"seq_len {summary['seq_len']})\n\n" + "\n".join(rows) +
-          f"\n\nSSA at ratio {summary['ratio']}: sublayers {summary['selected_ssa']}\n")
+  sep = summary.get("separation") or {}
+  gap = ("-" if sep.get("gap") is None else
+         f"{sep['gap']:.3f} (highest SSA α {sep['highest_ssa_alpha']:.3f}, lowest full α {sep['lowest_full_alpha']:.3f})")
+  return (f"## Calibration ({summary['objective']} on {summary.get('loss_mask', 'all')} tokens, "
+          f"λ={summary['alpha_l1']}, {summary['steps']} steps, seq_len {summary['seq_len']})\n\n" + "\n".join(rows) +
+          f"\n\nSSA at ratio {summary['ratio']}: sublayers {summary['selected_ssa']}\n"
+          f"α separation at that boundary: {gap}\n")
 
 
 def calibrate(stage_cfg: Config, init: str | Path, *, print_fn=None, return_params: bool = False):
@@ -183,11 +242,12 @@ def calibrate(stage_cfg: Config, init: str | Path, *, print_fn=None, return_para
   run_dir = Path(cfg.train.run_dir)
   params = with_alphas(model_params, cfg)
   tx = optax.chain(make_optimizer(cfg), project_to_unit_box())
-  trainer = Trainer(cfg, loss_fn=make_calibration_loss(cfg, cfg.calibrate.objective, cfg.calibrate.alpha_l1),
+  c = cfg.calibrate
+  trainer = Trainer(cfg, loss_fn=make_calibration_loss(cfg, c.objective, c.alpha_l1, c.loss_mask),
                     init_params=params, tx=tx, print_fn=print_fn)
   rows = cfg.train.batch_size // jax.process_count()
   data_iter = iter(data_lib.build_dataset(cfg, rows, process_index=jax.process_index(),
-                                          process_count=jax.process_count()))
+                                          process_count=jax.process_count(), text_loss=c.loss_mask == "all"))
   result = trainer.fit(data_iter)
   if result.stopped != "done":
     raise RuntimeError(f"calibration stopped at step {result.step}: {result.stopped}")
