@@ -216,8 +216,9 @@ def accuracy_table(scored: Sequence[dict], tasks, lengths, depths) -> dict:
   per_length = {str(n): _mean([r["score"] for r in scored if r["length"] == n]) for n in lengths}
   per_zone = {z: {"acc": _mean([r["score"] for r in scored if r.get("zone") == z]),
                   "n": sum(r.get("zone") == z for r in scored)} for z in ZONES}
-  actual = {f"{n}|{d}": _mean([r.get("depth_actual") for r in scored if r["length"] == n and r["depth"] == d])
+  actual = {f"{n}|{float(d)}": _mean([r.get("depth_actual") for r in scored if r["length"] == n and r["depth"] == d])
             for n in lengths for d in depths}
+  actual = {k: None if v is None else round(v, 4) for k, v in actual.items()}
   return {"overall": _mean([r["score"] for r in scored]),
           "token_acc": (float(np.mean([np.nan if r.get("token_acc") is None else r["token_acc"] for r in scored]))
                         if scored else None),
