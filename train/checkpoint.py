@@ -143,6 +143,7 @@ class Checkpointer:
     self.keep = keep
     self.good_step: int | None = None
     self._unsummed: set[int] = set()
+    self._saved = False                 # rotation only in an instance that saved (a reader deletes nothing)
     self.error_log = self.directory.parent / ERROR_LOG
     self._options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=async_save,
                                                  create=True)
@@ -172,6 +173,7 @@ class Checkpointer:
       items["config"] = ocp.args.JsonSave(to_dict(cfg))
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     self._unsummed.add(step)
+    self._saved = True
 
   def wait(self) -> None:
     """Wait for pending saves, then write their checksums and rotate old steps."""
@@ -196,7 +198,7 @@ class Checkpointer:
       for step in sorted(done):
         if (self.directory / str(step)).is_dir():
           self.checksum_path(step).write_text(json.dumps(file_digests(self.directory / str(step)), indent=0))
-    for step in steps_to_delete(self._manager.all_steps(), self.keep, self.good_step):
+    for step in steps_to_delete(self._manager.all_steps(), self.keep if self._saved else None, self.good_step):
       self._manager.delete(step)
       if jax.process_index() == 0:
         self.checksum_path(step).unlink(missing_ok=True)
