@@ -10,7 +10,7 @@ from train.evaluate import (Answer, accuracy_table, evaluate_logits_fn, greedy_a
                             retrieval_cases, score_cases)
 
 CFG = ["evaluate.lengths=[256, 400]", "evaluate.depths=[0.0, 0.5, 1.0]", "evaluate.samples=2",
-       "evaluate.ppl_rows=2", "evaluate.ppl_buckets=4", "attention.block_size=16"]
+       "evaluate.ppl_rows=2", "evaluate.ppl_buckets=4", "evaluate.ppl_lengths=[]", "attention.block_size=16"]
 
 
 def independent_answer(kind: str, prompt: str) -> str:
