@@ -80,6 +80,7 @@ class ModelConfig:
   norm_topk_prob: bool = False
   zero_expert_num: int = 0                 # LongCat-Flash identity ("zero-computation") experts
   moe_impl: str = "ragged"                 # ragged (sorted grouped matmul) | dense (every expert on every token)
+  moe_token_chunk: int = 0                 # route and run experts on this many tokens at a time; 0 = all at once
   mla_scale_q_lora: bool = False           # LongCat-Flash: scale the q latent by sqrt(hidden/q_lora_rank)
   mla_scale_kv_lora: bool = False          # ... and the kv latent by sqrt(hidden/kv_lora_rank)
   latent_norm_eps: float | None = None     # eps of q_a/kv_a_layernorm; None = rms_norm_eps (HF uses 1e-6)
@@ -101,6 +102,8 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"model.{name}: unknown dtype {getattr(self, name)!r}; choose one of {DTYPES}")
+    if self.moe_token_chunk < 0:
+      raise ValueError(f"model.moe_token_chunk must be >= 0 (0 = all tokens at once), got {self.moe_token_chunk}")
     if self.architecture != "loza":
       _check_moe(self)
 

@@ -121,8 +121,23 @@ class Experts(nn.Module):
     down = self.param("down_proj", init(("experts", "expert_mlp", "embed")), (X, I, M), pdt)
     if c.moe_impl not in DISPATCH:
       raise ValueError(f"model.moe_impl: {c.moe_impl!r} is not one of {sorted(DISPATCH)}")
-    return DISPATCH[c.moe_impl](x_TM.astype(dt), w_TK, idx_TK, gate.astype(dt), up.astype(dt), down.astype(dt),
-                                c.zero_expert_num)
+    run = lambda x, w, idx: DISPATCH[c.moe_impl](x, w, idx, gate.astype(dt), up.astype(dt), down.astype(dt),
+                                                 c.zero_expert_num)
+    return in_chunks(run, c.moe_token_chunk, x_TM.astype(dt), w_TK, idx_TK)
+
+
+def in_chunks(fn, chunk: int, *xs_T):
+  """fn over token chunks of `chunk` rows (bounded memory; each chunk rematerialised in the backward).
+
+  0 or a chunk no smaller than T runs fn once on everything.
+  """
+  T = xs_T[0].shape[0]
+  if not chunk or T <= chunk:
+    return fn(*xs_T)
+  n = -(-T // chunk)
+  pad = lambda x: jnp.pad(x, [(0, n * chunk - T)] + [(0, 0)] * (x.ndim - 1)).reshape(n, chunk, *x.shape[1:])
+  out = jax.lax.map(jax.checkpoint(lambda args: fn(*args)), tuple(pad(x) for x in xs_T))
+  return out.reshape(n * chunk, *out.shape[2:])[:T]
 
 
 class MoE(nn.Module):

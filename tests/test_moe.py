@@ -165,3 +165,19 @@ def test_unknown_router_and_impl_raise():
   with pytest.raises(ValueError, match="moe_impl"):
     ModelConfig(architecture="deepseek_v3", n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
                 moe_impl="loop")
+
+
+@pytest.mark.parametrize("impl", ["ragged", "dense"])
+def test_token_chunks_change_nothing(impl):
+  """model.moe_token_chunk runs the experts on token chunks (ragged tail included): same output and grads."""
+  import dataclasses
+  from loza_jax.config import ModelConfig
+  from loza_jax.moe import MoE
+  c = ModelConfig(architecture="longcat_flash", hidden_size=16, q_lora_rank=8, n_routed_experts=4,
+                  num_experts_per_tok=2, moe_intermediate_size=8, zero_expert_num=2, moe_impl=impl)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 13, 16))
+  params = MoE(c, "softmax").init(jax.random.PRNGKey(0), x)
+  loss = lambda cfg: (lambda p, x: jnp.sum(MoE(cfg, "softmax").apply(p, x) ** 2))
+  chunked = dataclasses.replace(c, moe_token_chunk=5)
+  for f in (lambda cfg: loss(cfg)(params, x), lambda cfg: jax.grad(loss(cfg), argnums=1)(params, x)):
+    np.testing.assert_allclose(f(chunked), f(c), rtol=1e-5, atol=1e-6)
