@@ -199,3 +199,28 @@ def test_cli(tmp_path, capsys):
     g.main(["--model", str(tmp_path / "nope"), "--prompt", "x"])
   assert e.value.code == 2
   assert "no such directory" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("types", [("full", "ssa"), ("ssa", "full")])
+def test_gpu_prefill_kernels_and_decode_match_forward(rng, types):
+  """On the GPU: bf16 prefill through the default kernels (two chunks) and decode steps vs the XLA forward."""
+  cfg = tiny_cfg(types, impl="auto", block=64, local=3, num_attention_heads=4, num_key_value_heads=4,
+                 kv_lora_rank=64, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, dtype="bfloat16",
+                 vocab_size=256)
+  params = init(cfg)
+  seqs = [rng.integers(0, 256, 700), rng.integers(0, 256, 700)]
+  ref_cfg = replace(cfg, **{"attention.impl": "xla"})
+  model = build_model(ref_cfg)
+  refs = [np.asarray(model.apply({"params": params}, jnp.asarray(s[None])))[0] for s in seqs]
+  lens = [600, 389]
+  toks = np.zeros((2, 640), np.int32)
+  for i, n in enumerate(lens):
+    toks[i, :n] = seqs[i][:n]
+  cache = kc.init_cache(cfg, 2, 720, jnp.bfloat16)
+  last, cache = g.prefill(params, cfg, cache, toks, np.array(lens), 320)
+  for step in range(40):
+    for i, n in enumerate(lens):
+      ref = refs[i][n + step - 1]
+      assert np.abs(np.asarray(last[i]) - ref).max() / np.abs(ref).max() <= 3e-2
+    last, cache = g.decode_step(params, cfg, cache, np.array([seqs[i][n + step] for i, n in enumerate(lens)]))

@@ -1,0 +1,345 @@
+"""End-to-end speed of a LongCat-Flash-geometry slice, full attention vs LoZA (50% SSA sublayers).
+
+    python -m benchmarks.e2e [--layers 2] [--prefill 32768,131072,262144] [--decode 32768,131072,262144]
+                             [--train 32768,131072] [--out DIR] [--tiny]
+
+One process, one set of random bf16 weights shared by both layouts (full: every MLA sublayer full;
+LoZA: sublayers 1, 3, ... SSA with blocks of 128, 1 sink + 7 local blocks). Measures:
+- prefill (whole prompt in one chunk through the attention kernels, experts on token chunks):
+  time, tokens/s, the full/LoZA ratio and the ideal ratio from the FLOP model below;
+- decode: one on-device step (absorbed MLA over the latent cache, SSA over its ring) at batch 1 and
+  at the largest batch whose full-model cache fits --cache-budget-gib; KV-cache bytes per sequence;
+  the HBM floor of a step (weights + cache read once at the bandwidth measured in this run);
+- decode attention alone for one full vs one SSA sublayer (the cost SSA removes);
+- a training step (forward + backward of every weight, layers rematerialised; the loss is on the
+  final hidden states so the LM head is left out): tokens/s and model TFLOP/s per device.
+FLOP model: 2·(weights touched per token) + 2·H·(D+E) per visible (query, key) pair; fwd+bwd as
+3× the matmuls and 3.5× the attention forward (no credit for rematerialisation).
+Writes benchmarks/results/<date>-<device>-e2e.md (and a copy under --out); prints the tables last.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.attention import device_slug, version
+from loza_jax import cache as kc
+from loza_jax import generate as gen
+from loza_jax.attention import SSA, Full
+from loza_jax.config import Config, from_dict, replace
+from loza_jax.model import build_model
+
+
+SLICE = dict(architecture="longcat_flash", vocab_size=131072, hidden_size=6144, num_attention_heads=64,
+             q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+             intermediate_size=12288, n_routed_experts=32, num_experts_per_tok=12, moe_intermediate_size=2048,
+             zero_expert_num=0, routed_scaling_factor=6.0, mla_scale_q_lora=True, mla_scale_kv_lora=True,
+             max_position_embeddings=1 << 21, dtype="bfloat16", param_dtype="bfloat16", moe_token_chunk=16384,
+             rope_theta=10_000_000.0)
+TINY = dict(SLICE, vocab_size=256, hidden_size=64, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32,
+            qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, intermediate_size=96, n_routed_experts=4,
+            num_experts_per_tok=2, moe_intermediate_size=32, moe_token_chunk=64, dtype="float32",
+            param_dtype="float32")
+
+
+def configs(layers: int, tiny: bool) -> dict[str, Config]:
+  m = dict(TINY if tiny else SLICE, num_hidden_layers=layers)
+  att = dict(block_size=16 if tiny else 128, sink_blocks=1, local_blocks=7 if not tiny else 2,
+             impl="xla" if tiny else "auto")
+  full = from_dict(Config, {"model": m, "attention": dict(att, layer_types=["full"] * 2 * layers)})
+  loza = replace(full, **{"attention.layer_types": tuple("ssa" if i % 2 else "full" for i in range(2 * layers))})
+  return {"full": full, "loza": loza}
+
+
+# ----------------------------------------------------------------------------------------
+# FLOP and byte model.
+
+
+def visible_pairs(pattern, T: int) -> int:
+  """Unmasked (query, key) pairs of one head over one document of T tokens."""
+  t = np.arange(T, dtype=np.int64)
+  if isinstance(pattern, Full):
+    return int(T * (T + 1) // 2)
+  B, sink, local = pattern.block_size, pattern.sink_blocks, pattern.local_blocks
+  first_local = np.maximum(t // B - (local - 1), 0) * B
+  return int((t + 1 - first_local + np.minimum(sink * B, first_local)).sum())
+
+
+def matmul_flops_per_token(cfg: Config) -> float:
+  """2 × weights a token multiplies through (MLA projections, dense MLPs, top-k experts, router); no head."""
+  m = cfg.model
+  H, M = m.num_attention_heads, m.hidden_size
+  mla = (M * m.q_lora_rank + m.q_lora_rank * H * m.qk_head_dim + M * (m.kv_lora_rank + m.qk_rope_head_dim)
+         + m.kv_lora_rank * H * (m.qk_nope_head_dim + m.v_head_dim) + H * m.v_head_dim * M)
+  mlp = 3 * M * m.intermediate_size
+  moe = m.num_experts_per_tok * 3 * M * m.moe_intermediate_size + M * (m.n_routed_experts + m.zero_expert_num)
+  return 2.0 * m.num_hidden_layers * (2 * mla + 2 * mlp + moe)
+
+
+def attention_flops(cfg: Config, T: int) -> float:
+  """Forward attention FLOPs of every sublayer over one T-token sequence."""
+  m, a = cfg.model, cfg.attention
+  ssa = SSA(a.block_size, a.sink_blocks, a.local_blocks)
+  per_pair = 2.0 * m.num_attention_heads * (m.qk_head_dim + m.v_head_dim)
+  return sum(per_pair * visible_pairs(Full() if t == "full" else ssa, T) for t in cfg.layer_types)
+
+
+def prefill_flops(cfg: Config, T: int) -> float:
+  return T * matmul_flops_per_token(cfg) + attention_flops(cfg, T)
+
+
+def train_flops(cfg: Config, T: int) -> float:
+  return 3 * T * matmul_flops_per_token(cfg) + 3.5 * attention_flops(cfg, T)
+
+
+def param_bytes(params) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+
+
+# ----------------------------------------------------------------------------------------
+# Timing.
+
+
+def timed(fn, reps: int) -> float:
+  """Median seconds of fn() (which blocks) over reps runs after one warm-up."""
+  fn()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def ceilings(tiny: bool) -> dict:
+  """Copy bandwidth (bytes read + written per second) and bf16 matmul rate, measured here."""
+  n = (1 << 20) if tiny else (1 << 30)
+  x = jax.random.normal(jax.random.PRNGKey(0), (n,), jnp.bfloat16)
+  copy = jax.jit(lambda x: x * 1.0001)
+  t = timed(lambda: copy(x).block_until_ready(), 10)
+  k = 256 if tiny else 8192
+  a = jax.random.normal(jax.random.PRNGKey(1), (k, k), jnp.bfloat16)
+  mm = jax.jit(lambda a: a @ a)
+  tm = timed(lambda: mm(a).block_until_ready(), 10)
+  return {"hbm_bytes_per_s": 2 * n * 2 / t, "matmul_flop_per_s": 2 * k**3 / tm}
+
+
+def random_cache(cfg: Config, batch: int, ctx: int, capacity: int, key) -> kc.Cache:
+  """A cache holding `ctx` tokens per row of random latents, SSA rings placed as decode would leave them."""
+  cache = kc.init_cache(cfg, batch, capacity, jnp.bfloat16)
+  a = cfg.attention
+  sink, local = a.sink_blocks * a.block_size, a.local_blocks * a.block_size
+  layers = []
+  for i, e in enumerate(cache.layers):
+    k1, k2 = jax.random.split(jax.random.fold_in(key, i))
+    new = {"ckv": jax.random.normal(k1, e["ckv"].shape, e["ckv"].dtype),
+           "krope": jax.random.normal(k2, e["krope"].shape, e["krope"].dtype)}
+    if "pos" in e:
+      w = jnp.arange(e["pos"].shape[1])
+      last = ctx - 1
+      p = jnp.where(w < sink, w, last - jnp.mod(last - w, local))
+      new["pos"] = jnp.broadcast_to(jnp.where(p <= last, p, -1), e["pos"].shape).astype(jnp.int32)
+    layers.append(new)
+  return kc.Cache(jnp.full((batch,), ctx, jnp.int32), tuple(layers))
+
+
+def bench_prefill(cfgs, params, T: int, reps: int) -> dict:
+  out = {}
+  tokens = jax.random.randint(jax.random.PRNGKey(T), (1, T), 0, next(iter(cfgs.values())).model.vocab_size)
+  for name, cfg in cfgs.items():
+    def run():
+      cache = kc.init_cache(cfg, 1, T, jnp.bfloat16)
+      last, cache = gen.prefill(params, cfg, cache, tokens, np.array([T]), chunk=T)
+      jax.block_until_ready((last, cache))
+    s = timed(run, reps)
+    out[name] = {"s": s, "tok_per_s": T / s, "tflops": prefill_flops(cfg, T) / s / 1e12}
+  out["ratio"] = out["full"]["s"] / out["loza"]["s"]
+  out["ideal"] = prefill_flops(cfgs["full"], T) / prefill_flops(cfgs["loza"], T)
+  return out
+
+
+def bench_decode(cfgs, params, ctx: int, batch: int, steps: int, bw: float) -> dict:
+  out = {}
+  for name, cfg in cfgs.items():
+    cache = random_cache(cfg, batch, ctx, ctx + steps + 2, jax.random.PRNGKey(ctx))
+    row_bytes = kc.cache_bytes(cache)
+    step = jax.jit(gen._decode_step_fn(cfg), donate_argnums=(1,))
+    toks = jnp.zeros((batch,), jnp.int32) + 7
+    logits, cache = step(params, cache, toks)                          # compile + warm-up
+    jax.block_until_ready(logits)
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      logits, cache = step(params, cache, toks)
+      jax.block_until_ready(logits)
+      times.append(time.perf_counter() - t0)
+    s = float(np.median(times))
+    read = param_bytes(params) + batch * sum(
+        x.size // batch * x.dtype.itemsize for e, t in zip(cache.layers, cfg.layer_types) for x in e.values())
+    out[name] = {"s": s, "cache_bytes_per_seq": row_bytes, "floor_s": read / bw, "tok_per_s": batch / s}
+    del cache
+  out["ratio"] = out["full"]["s"] / out["loza"]["s"]
+  out["bytes_saved"] = 1 - out["loza"]["cache_bytes_per_seq"] / out["full"]["cache_bytes_per_seq"]
+  return out
+
+
+def bench_decode_attention(cfg: Config, ctx: int, batch: int, bw: float) -> dict:
+  """One sublayer's decode attention (absorbed form) over a full latent cache vs an SSA ring."""
+  m, a = cfg.model, cfg.attention
+  H, C, R = m.num_attention_heads, m.kv_lora_rank, m.qk_rope_head_dim
+  key = jax.random.PRNGKey(3)
+  q_lat = jax.random.normal(key, (batch, 1, H, C), jnp.bfloat16)
+  q_rope = jax.random.normal(key, (batch, 1, H, R), jnp.bfloat16)
+  q_pos = jnp.full((batch, 1), ctx - 1, jnp.int32)
+  ssa = SSA(a.block_size, a.sink_blocks, a.local_blocks)
+  out = {}
+  for name, S, pattern in (("full", ctx, Full()), ("ssa", kc.ssa_slots(cfg), ssa)):
+    ckv = jax.random.normal(key, (batch, S, C), jnp.bfloat16)
+    krope = jax.random.normal(key, (batch, S, R), jnp.bfloat16)
+    k_pos = jnp.broadcast_to(jnp.arange(S) if name == "full" else
+                             jnp.where(jnp.arange(S) < a.block_size, jnp.arange(S),
+                                       ctx - S + jnp.arange(S)), (batch, S))
+    fn = jax.jit(lambda *xs: kc.latent_attention(*xs, pattern, 0.1)[0])
+    s = timed(lambda: fn(q_lat, q_rope, ckv, krope, q_pos, k_pos).block_until_ready(), 10)
+    out[name] = {"s": s, "floor_s": batch * S * (C + R) * 2 / bw}
+    del ckv, krope
+  out["ratio"] = out["full"]["s"] / out["ssa"]["s"]
+  return out
+
+
+def bench_train(cfgs, params, T: int, reps: int) -> dict:
+  out = {}
+  tokens = jax.random.randint(jax.random.PRNGKey(T + 1), (1, T), 0, next(iter(cfgs.values())).model.vocab_size)
+  for name, cfg in cfgs.items():
+    model = build_model(replace(cfg, **{"model.remat": True}))
+    loss = lambda p: jnp.mean(jnp.square(model.apply({"params": p}, tokens, return_hidden=True).astype(jnp.float32)))
+    step = jax.jit(jax.value_and_grad(loss))
+    s = timed(lambda: jax.block_until_ready(step(params)), reps)
+    out[name] = {"s": s, "tok_per_s": T / s, "tflops": train_flops(cfg, T) / s / 1e12}
+  out["ratio"] = out["full"]["s"] / out["loza"]["s"]
+  return out
+
+
+def largest_batch(cfg: Config, ctx: int, budget: float) -> int:
+  """Most rows whose full-model bf16 latent cache at `ctx` tokens fits in `budget` bytes."""
+  m = cfg.model
+  per_row = ctx * (m.kv_lora_rank + m.qk_rope_head_dim) * 2 * m.num_attention_sublayers
+  return max(1, int(budget // per_row))
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def report(res: dict, cmd: str, seconds: float) -> str:
+  f = lambda x, s=".3f": "–" if x is None else format(x, s)
+  dev = jax.devices()[0]
+  c = res["ceilings"]
+  lines = [f"# End-to-end benchmark, {datetime.date.today().isoformat()}", "",
+           f"- command: `{cmd}`", f"- device: {dev.device_kind}",
+           f"- versions: python {sys.version.split()[0]}, jax {version('jax')}, jaxlib {version('jaxlib')}, "
+           f"flax {version('flax')}, triton {version('triton')}",
+           f"- slice: {res['slice']}", f"- measured here: copy {c['hbm_bytes_per_s'] / 1e12:.2f} TB/s (read+write), "
+           f"bf16 matmul {c['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s", f"- wall time of the run: {seconds:.0f} s", ""]
+  if res["prefill"]:
+    lines += ["## Prefill (batch 1, one chunk)", "", "| T | full s | LoZA s | full tok/s | LoZA tok/s | "
+              "full TFLOP/s | LoZA TFLOP/s | speed-up | ideal (FLOPs) |", "|---|---|---|---|---|---|---|---|---|"]
+    for T, r in res["prefill"].items():
+      lines.append(f"| {T} | {f(r['full']['s'])} | {f(r['loza']['s'])} | {r['full']['tok_per_s']:.0f} | "
+                   f"{r['loza']['tok_per_s']:.0f} | {r['full']['tflops']:.0f} | {r['loza']['tflops']:.0f} | "
+                   f"{r['ratio']:.2f}x | {r['ideal']:.2f}x |")
+    lines.append("")
+  if res["decode"]:
+    lines += ["## Decode (one step, all rows at the context)", "",
+              "| ctx | batch | full ms | LoZA ms | speed-up | full floor ms | LoZA floor ms | KV bytes/seq full | "
+              "LoZA | saved |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (ctx, b), r in res["decode"].items():
+      lines.append(f"| {ctx} | {b} | {r['full']['s'] * 1e3:.2f} | {r['loza']['s'] * 1e3:.2f} | {r['ratio']:.2f}x | "
+                   f"{r['full']['floor_s'] * 1e3:.2f} | {r['loza']['floor_s'] * 1e3:.2f} | "
+                   f"{r['full']['cache_bytes_per_seq'] / 2**20:.1f} MiB | {r['loza']['cache_bytes_per_seq'] / 2**20:.1f} MiB | "
+                   f"{r['bytes_saved'] * 100:.0f}% |")
+    lines.append("")
+  if res["decode_attention"]:
+    lines += ["## Decode attention of one sublayer (absorbed MLA, XLA)", "",
+              "| ctx | batch | full ms | full floor ms | SSA ms | SSA floor ms | full/SSA |", "|---|---|---|---|---|---|---|"]
+    for (ctx, b), r in res["decode_attention"].items():
+      lines.append(f"| {ctx} | {b} | {r['full']['s'] * 1e3:.3f} | {r['full']['floor_s'] * 1e3:.3f} | "
+                   f"{r['ssa']['s'] * 1e3:.3f} | {r['ssa']['floor_s'] * 1e3:.3f} | {r['ratio']:.1f}x |")
+    lines.append("")
+  if res["train"]:
+    lines += ["## Training step (fwd+bwd, batch 1, remat, LM head excluded)", "",
+              "| T | full s | LoZA s | full tok/s | LoZA tok/s | full TFLOP/s | LoZA TFLOP/s | speed-up |",
+              "|---|---|---|---|---|---|---|---|"]
+    for T, r in res["train"].items():
+      lines.append(f"| {T} | {f(r['full']['s'])} | {f(r['loza']['s'])} | {r['full']['tok_per_s']:.0f} | "
+                   f"{r['loza']['tok_per_s']:.0f} | {r['full']['tflops']:.0f} | {r['loza']['tflops']:.0f} | "
+                   f"{r['ratio']:.2f}x |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--layers", type=int, default=2)
+  p.add_argument("--prefill", default="32768,131072,262144")
+  p.add_argument("--decode", default="32768,131072,262144")
+  p.add_argument("--train", default="32768,131072")
+  p.add_argument("--reps", type=int, default=2)
+  p.add_argument("--steps", type=int, default=10, help="decode steps timed per setting")
+  p.add_argument("--cache-budget-gib", type=float, default=80.0,
+                 help="full-model KV cache the largest decode batch may hold")
+  p.add_argument("--out", default=None)
+  p.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke test of the script)")
+  args = p.parse_args(argv)
+  t0 = time.time()
+  cmd = "python -m benchmarks.e2e " + " ".join(argv if argv is not None else sys.argv[1:])
+  ints = lambda s: [int(x) for x in s.split(",") if x]
+  cfgs = configs(args.layers, args.tiny)
+  model = build_model(cfgs["full"])
+  params = jax.jit(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]))()
+  res = {"slice": {k: v for k, v in cfgs["full"].model.__dict__.items() if k in SLICE} | {"layers": args.layers},
+         "ceilings": ceilings(args.tiny), "prefill": {}, "decode": {}, "decode_attention": {}, "train": {}}
+  res["slice"]["weights_GB"] = round(param_bytes(params) / 1e9, 2)
+  name = f"{datetime.date.today().isoformat()}-{'cpu-tiny' if args.tiny else device_slug(jax.devices()[0].device_kind)}-e2e"
+  os.makedirs("benchmarks/results", exist_ok=True)
+
+  def write():
+    text = report(res, cmd, time.time() - t0)
+    for d in ["benchmarks/results"] + ([args.out] if args.out else []):
+      os.makedirs(d, exist_ok=True)
+      with open(os.path.join(d, name + ".md"), "w") as fh:
+        fh.write(text)
+      with open(os.path.join(d, name + ".json"), "w") as fh:
+        json.dump({k: {str(kk): vv for kk, vv in v.items()} if isinstance(v, dict) else v for k, v in res.items()},
+                  fh, indent=1, default=str)
+    return text
+
+  bw = res["ceilings"]["hbm_bytes_per_s"]
+  for T in ints(args.prefill):
+    res["prefill"][T] = bench_prefill(cfgs, params, T, args.reps)
+    print("prefill", T, res["prefill"][T], flush=True)
+    write()
+  for ctx in ints(args.decode):
+    for b in sorted({1, largest_batch(cfgs["full"], ctx, args.cache_budget_gib * 2**30)}):
+      res["decode"][(ctx, b)] = bench_decode(cfgs, params, ctx, b, args.steps, bw)
+      print("decode", ctx, b, res["decode"][(ctx, b)], flush=True)
+      res["decode_attention"][(ctx, b)] = bench_decode_attention(cfgs["full"], ctx, b, bw)
+      print("decode attention", ctx, b, res["decode_attention"][(ctx, b)], flush=True)
+      write()
+  for T in ints(args.train):
+    res["train"][T] = bench_train(cfgs, params, T, args.reps)
+    print("train", T, res["train"][T], flush=True)
+    write()
+  print(write())
+
+
+if __name__ == "__main__":
+  main()
