@@ -3,6 +3,8 @@
     python -m benchmarks.e2e [--layers 2] [--prefill 32768,131072,262144] [--decode 32768,131072,262144]
                              [--train 32768,131072] [--out DIR] [--tiny]
 
+The MoE keeps LongCat's per-token expert work (12 experts of width 2048) with 12 experts in all, so
+every token runs every expert and the dense dispatch does no wasted work.
 One process, one set of random bf16 weights shared by both layouts (full: every MLA sublayer full;
 LoZA: sublayers 1, 3, ... SSA with blocks of 128, 1 sink + 7 local blocks). Measures:
 - prefill (whole prompt in one chunk through the attention kernels, experts on token chunks):
@@ -42,8 +44,8 @@ from loza_jax.model import build_model
 
 SLICE = dict(architecture="longcat_flash", vocab_size=131072, hidden_size=6144, num_attention_heads=64,
              q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-             intermediate_size=12288, n_routed_experts=32, num_experts_per_tok=12, moe_intermediate_size=2048,
-             zero_expert_num=0, routed_scaling_factor=6.0, mla_scale_q_lora=True, mla_scale_kv_lora=True,
+             intermediate_size=12288, n_routed_experts=12, num_experts_per_tok=12, moe_intermediate_size=2048,
+             zero_expert_num=0, moe_impl="dense", routed_scaling_factor=6.0, mla_scale_q_lora=True, mla_scale_kv_lora=True,
              max_position_embeddings=1 << 21, dtype="bfloat16", param_dtype="bfloat16", moe_token_chunk=16384,
              rope_theta=10_000_000.0)
 TINY = dict(SLICE, vocab_size=256, hidden_size=64, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32,
@@ -323,10 +325,6 @@ def main(argv=None):
     return text
 
   bw = res["ceilings"]["hbm_bytes_per_s"]
-  for T in ints(args.prefill):
-    res["prefill"][T] = bench_prefill(cfgs, params, T, args.reps)
-    print("prefill", T, res["prefill"][T], flush=True)
-    write()
   for ctx in ints(args.decode):
     for b in sorted({1, largest_batch(cfgs["full"], ctx, args.cache_budget_gib * 2**30)}):
       res["decode"][(ctx, b)] = bench_decode(cfgs, params, ctx, b, args.steps, bw)
@@ -334,6 +332,10 @@ def main(argv=None):
       res["decode_attention"][(ctx, b)] = bench_decode_attention(cfgs["full"], ctx, b, bw)
       print("decode attention", ctx, b, res["decode_attention"][(ctx, b)], flush=True)
       write()
+  for T in ints(args.prefill):
+    res["prefill"][T] = bench_prefill(cfgs, params, T, args.reps)
+    print("prefill", T, res["prefill"][T], flush=True)
+    write()
   for T in ints(args.train):
     res["train"][T] = bench_train(cfgs, params, T, args.reps)
     print("train", T, res["train"][T], flush=True)
