@@ -63,10 +63,14 @@ def check_cacheable(cfg: Config) -> None:
 
 
 def init_cache(cfg: Config, batch: int, max_len: int, dtype=jnp.bfloat16) -> Cache:
-  """An empty cache for `batch` rows of up to `max_len` tokens (full sublayers; SSA rings are fixed)."""
+  """An empty cache for `batch` rows of up to `max_len` tokens (full sublayers; SSA rings are fixed).
+
+  Full capacity is rounded up to a multiple of 128 so attention can visit it in equal key chunks.
+  """
   check_cacheable(cfg)
   if batch < 1 or max_len < 1:
     raise ValueError(f"init_cache: batch and max_len must be >= 1, got batch={batch}, max_len={max_len}")
+  max_len = -(-max_len // 128) * 128
   m = cfg.model
   C, R = m.kv_lora_rank, m.qk_rope_head_dim
   layers = []
@@ -142,23 +146,31 @@ def write_ring(entry, ckv_BTC, krope_BTR, step: Step, sink: int, local: int):
 # Attention over cached latents (MLA's absorbed form).
 
 
+def key_chunk_for(S: int, rows: int, budget_bytes: int = 1 << 30) -> int:
+  """Keys per online-softmax step: all S if rows·S fp32 scores fit the budget, else the largest
+  divisor of S that does (so no padded copy of the cache is ever made)."""
+  most = max(1, budget_bytes // (4 * rows))
+  if S <= most:
+    return S
+  return max(d for d in range(1, most + 1) if S % d == 0)
+
+
 def latent_attention(q_lat_BTHC, q_rope_BTHR, ckv_BSC, krope_BSR, q_pos_BT, k_pos_BS, pattern, scale: float,
-                     key_chunk: int = 8192):
+                     key_chunk: int | None = None):
   """Softmax attention of latent-space queries over cached latents; fp32; (o_lat_BTHC, lse_BHT).
 
   Scores are q_lat·ckv + q_rope·krope (the key's nope part is W_uk·ckv, absorbed into q_lat).
   A key is visible iff k_pos >= 0 and the pattern allows (q_pos, k_pos). Keys are visited in
-  chunks of `key_chunk` with an online softmax, so memory is O(T·H·key_chunk).
+  chunks (`key_chunk`, a divisor of S; default: key_chunk_for) with an online softmax, so memory
+  is O(T·H·key_chunk).
   """
   B, T, H, C = q_lat_BTHC.shape
   S = ckv_BSC.shape[1]
-  n = -(-S // key_chunk)
-  Sp = n * key_chunk if n > 1 else S
-  if Sp != S:
-    pad = lambda x, v=0: jnp.pad(x, [(0, 0), (0, Sp - S)] + [(0, 0)] * (x.ndim - 2), constant_values=v)
-    ckv_BSC, krope_BSR, k_pos_BS = pad(ckv_BSC), pad(krope_BSR), pad(k_pos_BS, -1)
+  Kc = key_chunk or key_chunk_for(S, B * H * T)
+  if S % Kc:
+    raise ValueError(f"latent_attention: key_chunk {Kc} must divide the cache length {S}")
+  n = S // Kc
   f32 = jnp.float32
-  Kc = Sp // n
 
   def scores(ckv, krope, kpos):
     s = (jnp.einsum("bthc,bsc->bhts", q_lat_BTHC, ckv.astype(q_lat_BTHC.dtype), preferred_element_type=f32)
@@ -168,14 +180,14 @@ def latent_attention(q_lat_BTHC, q_rope_BTHR, ckv_BSC, krope_BSR, q_pos_BT, k_po
 
   def body(carry, j):
     m, l, acc = carry
-    sl = lambda x: jax.lax.dynamic_slice_in_dim(x, j * Kc, Kc, axis=1)
+    sl = lambda x: x if n == 1 else jax.lax.dynamic_slice_in_dim(x, j * Kc, Kc, axis=1)
     ckv = sl(ckv_BSC)
     s, mask = scores(ckv, sl(krope_BSR), sl(k_pos_BS))
     m_new = jnp.maximum(m, s.max(-1))
     p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
     corr = jnp.exp(m - m_new)
     l = l * corr + p.sum(-1)
-    acc = acc * corr[..., None] + jnp.einsum("bhts,bsc->bhtc", p, ckv.astype(f32))
+    acc = acc * corr[..., None] + jnp.einsum("bhts,bsc->bhtc", p.astype(ckv.dtype), ckv, preferred_element_type=f32)
     return (m_new, l, acc), None
 
   init = (jnp.full((B, H, T), _MASK_VALUE, f32), jnp.zeros((B, H, T), f32), jnp.zeros((B, H, T, C), f32))
