@@ -256,6 +256,8 @@ def report(res: dict, cmd: str, seconds: float) -> str:
     lines += ["## Prefill (batch 1, one chunk)", "", "| T | full s | LoZA s | full tok/s | LoZA tok/s | "
               "full TFLOP/s | LoZA TFLOP/s | speed-up | ideal (FLOPs) |", "|---|---|---|---|---|---|---|---|---|"]
     for T, r in res["prefill"].items():
+      if r is None:
+        continue
       lines.append(f"| {T} | {f(r['full']['s'])} | {f(r['loza']['s'])} | {r['full']['tok_per_s']:.0f} | "
                    f"{r['loza']['tok_per_s']:.0f} | {r['full']['tflops']:.0f} | {r['loza']['tflops']:.0f} | "
                    f"{r['ratio']:.2f}x | {r['ideal']:.2f}x |")
@@ -265,6 +267,8 @@ def report(res: dict, cmd: str, seconds: float) -> str:
               "| ctx | batch | full ms | LoZA ms | speed-up | full floor ms | LoZA floor ms | KV bytes/seq full | "
               "LoZA | saved |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (ctx, b), r in res["decode"].items():
+      if r is None:
+        continue
       lines.append(f"| {ctx} | {b} | {r['full']['s'] * 1e3:.2f} | {r['loza']['s'] * 1e3:.2f} | {r['ratio']:.2f}x | "
                    f"{r['full']['floor_s'] * 1e3:.2f} | {r['loza']['floor_s'] * 1e3:.2f} | "
                    f"{r['full']['cache_bytes_per_seq'] / 2**20:.1f} MiB | {r['loza']['cache_bytes_per_seq'] / 2**20:.1f} MiB | "
@@ -274,6 +278,8 @@ def report(res: dict, cmd: str, seconds: float) -> str:
     lines += ["## Decode attention of one sublayer (absorbed MLA, XLA)", "",
               "| ctx | batch | full ms | full floor ms | SSA ms | SSA floor ms | full/SSA |", "|---|---|---|---|---|---|---|"]
     for (ctx, b), r in res["decode_attention"].items():
+      if r is None:
+        continue
       lines.append(f"| {ctx} | {b} | {r['full']['s'] * 1e3:.3f} | {r['full']['floor_s'] * 1e3:.3f} | "
                    f"{r['ssa']['s'] * 1e3:.3f} | {r['ssa']['floor_s'] * 1e3:.3f} | {r['ratio']:.1f}x |")
     lines.append("")
@@ -282,9 +288,13 @@ def report(res: dict, cmd: str, seconds: float) -> str:
               "| T | full s | LoZA s | full tok/s | LoZA tok/s | full TFLOP/s | LoZA TFLOP/s | speed-up |",
               "|---|---|---|---|---|---|---|---|"]
     for T, r in res["train"].items():
+      if r is None:
+        continue
       lines.append(f"| {T} | {f(r['full']['s'])} | {f(r['loza']['s'])} | {r['full']['tok_per_s']:.0f} | "
                    f"{r['loza']['tok_per_s']:.0f} | {r['full']['tflops']:.0f} | {r['loza']['tflops']:.0f} | "
                    f"{r['ratio']:.2f}x |")
+  if res.get("failed"):
+    lines += ["", "## Not measured", ""] + [f"- {k}: {v}" for k, v in res["failed"].items()]
   return "\n".join(lines) + "\n"
 
 
@@ -325,19 +335,31 @@ def main(argv=None):
     return text
 
   bw = res["ceilings"]["hbm_bytes_per_s"]
+  res["failed"] = {}
+
+  def attempt(what, fn, *a):
+    """fn(*a), or None with the error recorded (an out-of-memory setting must not end the run)."""
+    try:
+      return fn(*a)
+    except Exception as e:  # noqa: BLE001
+      res["failed"][what] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+      print("failed", what, res["failed"][what], flush=True)
+      return None
+
   for ctx in ints(args.decode):
     for b in sorted({1, largest_batch(cfgs["full"], ctx, args.cache_budget_gib * 2**30)}):
-      res["decode"][(ctx, b)] = bench_decode(cfgs, params, ctx, b, args.steps, bw)
+      res["decode"][(ctx, b)] = attempt(f"decode {ctx} x{b}", bench_decode, cfgs, params, ctx, b, args.steps, bw)
       print("decode", ctx, b, res["decode"][(ctx, b)], flush=True)
-      res["decode_attention"][(ctx, b)] = bench_decode_attention(cfgs["full"], ctx, b, bw)
+      res["decode_attention"][(ctx, b)] = attempt(f"decode attention {ctx} x{b}", bench_decode_attention,
+                                                  cfgs["full"], ctx, b, bw)
       print("decode attention", ctx, b, res["decode_attention"][(ctx, b)], flush=True)
       write()
   for T in ints(args.prefill):
-    res["prefill"][T] = bench_prefill(cfgs, params, T, args.reps)
+    res["prefill"][T] = attempt(f"prefill {T}", bench_prefill, cfgs, params, T, args.reps)
     print("prefill", T, res["prefill"][T], flush=True)
     write()
   for T in ints(args.train):
-    res["train"][T] = bench_train(cfgs, params, T, args.reps)
+    res["train"][T] = attempt(f"train {T}", bench_train, cfgs, params, T, args.reps)
     print("train", T, res["train"][T], flush=True)
     write()
   print(write())

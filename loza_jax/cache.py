@@ -180,7 +180,7 @@ def latent_attention(q_lat_BTHC, q_rope_BTHR, ckv_BSC, krope_BSR, q_pos_BT, k_po
 
   def body(carry, j):
     m, l, acc = carry
-    sl = lambda x: x if n == 1 else jax.lax.dynamic_slice_in_dim(x, j * Kc, Kc, axis=1)
+    sl = lambda x: x if n == 1 else jax.lax.dynamic_slice_in_dim(x, j * Kc, Kc, axis=1)   # static j: a slice
     ckv = sl(ckv_BSC)
     s, mask = scores(ckv, sl(krope_BSR), sl(k_pos_BS))
     m_new = jnp.maximum(m, s.max(-1))
@@ -191,8 +191,13 @@ def latent_attention(q_lat_BTHC, q_rope_BTHR, ckv_BSC, krope_BSR, q_pos_BT, k_po
     return (m_new, l, acc), None
 
   init = (jnp.full((B, H, T), _MASK_VALUE, f32), jnp.zeros((B, H, T), f32), jnp.zeros((B, H, T, C), f32))
-  if n == 1:
-    (m, l, acc), _ = body(init, 0)
+  if n <= 64:
+    # Static slices, unrolled: a while loop would hold the cache as a loop operand and make XLA copy
+    # it before the in-place cache update that follows.
+    carry = init
+    for j in range(n):
+      carry, _ = body(carry, j)
+    m, l, acc = carry
   else:
     (m, l, acc), _ = jax.lax.scan(body, init, jnp.arange(n))
   ok = l > 0
