@@ -372,8 +372,11 @@ class EvalConfig:
   ppl_buckets: int = 4                      # position buckets for perplexity
   batch_size: int = 8
   seed: int = 1234
+  answers: str = "generate"                 # generate: free greedy decoding through the KV cache | teacher_forced
 
   def __post_init__(self):
+    if self.answers not in ("generate", "teacher_forced"):
+      raise ValueError(f"evaluate.answers: {self.answers!r} is not 'generate' or 'teacher_forced'")
     if self.names and len(self.names) != len(self.models):
       raise ValueError(f"evaluate.names has {len(self.names)} entries for {len(self.models)} evaluate.models")
     if any(n < 8 for n in self.lengths) or not all(0.0 <= d <= 1.0 for d in self.depths):

@@ -224,3 +224,27 @@ def test_gpu_prefill_kernels_and_decode_match_forward(rng, types):
       ref = refs[i][n + step - 1]
       assert np.abs(np.asarray(last[i]) - ref).max() / np.abs(ref).max() <= 3e-2
     last, cache = g.decode_step(params, cfg, cache, np.array([seqs[i][n + step] for i, n in enumerate(lens)]))
+
+
+def test_evaluation_answers_by_generation_agree_with_teacher_forcing():
+  """Free greedy answers (evaluate.answers=generate) start with the teacher-forced greedy tokens,
+  which run up to and including the first wrong one; a blend model is refused."""
+  from loza_jax.config import load_config
+  from train import data as data_lib
+  from train.evaluate import generated_answers, model_logits_fn, retrieval_cases, teacher_forced_answers
+  cfg = load_config("configs/demo_cpu.yaml", ["evaluate.lengths=[256]", "evaluate.depths=[0.5]", "evaluate.samples=1",
+                                                "evaluate.tasks=[passkey, multikey]", "attention.impl=xla"])
+  params = init(cfg)
+  tok = data_lib.load_tokenizer("byte")
+  cases = retrieval_cases(cfg, data_lib.load_corpus(cfg.data), tok)
+  prompts = [c.tokens[:c.answer_start] for c in cases]
+  refs = [c.tokens[c.answer_start:] for c in cases]
+  logits_fn = model_logits_fn(params, cfg)
+  free = generated_answers(params, cfg, tok, logits_fn)(prompts, refs)
+  forced = teacher_forced_answers(logits_fn, tok, cfg.attention.block_size)(prompts, refs)
+  for f, t in zip(free, forced):
+    assert f.text.startswith(t.text) and len(f.text) > 0
+    assert f.token_acc == t.token_acc
+  n = cfg.model.num_attention_sublayers
+  with pytest.raises(ValueError, match="sparsify"):
+    generated_answers(params, replace(cfg, **{"attention.layer_types": ("blend",) * n}), tok)

@@ -5,9 +5,11 @@ python -m train.evaluate --config configs/demo_cpu.yaml --set 'evaluate.models=[
 Retrieval tasks (passkey, multi-key and multi-value needle-in-a-haystack, variable tracking) are
 drawn with haystacks from held-out documents only and scored by exact match of the whole answer
 (multi-value answers in any order) on the model's answer text. One callable, `AnswerFn`, turns a
-batch of prompts into answer text; the default reads the greedy continuation off one teacher-forced
-pass (argmax over the answer span up to and including the first wrong token). "answer-token acc"
-is the finer teacher-forced share of answer tokens predicted right. Each case records the needle's
+batch of prompts into answer text: with evaluate.answers = generate (the default) the model decodes
+greedily through its KV cache (prefill, then one token at a time, as in serving); teacher_forced
+reads the greedy continuation off one pass over prompt + reference (argmax over the answer span up
+to and including the first wrong token). "answer-token acc" is the finer teacher-forced share of
+answer tokens predicted right. Each case records the needle's
 actual token depth, its distance to the question and its SSA zone (sink, local, beyond); accuracy
 on `beyond` cases is what sparse layers cannot read directly. Perplexity is measured on held-out
 text at data.seq_len (packed, by position) and at each evaluate.ppl_lengths on whole-length
@@ -26,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from loza_jax import generate as gen
+from loza_jax.cache import check_cacheable
 from loza_jax.config import Config
 from loza_jax.model import build_model
 from train import cli
@@ -123,6 +127,26 @@ def teacher_forced_answers(logits_fn: LogitsFn, tokenizer, multiple: int) -> Ans
       guess = pred[row, len(p) - 1:len(p) + len(r) - 1]
       out.append(Answer(tokenizer.decode(greedy_answer(guess, r).tolist()), float(np.mean(guess == r))))
     return out
+  return answer_fn
+
+
+def generated_answers(params, cfg: Config, tokenizer, logits_fn: LogitsFn | None = None,
+                      extra_tokens: int = 2) -> AnswerFn:
+  """AnswerFn by free greedy decoding through the KV cache (loza_jax.generate), up to a newline or
+  len(reference) + extra_tokens tokens; token_acc from one teacher-forced pass when logits_fn is given."""
+  check_cacheable(cfg)
+  newline = [int(t) for t in tokenizer.encode("\n")]
+  stop = newline[:1] if len(newline) == 1 else []
+  cache_dtype = cfg.model.dtype
+  forced = None if logits_fn is None else teacher_forced_answers(logits_fn, tokenizer, cfg.attention.block_size)
+
+  def answer_fn(prompts: Sequence[np.ndarray], refs: Sequence[np.ndarray]) -> list[Answer]:
+    block = cfg.attention.block_size
+    longest = -(-max(len(p) for p in prompts) // block) * block
+    new = gen.generate(params, cfg, [p.tolist() for p in prompts], max_new_tokens=max(len(r) for r in refs) + extra_tokens,
+                       stop_tokens=stop, prefill_chunk=longest, cache_dtype=cache_dtype)
+    accs = [None] * len(prompts) if forced is None else [a.token_acc for a in forced(prompts, refs)]
+    return [Answer(tokenizer.decode(n.tolist()), acc) for n, acc in zip(new, accs)]
   return answer_fn
 
 
@@ -331,8 +355,11 @@ def evaluate(cfg: Config, models: Sequence[str], names: Sequence[str] | None = N
   for name, path in zip(names, models):
     params, mcfg = load_model(path)
     run_cfg = dataclasses.replace(cfg, model=mcfg.model, attention=mcfg.attention)
-    results[name] = evaluate_logits_fn(model_logits_fn(params, run_cfg), run_cfg, corpus=corpus,
-                                       tokenizer=tokenizer, progress=progress)
+    logits_fn = model_logits_fn(params, run_cfg)
+    answer_fn = (generated_answers(jax.device_put(params), run_cfg, tokenizer, logits_fn)
+                 if cfg.evaluate.answers == "generate" else None)
+    results[name] = evaluate_logits_fn(logits_fn, run_cfg, corpus=corpus, tokenizer=tokenizer, progress=progress,
+                                       answer_fn=answer_fn)
     results[name]["model_dir"] = str(path)
     results[name]["layer_types"] = list(run_cfg.layer_types)
   out_dir = Path(cfg.train.run_dir)
