@@ -252,47 +252,33 @@ def report(res: dict, cmd: str, seconds: float) -> str:
            f"flax {version('flax')}, triton {version('triton')}",
            f"- slice: {res['slice']}", f"- measured here: copy {c['hbm_bytes_per_s'] / 1e12:.2f} TB/s (read+write), "
            f"bf16 matmul {c['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s", f"- wall time of the run: {seconds:.0f} s", ""]
-  if res["prefill"]:
-    lines += ["## Prefill (batch 1, one chunk)", "", "| T | full s | LoZA s | full tok/s | LoZA tok/s | "
-              "full TFLOP/s | LoZA TFLOP/s | speed-up | ideal (FLOPs) |", "|---|---|---|---|---|---|---|---|---|"]
-    for T, r in res["prefill"].items():
-      if r is None:
-        continue
-      lines.append(f"| {T} | {f(r['full']['s'])} | {f(r['loza']['s'])} | {r['full']['tok_per_s']:.0f} | "
-                   f"{r['loza']['tok_per_s']:.0f} | {r['full']['tflops']:.0f} | {r['loza']['tflops']:.0f} | "
-                   f"{r['ratio']:.2f}x | {r['ideal']:.2f}x |")
-    lines.append("")
-  if res["decode"]:
-    lines += ["## Decode (one step, all rows at the context)", "",
-              "| ctx | batch | full ms | LoZA ms | speed-up | full floor ms | LoZA floor ms | KV bytes/seq full | "
-              "LoZA | saved |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for (ctx, b), r in res["decode"].items():
-      if r is None:
-        continue
-      lines.append(f"| {ctx} | {b} | {r['full']['s'] * 1e3:.2f} | {r['loza']['s'] * 1e3:.2f} | {r['ratio']:.2f}x | "
-                   f"{r['full']['floor_s'] * 1e3:.2f} | {r['loza']['floor_s'] * 1e3:.2f} | "
-                   f"{r['full']['cache_bytes_per_seq'] / 2**20:.1f} MiB | {r['loza']['cache_bytes_per_seq'] / 2**20:.1f} MiB | "
-                   f"{r['bytes_saved'] * 100:.0f}% |")
-    lines.append("")
-  if res["decode_attention"]:
-    lines += ["## Decode attention of one sublayer (absorbed MLA, XLA)", "",
-              "| ctx | batch | full ms | full floor ms | SSA ms | SSA floor ms | full/SSA |", "|---|---|---|---|---|---|---|"]
-    for (ctx, b), r in res["decode_attention"].items():
-      if r is None:
-        continue
-      lines.append(f"| {ctx} | {b} | {r['full']['s'] * 1e3:.3f} | {r['full']['floor_s'] * 1e3:.3f} | "
-                   f"{r['ssa']['s'] * 1e3:.3f} | {r['ssa']['floor_s'] * 1e3:.3f} | {r['ratio']:.1f}x |")
-    lines.append("")
-  if res["train"]:
-    lines += ["## Training step (fwd+bwd, batch 1, remat, LM head excluded)", "",
-              "| T | full s | LoZA s | full tok/s | LoZA tok/s | full TFLOP/s | LoZA TFLOP/s | speed-up |",
-              "|---|---|---|---|---|---|---|---|"]
-    for T, r in res["train"].items():
-      if r is None:
-        continue
-      lines.append(f"| {T} | {f(r['full']['s'])} | {f(r['loza']['s'])} | {r['full']['tok_per_s']:.0f} | "
-                   f"{r['loza']['tok_per_s']:.0f} | {r['full']['tflops']:.0f} | {r['loza']['tflops']:.0f} | "
-                   f"{r['ratio']:.2f}x |")
+  ms = lambda r, k: f"{r[k]['s'] * 1e3:.2f}"
+  sections = [
+      ("prefill", "Prefill (batch 1, one chunk)",
+       "T | full s | LoZA s | full tok/s | LoZA tok/s | full TFLOP/s | LoZA TFLOP/s | speed-up | ideal (FLOPs)",
+       lambda k, r: [k, f(r["full"]["s"]), f(r["loza"]["s"]), f"{r['full']['tok_per_s']:.0f}",
+                     f"{r['loza']['tok_per_s']:.0f}", f"{r['full']['tflops']:.0f}", f"{r['loza']['tflops']:.0f}",
+                     f"{r['ratio']:.2f}x", f"{r['ideal']:.2f}x"]),
+      ("decode", "Decode (one step, all rows at the context)",
+       "ctx | batch | full ms | LoZA ms | speed-up | full floor ms | LoZA floor ms | KV bytes/seq full | LoZA | saved",
+       lambda k, r: [*k, ms(r, "full"), ms(r, "loza"), f"{r['ratio']:.2f}x", f"{r['full']['floor_s'] * 1e3:.2f}",
+                     f"{r['loza']['floor_s'] * 1e3:.2f}", f"{r['full']['cache_bytes_per_seq'] / 2**20:.1f} MiB",
+                     f"{r['loza']['cache_bytes_per_seq'] / 2**20:.1f} MiB", f"{r['bytes_saved'] * 100:.0f}%"]),
+      ("decode_attention", "Decode attention of one sublayer (absorbed MLA, XLA)",
+       "ctx | batch | full ms | full floor ms | SSA ms | SSA floor ms | full/SSA",
+       lambda k, r: [*k, f"{r['full']['s'] * 1e3:.3f}", f"{r['full']['floor_s'] * 1e3:.3f}",
+                     f"{r['ssa']['s'] * 1e3:.3f}", f"{r['ssa']['floor_s'] * 1e3:.3f}", f"{r['ratio']:.1f}x"]),
+      ("train", "Training step (fwd+bwd, batch 1, remat, LM head excluded)",
+       "T | full s | LoZA s | full tok/s | LoZA tok/s | full TFLOP/s | LoZA TFLOP/s | speed-up",
+       lambda k, r: [k, f(r["full"]["s"]), f(r["loza"]["s"]), f"{r['full']['tok_per_s']:.0f}",
+                     f"{r['loza']['tok_per_s']:.0f}", f"{r['full']['tflops']:.0f}", f"{r['loza']['tflops']:.0f}",
+                     f"{r['ratio']:.2f}x"]),
+  ]
+  for key, title, header, row in sections:
+    done = {k: r for k, r in res[key].items() if r is not None}
+    if done:
+      lines += [f"## {title}", "", f"| {header} |", "|" + "---|" * (header.count("|") + 1)]
+      lines += ["| " + " | ".join(str(x) for x in row(k, r)) + " |" for k, r in done.items()] + [""]
   if res.get("failed"):
     lines += ["", "## Not measured", ""] + [f"- {k}: {v}" for k, v in res["failed"].items()]
   return "\n".join(lines) + "\n"
@@ -308,7 +294,8 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=10, help="decode steps timed per setting")
   p.add_argument("--cache-budget-gib", type=float, default=80.0,
                  help="full-model KV cache the largest decode batch may hold")
-  p.add_argument("--out", default=None)
+  p.add_argument("--out", default=None, help="also copy the results into this folder")
+  p.add_argument("--results-dir", default="benchmarks/results")
   p.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke test of the script)")
   args = p.parse_args(argv)
   t0 = time.time()
@@ -321,11 +308,10 @@ def main(argv=None):
          "ceilings": ceilings(args.tiny), "prefill": {}, "decode": {}, "decode_attention": {}, "train": {}}
   res["slice"]["weights_GB"] = round(param_bytes(params) / 1e9, 2)
   name = f"{datetime.date.today().isoformat()}-{'cpu-tiny' if args.tiny else device_slug(jax.devices()[0].device_kind)}-e2e"
-  os.makedirs("benchmarks/results", exist_ok=True)
 
   def write():
     text = report(res, cmd, time.time() - t0)
-    for d in ["benchmarks/results"] + ([args.out] if args.out else []):
+    for d in [args.results_dir] + ([args.out] if args.out else []):
       os.makedirs(d, exist_ok=True)
       with open(os.path.join(d, name + ".md"), "w") as fh:
         fh.write(text)

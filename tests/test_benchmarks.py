@@ -16,3 +16,27 @@ def test_sums_launches_across_units_and_skips_other_lines():
   assert times.keys() == {"fwd", "bwd"}
   assert times["fwd"][0] == 2 and abs(times["fwd"][1] - 1235.0) < 1e-9
   assert times["bwd"] == [1, 2000.0]
+
+
+def test_e2e_flop_model():
+  """The e2e FLOP model: SSA pair counts match the attention benchmark's; LoZA's ideal prefill ratio
+  for the LongCat slice at 256K is the ~1.7x the paper geometry implies."""
+  from benchmarks import attention as bench_attention
+  from benchmarks import e2e
+  from loza_jax.attention import SSA
+  for T in (100, 1024, 5000):
+    assert e2e.visible_pairs(SSA(128, 1, 7), T) == bench_attention.visible_pairs("ssa", T)
+  cfgs = e2e.configs(2, tiny=False)
+  ratio = e2e.prefill_flops(cfgs["full"], 262144) / e2e.prefill_flops(cfgs["loza"], 262144)
+  assert 1.65 < ratio < 1.75
+
+
+def test_e2e_runs_end_to_end_on_a_tiny_model(tmp_path):
+  from benchmarks import e2e
+  e2e.main(["--tiny", "--layers", "1", "--prefill", "64", "--decode", "64", "--train", "64", "--reps", "1",
+            "--steps", "1", "--cache-budget-gib", "0.0001", "--results-dir", str(tmp_path)])
+  (md,) = tmp_path.glob("*-e2e.md")
+  text = md.read_text()
+  for section in ("## Prefill", "## Decode (one step", "## Decode attention", "## Training step"):
+    assert section in text
+  assert "Not measured" not in text
