@@ -388,6 +388,17 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """train/pipeline.py: the baselines mid-trained and evaluated next to the α-selected sparse model."""
+  random_seeds: int = 3             # random selections (seeds from sparsify.seed on, each differing from the α one)
+  alternating: bool = True          # also the alternating selection
+
+  def __post_init__(self):
+    if self.random_seeds < 0:
+      raise ValueError(f"pipeline.random_seeds must be >= 0, got {self.random_seeds}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   """Everything a run needs; `attention.layer_types` must match the model's sublayer count."""
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -399,6 +410,7 @@ class Config:
   sparsify: SparsifyConfig = dataclasses.field(default_factory=SparsifyConfig)
   midtrain: MidtrainConfig = dataclasses.field(default_factory=MidtrainConfig)
   evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+  pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
 
   def __post_init__(self):
     n = self.model.num_attention_sublayers

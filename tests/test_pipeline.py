@@ -9,7 +9,7 @@ SHORT = ["train.steps=4", "train.batch_size=2", "train.log_every=2", "train.prog
          "midtrain.stages=[{seq_len: 256, steps: 2}, {seq_len: 512, steps: 1, batch_size: 2, "
          "rope_scaling: {factor: 2.0, original_max_position_embeddings: 256}}]",
          "evaluate.lengths=[256]", "evaluate.depths=[0.5]", "evaluate.samples=1", "evaluate.ppl_rows=1",
-         "evaluate.tasks=[passkey, vartrack]"]
+         "evaluate.ppl_lengths=[256]", "evaluate.tasks=[passkey, vartrack]", "pipeline.random_seeds=2"]
 
 
 def test_pipeline_smoke(tmp_path):
@@ -19,13 +19,25 @@ def test_pipeline_smoke(tmp_path):
   assert pipeline.main(argv) == 0
   report = (tmp_path / "report.md").read_text()
   assert "![alpha](calibrate/alpha.png)" in report and (tmp_path / "calibrate" / "alpha.png").is_file()
-  for name in ("full", "random-sparse", "loza-sparse", "loza-sparse+midtrain"):
-    assert f"| {name} |" in report
   summary = json.loads((tmp_path / "pipeline.json").read_text())
-  assert set(summary["evaluation"]) == {"full", "random-sparse", "loza-sparse", "loza-sparse+midtrain"}
-  assert len(summary["selection"]["ssa_layers"]) == 2 and len(summary["random_selection"]["ssa_layers"]) == 2
-  assert summary["selection"]["ssa_layers"] != summary["random_selection"]["ssa_layers"]
-  assert [s["seq_len"] for s in summary["stages"]] == [256, 512]
+  seeds = [r["seed"] for r in summary["random_selections"]]
+  names = {"full", "loza-sparse", "loza-sparse+midtrain", "alternating+midtrain"} | {
+      f"random-{s}+midtrain" for s in seeds}
+  assert len(seeds) == 2 and set(summary["evaluation"]) == names
+  for name in names:
+    assert f"| {name} |" in report
+  assert "| random-sparse+midtrain (2 seeds) |" in report and "beyond @ 256" in report
+  assert len(summary["selection"]["ssa_layers"]) == 2
+  for r in summary["random_selections"]:
+    assert len(r["ssa_layers"]) == 2 and r["ssa_layers"] != summary["selection"]["ssa_layers"]
+  assert summary["alternating_selection"]["ssa_layers"] == [1, 3]
+  # every sparse model mid-trains through the same stages
+  assert {name: [(s["seq_len"], s["start_step"], s["end_step"]) for s in m["stages"]]
+          for name, m in summary["midtrain"].items()} == {
+      name: [(256, 0, 2), (512, 2, 3)] for name in ["loza", *[f"random-{s}" for s in seeds], "alternating"]}
+  assert [h["model"] for h in summary["headline"]] == ["full", "loza-sparse", "loza-sparse+midtrain",
+                                                       "random-sparse+midtrain (2 seeds)", "alternating+midtrain"]
+  assert set(summary["headline"][3]["beyond_train"]) == {"mean", "min", "max", "std", "n"}
   assert (tmp_path / "eval" / "retrieval_heatmap.png").is_file()
 
 
@@ -37,3 +49,12 @@ def test_random_baseline_differs_from_the_calibrated_selection():
   seed = pipeline.random_baseline_seed(cfg, chosen)
   assert seed != 0 and list(select_layers("random", 4, 0.5, seed=seed).ssa_layers) != chosen
   assert pipeline.random_baseline_seed(cfg, [9]) == 0
+  seeds = pipeline.random_baseline_seeds(cfg, chosen, 3)
+  assert len(seeds) == 3 and seeds[0] == seed
+  assert all(list(select_layers("random", 4, 0.5, seed=s).ssa_layers) != chosen for s in seeds)
+
+
+def test_spread_of_seeds():
+  assert pipeline.spread([0.5, None, 1.0]) == {"mean": 0.75, "min": 0.5, "max": 1.0, "std": 0.25, "n": 2}
+  assert pipeline.spread([None]) is None
+  assert pipeline._agg_cell(pipeline.spread([0.5, 1.0])) == "0.75 ± 0.25 (0.50–1.00)"

@@ -2,9 +2,12 @@
 
 python -m train.pipeline --config configs/demo_cpu.yaml [--init MODEL_DIR] [--set key=value ...]
 
-Everything lands under train.run_dir: pretrain/, calibrate/, sparse/, random/, midtrain/, eval/ and
-report.md, which compares the full model, the sparse model before and after mid-training, and a
-random-selection baseline at the same ratio.
+Everything lands under train.run_dir: pretrain/, calibrate/, the sparse models (sparse/: by α,
+random-<seed>/: pipeline.random_seeds random selections, alternating/), their mid-training runs
+(midtrain/ for the α selection, midtrain-<name>/ for the baselines, all through the same
+midtrain.stages), eval/ and report.md. The report compares the full model, the α-selected sparse
+model before and after mid-training, random selection (mean ± std and min–max over seeds) and
+alternating selection at the same ratio, leading with exact match on `beyond` cases.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from loza_jax.config import Config, replace, save_config
@@ -33,14 +37,93 @@ def _stage_cfg(cfg: Config, run_dir: Path, name: str) -> Config:
   return replace(cfg, **{"train.run_dir": str(run_dir / name)})
 
 
-def random_baseline_seed(cfg: Config, chosen: Sequence[int], tries: int = 1000) -> int:
-  """The first seed from sparsify.seed on whose random selection differs from the calibrated one
-  (comparing a model with itself says nothing); sparsify.seed when no other selection exists."""
-  n = cfg.model.num_attention_sublayers
+def random_baseline_seeds(cfg: Config, chosen: Sequence[int], n: int, tries: int = 1000) -> list[int]:
+  """The first n seeds from sparsify.seed on whose random selection differs from the calibrated one
+  (comparing a model with itself says nothing); fewer when no other selection exists."""
+  total = cfg.model.num_attention_sublayers
+  seeds = []
   for seed in range(cfg.sparsify.seed, cfg.sparsify.seed + tries):
-    if list(select_layers("random", n, cfg.sparsify.ratio, seed=seed).ssa_layers) != list(chosen):
-      return seed
-  return cfg.sparsify.seed
+    if len(seeds) == n:
+      break
+    if list(select_layers("random", total, cfg.sparsify.ratio, seed=seed).ssa_layers) != list(chosen):
+      seeds.append(seed)
+  return seeds
+
+
+def random_baseline_seed(cfg: Config, chosen: Sequence[int], tries: int = 1000) -> int:
+  """The first of random_baseline_seeds; sparsify.seed when no other selection exists."""
+  return (random_baseline_seeds(cfg, chosen, 1, tries) or [cfg.sparsify.seed])[0]
+
+
+def spread(values: Sequence[float | None]) -> dict | None:
+  """Mean, min, max and population std of the values that are not None; None when there are none."""
+  xs = np.asarray([v for v in values if v is not None], np.float64)
+  if not len(xs):
+    return None
+  return {"mean": float(xs.mean()), "min": float(xs.min()), "max": float(xs.max()), "std": float(xs.std()),
+          "n": int(len(xs))}
+
+
+def headline(result: dict, seq_len: int) -> dict:
+  """The numbers of one evaluated model the report leads with."""
+  rt, pp = result["retrieval"], result["perplexity"]
+  zone = lambda z: rt["per_zone"][z]["acc"]
+  return {"beyond": zone("beyond"), "local": zone("local"), "sink": zone("sink"),
+          "exact_match": rt["overall"],
+          "passkey": rt["per_task"].get("passkey"), "token_acc": rt["token_acc"],
+          "ppl": pp.get("by_length", {}).get(str(seq_len), {}).get("ppl") or pp["ppl"]}
+
+
+def beyond_at(cases: Sequence[dict], length: int) -> dict:
+  """Exact match on `beyond` cases of one context length (and how many there are)."""
+  s = [c["score"] for c in cases if c.get("zone") == "beyond" and c["length"] == length]
+  return {"acc": float(np.mean(s)) if s else None, "n": len(s)}
+
+
+def _cell(x, spec=".2f") -> str:
+  return "-" if x is None else format(x, spec)
+
+
+def _agg_cell(stat: dict | None, spec=".2f") -> str:
+  if stat is None:
+    return "-"
+  if stat["n"] == 1:
+    return format(stat["mean"], spec)
+  return f"{stat['mean']:{spec}} ± {stat['std']:{spec}} ({stat['min']:{spec}}–{stat['max']:{spec}})"
+
+
+HEAD_KEYS = ("beyond_train", "beyond", "local", "exact_match", "passkey", "token_acc", "ppl")
+
+
+def headline_rows(info: dict, seq_len: int) -> list[tuple[str, str, dict]]:
+  """(label, SSA sublayers, headline numbers or their spread over seeds) per compared model."""
+  results = info["evaluation"]["results"]
+  row = lambda name: dict(headline(results[name], seq_len), beyond_train=beyond_at(results[name]["cases"],
+                                                                                    seq_len)["acc"])
+  layers = lambda name: results[name]["layer_types"]
+  ssa = lambda name: ",".join(str(i) for i, t in enumerate(layers(name)) if t == "ssa") or "-"
+  rows = [(n, ssa(n), row(n)) for n in ("full", "loza-sparse", "loza-sparse+midtrain")]
+  rnd = [n for n in results if n.startswith("random-")]
+  if rnd:
+    per = [row(n) for n in rnd]
+    agg = {k: spread([p[k] for p in per]) for k in HEAD_KEYS}
+    rows.append((f"random-sparse+midtrain ({len(rnd)} seeds)", " / ".join(ssa(n) for n in rnd), agg))
+  if "alternating+midtrain" in results:
+    rows.append(("alternating+midtrain", ssa("alternating+midtrain"), row("alternating+midtrain")))
+  return rows
+
+
+def headline_markdown(info: dict, seq_len: int) -> str:
+  """The comparison table: exact match on `beyond` cases first; random as mean ± std (min–max) over seeds."""
+  head = ["model", "SSA sublayers", f"**beyond @ {seq_len}**", "beyond (all lengths)", "local", "exact match",
+          "passkey", "answer-token acc", f"ppl@{seq_len}"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for label, ssa, r in headline_rows(info, seq_len):
+    fmt = (lambda k, spec=".2f": _agg_cell(r[k], spec)) if label.startswith("random-") else (
+        lambda k, spec=".2f": _cell(r[k], spec))
+    lines.append("| " + " | ".join([label, ssa, f"**{fmt('beyond_train')}**", fmt("beyond"), fmt("local"),
+                                    fmt("exact_match"), fmt("passkey"), fmt("token_acc"), fmt("ppl", ".3f")]) + " |")
+  return "\n".join(lines) + "\n"
 
 
 def report(run_dir: Path, cfg: Config, info: dict) -> str:
@@ -49,6 +132,15 @@ def report(run_dir: Path, cfg: Config, info: dict) -> str:
   lines = [f"# LoZA pipeline report: `{info['config']}`", "",
            f"Run directory `{run_dir}`; wall time {info['wall_s']:.0f} s "
            f"({', '.join(f'{k} {v:.0f} s' for k, v in info['timings'].items())}).", ""]
+  seq_len = cfg.data.seq_len
+  n_beyond = beyond_at(ev["results"]["full"]["cases"], seq_len)["n"]
+  lines += ["## Summary", "",
+            f"Exact match of the whole answer (greedy); **beyond @ {seq_len}**: the {n_beyond} cases at the training "
+            f"length whose answer needle lies further back than the SSA window (sink {cfg.attention.sink_blocks} + "
+            f"local {cfg.attention.local_blocks} blocks of {cfg.attention.block_size} tokens) from the question. "
+            f"Every sparse model has sparsity {info['selection']['sparsity']:.2f} and is mid-trained through the same "
+            "stages (steps, seq_len, batch, learning rate, data order); random selection: mean ± std (min–max) over "
+            "seeds.", "", headline_markdown(info, seq_len)]
   if "pretrain" in info:
     p = info["pretrain"]
     lines += ["## 1. Pretrain", "",
@@ -57,23 +149,55 @@ def report(run_dir: Path, cfg: Config, info: dict) -> str:
   else:
     lines += ["## 1. Model", "", f"Started from `{info['init']}`.", ""]
   lines += ["## 2. Calibrate", "", calibration_markdown(cal), "![alpha](calibrate/alpha.png)", ""]
-  sel, rnd = info["selection"], info["random_selection"]
+  sel = info["selection"]
   lines += ["## 3. Sparsify", "",
             f"- by α: SSA sublayers {sel['ssa_layers']} (`layer_type` {sel['zigzag_layer_type']}, "
-            f"sparsity {sel['sparsity']:.2f})",
-            f"- random baseline (seed {rnd['seed']}, the first from sparsify.seed={cfg.sparsify.seed} whose "
-            f"selection differs from the calibrated one): SSA sublayers {rnd['ssa_layers']} "
-            f"(`layer_type` {rnd['zigzag_layer_type']})", ""]
-  lines += ["## 4. Mid-train", "", "| stage | seq_len | steps | final loss | rope_scaling |", "|---|---|---|---|---|"]
-  for s in info["stages"]:
-    rs = s["rope_scaling"]
-    lines.append(f"| {s['stage']} | {s['seq_len']} | {s['start_step']}→{s['end_step']} | "
-                 f"{s.get('final_loss', float('nan')):.4f} | {'YaRN ×' + str(rs['factor']) if rs else '-'} |")
+            f"sparsity {sel['sparsity']:.2f})"]
+  for rnd in info["random_selections"]:
+    lines.append(f"- random, seed {rnd['seed']}: SSA sublayers {rnd['ssa_layers']} (`layer_type` "
+                 f"{rnd['zigzag_layer_type']})")
+  if info["random_selections"]:
+    lines.append(f"  (seeds: the first {len(info['random_selections'])} from sparsify.seed={cfg.sparsify.seed} "
+                 "whose selection differs from the calibrated one)")
+  if "alternating_selection" in info:
+    alt = info["alternating_selection"]
+    lines.append(f"- alternating: SSA sublayers {alt['ssa_layers']} (`layer_type` {alt['zigzag_layer_type']})")
+  lines += ["", "## 4. Mid-train", "",
+            f"Each sparse model below runs the same {len(info['stages'])} stage(s); final loss per stage.", "",
+            "| model | stage | seq_len | steps | final loss | rope_scaling | wall s |", "|---|---|---|---|---|---|---|"]
+  for name, stages in info["midtrain"].items():
+    for s in stages["stages"]:
+      rs = s["rope_scaling"]
+      lines.append(f"| {name} | {s['stage']} | {s['seq_len']} | {s['start_step']}→{s['end_step']} | "
+                   f"{s.get('final_loss', float('nan')):.4f} | {'YaRN ×' + str(rs['factor']) if rs else '-'} | "
+                   f"{stages['wall_s']:.0f} |")
   lines += ["", "## 5. Evaluate", "",
-            "Perplexity on held-out text; retrieval accuracy (greedy answers) per task and context length.", "",
-            ev["markdown"], ""]
+            "Perplexity on held-out text; retrieval accuracy (greedy answers) per task and context length, "
+            "every model.", "", ev["markdown"], ""]
   lines += [f"![{p}](eval/{p})" for p in ev["plots"]]
   return "\n".join(lines) + "\n"
+
+
+def sparse_variants(cfg: Config, init: str, run_dir: Path, info: dict) -> dict[str, Path]:
+  """Write the α-selected, random (pipeline.random_seeds) and alternating sparse models; name -> model dir."""
+  cal_path = str(run_dir / "calibrate" / "calibration.json")
+  sp_cfg = replace(cfg, **{"sparsify.strategy": "alpha", "sparsify.calibration": cal_path})
+  models = {}
+  models["loza"], info["selection"] = sparsify(sp_cfg, init, run_dir / "sparse" / "model")
+  info["random_selections"] = []
+  for seed in random_baseline_seeds(cfg, info["selection"]["ssa_layers"], cfg.pipeline.random_seeds):
+    rnd_cfg = replace(cfg, **{"sparsify.strategy": "random", "sparsify.seed": seed})
+    models[f"random-{seed}"], rec = sparsify(rnd_cfg, init, run_dir / f"random-{seed}" / "model")
+    info["random_selections"].append(dict(rec, seed=seed))
+  if cfg.pipeline.alternating:
+    alt_cfg = replace(cfg, **{"sparsify.strategy": "alternating"})
+    models["alternating"], info["alternating_selection"] = sparsify(alt_cfg, init, run_dir / "alternating" / "model")
+  return models
+
+
+def midtrain_dir(run_dir: Path, name: str) -> Path:
+  """Where sparse model `name` is mid-trained: midtrain/ for the α-selected one, midtrain-<name>/ for baselines."""
+  return run_dir / ("midtrain" if name == "loza" else f"midtrain-{name}")
 
 
 def run_pipeline(cfg: Config, config_path: str, overrides: Sequence[str], init: str | None = None) -> Path:
@@ -108,26 +232,26 @@ def run_pipeline(cfg: Config, config_path: str, overrides: Sequence[str], init: 
   bar.update(1)
 
   t = stage("sparsify")
-  cal_path = str(run_dir / "calibrate" / "calibration.json")
-  sp_cfg = replace(cfg, **{"sparsify.strategy": "alpha", "sparsify.calibration": cal_path})
-  sparse_dir, info["selection"] = sparsify(sp_cfg, init, run_dir / "sparse" / "model")
-  seed = random_baseline_seed(cfg, info["selection"]["ssa_layers"])
-  rnd_cfg = replace(cfg, **{"sparsify.strategy": "random", "sparsify.seed": seed})
-  random_dir, info["random_selection"] = sparsify(rnd_cfg, init, run_dir / "random" / "model")
-  info["random_selection"]["seed"] = seed
+  sparse = sparse_variants(cfg, init, run_dir, info)
   timings["sparsify"] = time.perf_counter() - t
   bar.update(1)
 
   t = stage("midtrain")
-  mid_dir = midtrain(_stage_cfg(cfg, run_dir, "midtrain"), sparse_dir, print_fn=tqdm.write)
-  info["stages"] = json.loads((run_dir / "midtrain" / "stages.json").read_text())
+  mid, info["midtrain"] = {}, {}
+  for name, model_dir in sparse.items():   # the same stages, steps, batch, learning rates and data order
+    t_model = time.perf_counter()
+    out = midtrain_dir(run_dir, name)
+    mid[name] = midtrain(replace(cfg, **{"train.run_dir": str(out)}), model_dir, print_fn=tqdm.write)
+    info["midtrain"][name] = {"stages": json.loads((out / "stages.json").read_text()),
+                              "wall_s": time.perf_counter() - t_model}
+  info["stages"] = info["midtrain"]["loza"]["stages"]
   timings["midtrain"] = time.perf_counter() - t
   bar.update(1)
 
   t = stage("evaluate")
-  models = [init, str(random_dir), str(sparse_dir), str(mid_dir)]
-  names = ["full", "random-sparse", "loza-sparse", "loza-sparse+midtrain"]
-  info["evaluation"] = evaluate(_stage_cfg(cfg, run_dir, "eval"), models, names)
+  models = {"full": init, "loza-sparse": str(sparse["loza"]), "loza-sparse+midtrain": str(mid["loza"])}
+  models.update({f"{name}+midtrain": str(mid[name]) for name in sparse if name != "loza"})
+  info["evaluation"] = evaluate(_stage_cfg(cfg, run_dir, "eval"), list(models.values()), list(models))
   timings["evaluate"] = time.perf_counter() - t
   bar.update(1)
   bar.close()
@@ -136,8 +260,12 @@ def run_pipeline(cfg: Config, config_path: str, overrides: Sequence[str], init: 
   info["wall_s"] = time.perf_counter() - t_all
   (run_dir / "report.md").write_text(report(run_dir, cfg, info))
   summary = {k: v for k, v in info.items() if k != "evaluation"}
-  summary["evaluation"] = {n: {"ppl": r["perplexity"]["ppl"], "retrieval": r["retrieval"]["overall"]}
+  summary["evaluation"] = {n: {"ppl": r["perplexity"]["ppl"], "retrieval": r["retrieval"]["overall"],
+                               "beyond": r["retrieval"]["per_zone"]["beyond"],
+                               "beyond_at_train_len": beyond_at(r["cases"], cfg.data.seq_len)}
                            for n, r in info["evaluation"]["results"].items()}
+  summary["headline"] = [{"model": label, "ssa_layers": ssa, **numbers}
+                         for label, ssa, numbers in headline_rows(info, cfg.data.seq_len)]
   (run_dir / "pipeline.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
   return run_dir / "report.md"
 
