@@ -25,7 +25,9 @@ def flat(tree):
 
 
 def main(run_dir):
-  over = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_attention_heads=4"]
+  # Adam eps well above the fp32 reduction noise of the gradients: a near-zero gradient then moves its
+  # parameter by ~g/eps instead of a full ±lr step whose sign the reduction order decides.
+  over = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_attention_heads=4", "train.eps=1e-5"]
   cfg = tiny_cfg(run_dir, over + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
   batch = next(iter(data.build_dataset(cfg, cfg.train.batch_size)))
   one = Trainer(cfg, mesh=shd.make_mesh(MeshConfig(data=1), jax.devices()[:1]))
