@@ -21,7 +21,7 @@ SMALL = ["model.num_hidden_layers=4", "model.hidden_size=32", "model.intermediat
          "model.num_attention_heads=2", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8",
          "model.qk_rope_head_dim=8", "model.v_head_dim=8", "attention.layer_types=null",
          "attention.block_size=8", "attention.local_blocks=2", "attention.impl=xla",
-         "data.seq_len=64", "data.retrieval_fraction=0.0", "train.batch_size=2", "train.progress=false",
+         "data.seq_len=64", "data.retrieval_fraction=0.0", "data.retrieval_lengths=[]", "train.batch_size=2", "train.progress=false",
          "train.log_every=1", "train.tensorboard=false", "train.async_checkpointing=false"]
 
 
