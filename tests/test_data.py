@@ -235,7 +235,7 @@ def test_heldout_documents_never_reach_training_at_any_shipped_seq_len(tmp_path,
   path, texts = _marked_corpus(tmp_path, rng)
   n, total = len(texts), sum(len(t.encode()) for t in texts)
   seq_lens = shipped_seq_lens()
-  assert {256, 512, 1024, 32768, 131072, 262144} <= set(seq_lens)
+  assert {256, 512, 32768, 131072, 262144} <= set(seq_lens)
   base = ["data.source=files", f"data.paths=[{path}]", "data.heldout_fraction=0.2", "data.retrieval_fraction=0.3",
           "data.retrieval_lengths=[256]", "data.retrieval_tasks=[passkey, multikey]", "model.max_position_embeddings=262144"]
   corpus = data.file_corpus([str(path)])
