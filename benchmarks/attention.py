@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from loza_jax import attention as A
 from kernels_pallas import flash_attention, mosaic_attention
 
 B, H, D, E = 1, 16, 192, 128
@@ -36,17 +37,22 @@ SLOW_ANCHOR_LIMIT = 131072     # O(T^2) anchors are not run above this length
 QUADRATIC_BWD = {"tokamax window1024"}   # its window backward visits every block
 
 
-def visible_pairs(kind: str, T: int) -> int:
-  """Number of unmasked (query, key) pairs for one head of one document of length T."""
-  t = np.arange(T, dtype=np.int64)
-  if kind == "causal":
+def pattern_pairs(pattern, T: int) -> int:
+  """Unmasked (query, key) pairs of one head over one document of T tokens under a Full/SSA pattern."""
+  if isinstance(pattern, A.Full):
     return int(T * (T + 1) // 2)
-  if kind == "window":
-    return int(np.minimum(t + 1, WINDOW).sum())
-  Bs, sink, local = SSA_ARGS["block_size"], SSA_ARGS["sink_blocks"], SSA_ARGS["local_blocks"]
+  t = np.arange(T, dtype=np.int64)
+  Bs, sink, local = pattern.block_size, pattern.sink_blocks, pattern.local_blocks
   first_local = np.maximum(t // Bs - (local - 1), 0) * Bs            # first key of the local window
   sink_keys = np.minimum(sink * Bs, first_local)                     # sink keys before the window
   return int((t + 1 - first_local + sink_keys).sum())
+
+
+def visible_pairs(kind: str, T: int) -> int:
+  """Number of unmasked (query, key) pairs for one head of one document of length T."""
+  if kind == "window":
+    return int(np.minimum(np.arange(T, dtype=np.int64) + 1, WINDOW).sum())
+  return pattern_pairs(A.Full() if kind == "causal" else A.SSA(**SSA_ARGS), T)
 
 
 def time_call(fn, *args, trials=5, min_trial_s=0.05):
@@ -172,7 +178,6 @@ def ratios(rows):
 
 def auto_choices() -> str:
   """What impl="auto" of loza_jax.attention picks here, at the benchmark's shapes."""
-  from loza_jax import attention as A  # pylint: disable=import-outside-toplevel
   q = jax.ShapeDtypeStruct((B, 1024, H, D), jnp.bfloat16)
   v = jax.ShapeDtypeStruct((B, 1024, H, E), jnp.bfloat16)
   pick = lambda pattern, packed: A.resolve_impl("auto", pattern, q, q, v, packed=packed).name

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.attention import device_slug, version
+from benchmarks.attention import device_slug, pattern_pairs, version
 from loza_jax import cache as kc
 from loza_jax import generate as gen
 from loza_jax.attention import SSA, Full
@@ -67,16 +68,6 @@ def configs(layers: int, tiny: bool) -> dict[str, Config]:
 # FLOP and byte model.
 
 
-def visible_pairs(pattern, T: int) -> int:
-  """Unmasked (query, key) pairs of one head over one document of T tokens."""
-  t = np.arange(T, dtype=np.int64)
-  if isinstance(pattern, Full):
-    return int(T * (T + 1) // 2)
-  B, sink, local = pattern.block_size, pattern.sink_blocks, pattern.local_blocks
-  first_local = np.maximum(t // B - (local - 1), 0) * B
-  return int((t + 1 - first_local + np.minimum(sink * B, first_local)).sum())
-
-
 def matmul_flops_per_token(cfg: Config) -> float:
   """2 × weights a token multiplies through (MLA projections, dense MLPs, top-k experts, router); no head."""
   m = cfg.model
@@ -93,7 +84,7 @@ def attention_flops(cfg: Config, T: int) -> float:
   m, a = cfg.model, cfg.attention
   ssa = SSA(a.block_size, a.sink_blocks, a.local_blocks)
   per_pair = 2.0 * m.num_attention_heads * (m.qk_head_dim + m.v_head_dim)
-  return sum(per_pair * visible_pairs(Full() if t == "full" else ssa, T) for t in cfg.layer_types)
+  return sum(per_pair * pattern_pairs(Full() if t == "full" else ssa, T) for t in cfg.layer_types)
 
 
 def prefill_flops(cfg: Config, T: int) -> float:
@@ -147,10 +138,8 @@ def random_cache(cfg: Config, batch: int, ctx: int, capacity: int, key) -> kc.Ca
     new = {"ckv": jax.random.normal(k1, e["ckv"].shape, e["ckv"].dtype),
            "krope": jax.random.normal(k2, e["krope"].shape, e["krope"].dtype)}
     if "pos" in e:
-      w = jnp.arange(e["pos"].shape[1])
-      last = ctx - 1
-      p = jnp.where(w < sink, w, last - jnp.mod(last - w, local))
-      new["pos"] = jnp.broadcast_to(jnp.where(p <= last, p, -1), e["pos"].shape).astype(jnp.int32)
+      p = kc.ring_positions(jnp.full((1, 1), ctx - 1), e["pos"].shape[1], sink, local)
+      new["pos"] = jnp.broadcast_to(jnp.where((p >= 0) & (p < ctx), p, -1), e["pos"].shape).astype(jnp.int32)
     layers.append(new)
   return kc.Cache(jnp.full((batch,), ctx, jnp.int32), tuple(layers))
 
@@ -175,14 +164,14 @@ def bench_decode(cfgs, params, ctx: int, batch: int, steps: int, bw: float) -> d
   for name, cfg in cfgs.items():
     cache = random_cache(cfg, batch, ctx, ctx + steps + 2, jax.random.PRNGKey(ctx))
     row_bytes = kc.cache_bytes(cache)
-    step = jax.jit(gen._decode_step_fn(cfg), donate_argnums=(1,))
+    step = functools.partial(gen.decode_step, params, cfg)
     toks = jnp.zeros((batch,), jnp.int32) + 7
-    logits, cache = step(params, cache, toks)                          # compile + warm-up
+    logits, cache = step(cache, toks)                                  # compile + warm-up
     jax.block_until_ready(logits)
     times = []
     for _ in range(steps):
       t0 = time.perf_counter()
-      logits, cache = step(params, cache, toks)
+      logits, cache = step(cache, toks)
       jax.block_until_ready(logits)
       times.append(time.perf_counter() - t0)
     s = float(np.median(times))

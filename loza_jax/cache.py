@@ -21,10 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loza_jax.attention import NEG_INF, SSA, Full, pattern_allows
+from loza_jax.attention import _MASK_VALUE, NEG_INF, SSA, Full, pattern_allows
 from loza_jax.config import Config
-
-_MASK_VALUE = -1e30
 
 
 class Cache(NamedTuple):
@@ -89,12 +87,6 @@ def cache_bytes(cache: Cache, row: bool = True) -> int:
   return total // cache.lengths_B.shape[0] if row else total
 
 
-def capacity(cache: Cache, layer_types) -> int | None:
-  """Longest sequence the cache can hold (None when every sublayer is SSA: unbounded)."""
-  full = [e["ckv"].shape[1] for e, t in zip(cache.layers, layer_types) if t == "full"]
-  return min(full) if full else None
-
-
 # ----------------------------------------------------------------------------------------
 # Writing.
 
@@ -102,6 +94,13 @@ def capacity(cache: Cache, layer_types) -> int | None:
 def ring_slot(pos, sink: int, local: int):
   """The SSA ring slot of absolute position `pos` (sink = sink_blocks·block, local = local_blocks·block)."""
   return jnp.where(pos < sink, pos, sink + jnp.mod(pos - sink, local))
+
+
+def ring_positions(last_B1, W: int, sink: int, local: int):
+  """[B, W]: the newest position <= last_B1 that each ring slot holds (may be < 0 or not a ring
+  position of that slot's kind: callers mask what they cannot use)."""
+  w = jnp.arange(W)[None, :]
+  return jnp.where(w < sink, w, last_B1 - jnp.mod(last_B1 - w, local))
 
 
 def write_full(entry, ckv_BTC, krope_BTR, step: Step):
@@ -128,11 +127,9 @@ def write_ring(entry, ckv_BTC, krope_BTR, step: Step, sink: int, local: int):
             "krope": entry["krope"].at[rows, slot_B].set(krope_BTR[:, 0].astype(entry["krope"].dtype)),
             "pos": entry["pos"].at[rows, slot_B].set(lengths_B)}
   start = step.start
-  W = sink + local
-  w = jnp.arange(W)[None, :]
+  w = jnp.arange(sink + local)[None, :]
   last_B1 = jnp.minimum(start + T, step.lengths_B)[:, None] - 1    # newest real position per row
-  ring_p = last_B1 - jnp.mod(last_B1 - w, local)                    # newest p <= last with slot w
-  p_BW = jnp.where(w < sink, w, ring_p)
+  p_BW = ring_positions(last_B1, sink + local, sink, local)
   ok_BW = (p_BW >= start) & (p_BW <= last_B1) & ((w < sink) | (p_BW >= sink))
   idx_BW = jnp.clip(p_BW - start, 0, T - 1)
   take = lambda x: jnp.take_along_axis(x, idx_BW[:, :, None], axis=1)

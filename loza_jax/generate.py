@@ -104,9 +104,14 @@ def _decode_step_fn(cfg: Config):
   return step
 
 
+@functools.lru_cache(maxsize=16)
+def _decode_step_jit(cfg: Config):
+  return jax.jit(_decode_step_fn(cfg), donate_argnums=(1,))
+
+
 def decode_step(params, cfg: Config, cache: Cache, tokens_B):
   """One token per row at position cache.lengths_B: (logits [B, V], cache); the cache is donated."""
-  return jax.jit(_decode_step_fn(cfg), donate_argnums=(1,))(params, cache, jnp.asarray(tokens_B, jnp.int32))
+  return _decode_step_jit(cfg)(params, cache, jnp.asarray(tokens_B, jnp.int32))
 
 
 @functools.lru_cache(maxsize=16)

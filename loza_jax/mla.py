@@ -55,14 +55,11 @@ class MLA(nn.Module):
     o_proj = Dense(x_BTM.shape[-1], ("heads", "embed"), name="o_proj", **kw)
 
     if kv is not None:
-      o_BTHE, kv = self._cached(q_BTHD[..., :Dn], q_rope_BTHR, ckv_BTC, k_rope_BT1R[:, :, 0], kv_b, positions_BT,
-                                scale, kv, step)
+      o_BTHE, kv = self._cached(q_BTHD[..., :Dn], q_rope_BTHR, ckv_BTC, k_rope_BT1R, kv_b, positions_BT, scale,
+                                kv, step)
       return o_proj(o_BTHE.astype(dt).reshape(B, T, H * E)), kv
 
-    kv = kv_b(ckv_BTC).reshape(B, T, K, Dn + E)
-    k_nope_BTKD, v_BTKE = kv[..., :Dn], kv[..., Dn:]
-    q_BTHD = jnp.concatenate([q_BTHD[..., :Dn], q_rope_BTHR], axis=-1)
-    k_BTKD = jnp.concatenate([k_nope_BTKD, jnp.broadcast_to(k_rope_BT1R, (B, T, K, R)).astype(k_nope_BTKD.dtype)], -1)
+    q_BTHD, k_BTKD, v_BTKE = expand_qkv(q_BTHD[..., :Dn], q_rope_BTHR, ckv_BTC, k_rope_BT1R, kv_b, K)
     q_BTHD = constrain(q_BTHD, ("batch", "length", "act_heads", None))
     k_BTKD = constrain(k_BTKD, ("batch", "length", "act_kv_heads", None))
     v_BTKE = constrain(v_BTKE, ("batch", "length", "act_kv_heads", None))
@@ -87,7 +84,7 @@ class MLA(nn.Module):
     o_BTHE = constrain(o_BTHE, ("batch", "length", "act_heads", None))
     return o_proj(o_BTHE.reshape(B, T, H * E))
 
-  def _cached(self, q_nope_BTHD, q_rope_BTHR, ckv_BTC, krope_BTR, kv_b, positions_BT, scale, kv, step):
+  def _cached(self, q_nope_BTHD, q_rope_BTHR, ckv_BTC, k_rope_BT1R, kv_b, positions_BT, scale, kv, step):
     """Attention through the cache: prefill chunks use the attention kernels for their own keys and
     the absorbed form for earlier ones; decode uses the absorbed form over the whole cache."""
     c, a = self.cfg, self.acfg
@@ -97,6 +94,7 @@ class MLA(nn.Module):
       raise ValueError(f"a {self.layer_type!r} sublayer cannot be served from a cache: sparsify the model first")
     pattern = attn.Full() if self.layer_type == "full" else ssa_pattern(a)
     sink, local = a.sink_blocks * a.block_size, a.local_blocks * a.block_size
+    krope_BTR = k_rope_BT1R[:, :, 0]
     if self.layer_type == "full":
       new_kv = kv_cache.write_full(kv, ckv_BTC, krope_BTR, step)
     else:
@@ -117,11 +115,7 @@ class MLA(nn.Module):
       o_lat, _ = latent(new_kv, key_pos(new_kv))
       return to_heads(o_lat), new_kv
 
-    kvx = kv_b(ckv_BTC).reshape(B, T, K, Dn + E)
-    q = jnp.concatenate([q_nope_BTHD, q_rope_BTHR], -1)
-    k = jnp.concatenate([kvx[..., :Dn], jnp.broadcast_to(krope_BTR[:, :, None], (B, T, K, krope_BTR.shape[-1]))
-                         .astype(kvx.dtype)], -1)
-    v = kvx[..., Dn:]
+    q, k, v = expand_qkv(q_nope_BTHD, q_rope_BTHR, ckv_BTC, k_rope_BT1R, kv_b, K)
     own = kv_cache.chunk_pattern(pattern, step.start)
     if step.start == 0:
       return attn.attention(q, k, v, pattern=own, scale=scale, impl=a.impl), new_kv
@@ -129,6 +123,16 @@ class MLA(nn.Module):
     past = kv if self.layer_type == "ssa" else {n: x[:, :step.start] for n, x in kv.items()}
     o_lat, lse_past = latent(past, key_pos(past))
     return kv_cache.merge(o_own, lse_own, to_heads(o_lat), lse_past), new_kv
+
+
+def expand_qkv(q_nope_BTHD, q_rope_BTHR, ckv_BTC, k_rope_BT1R, kv_b: Dense, K: int):
+  """Per-head (q, k, v) from the latent: k = [kv_b(ckv) key half, the shared RoPE key], v = value half."""
+  B, T, H, Dn = q_nope_BTHD.shape
+  kv = kv_b(ckv_BTC).reshape(B, T, K, -1)
+  R = k_rope_BT1R.shape[-1]
+  q = jnp.concatenate([q_nope_BTHD, q_rope_BTHR], axis=-1)
+  k = jnp.concatenate([kv[..., :Dn], jnp.broadcast_to(k_rope_BT1R, (B, T, K, R)).astype(kv.dtype)], -1)
+  return q, k, kv[..., Dn:]
 
 
 def attend(mla: MLA, h_BTM, segment_ids_BT, positions_BT, kv, step):
