@@ -6,8 +6,8 @@ B=1, H=16, D=192, E=128, bf16, random normal inputs. "ours" runs what impl="pall
 runs: the Mosaic GPU forward and the backward named by mosaic_attention.BACKWARD; "(triton)"
 rows run the Triton forward and backward. Each row: median ms per call (calls
 issued back to back within a trial, warm-up and compilation excluded), effective TFLOP/s
-counting only unmasked (query, key) pairs (fwd+bwd counted as 3.5x the forward, as in
-../shared/anchors), and ratios to the anchors timed in the same process. Writes
+counting only unmasked (query, key) pairs (fwd+bwd counted as 3.5x the forward, the anchors'
+convention), and ratios to the anchors timed in the same process. Writes
 benchmarks/results/<date>-<device>-attention.md (and a copy under --out).
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Attention API: one entry point, pattern dataclasses, XLA reference implementations, impl registry.
 
 Shapes: q_BTHD, k_BSKD, v_BSKE -> o_BTHE (H query heads, K kv heads, K divides H).
-Patterns (DESIGN.md §1): `Full()` is causal attention within each document; `SSA(...)`
+Patterns: `Full()` is causal attention within each document; `SSA(...)`
 lets the query at document position t see key s iff s <= t and (s//B < sink_blocks or
 s//B >= t//B - (local_blocks - 1)).
 
@@ -493,7 +493,7 @@ def attention_with_lse(q_BTHD, k_BSKD, v_BSKE, *, pattern: Pattern, segment_ids=
 
 def attention(q_BTHD, k_BSKD, v_BSKE, *, pattern: Pattern, segment_ids=None, positions=None,
               scale: float | None = None, impl: str = "auto"):
-  """Attention per DESIGN.md §3. segment_ids: int [B,T], 0 = padding; positions: document-relative.
+  """Attention (the README's "Attention API"). segment_ids: int [B,T], 0 = padding; positions: document-relative.
 
   `impl`: "auto" | "xla_dense" | "xla" | "pallas_triton" | "pallas_mosaic" | "tokamax" | any
   registered name. An explicit impl that cannot run raises ValueError; "auto" logs its choice

@@ -150,7 +150,7 @@ def _check_moe(c: "ModelConfig") -> None:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-  """Per-sublayer attention layout and the SSA pattern (DESIGN.md §1)."""
+  """Per-sublayer attention layout and the SSA pattern (README, "Attention API")."""
   layer_types: tuple[str, ...] | None = None   # one of full|ssa|blend per attention sublayer; None = all full
   block_size: int = 128
   sink_blocks: int = 1

@@ -1,4 +1,4 @@
-"""Choosing which attention sublayers become SSA (DESIGN.md §1, "Selection")."""
+"""Choosing which attention sublayers become SSA (alpha, random, alternating or manual selection)."""
 from __future__ import annotations
 
 import dataclasses

@@ -10,7 +10,7 @@ from loza_jax import attention as A
 
 
 def brute_force_visible(t_pos, s_pos, B, sink, local):
-  """SSA rule from DESIGN.md §1, written independently: one (t, s) pair at a time."""
+  """The SSA rule, written independently: one (t, s) pair at a time."""
   if s_pos > t_pos:
     return False
   q_block = t_pos // B
