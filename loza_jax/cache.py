@@ -153,7 +153,7 @@ def key_chunk_for(S: int, rows: int, budget_bytes: int = 1 << 30) -> int:
 
 
 def latent_attention(q_lat_BTHC, q_rope_BTHR, ckv_BSC, krope_BSR, q_pos_BT, k_pos_BS, pattern, scale: float,
-                     key_chunk: int | None = None):
+                     key_chunk: int | None = None, impl: str = "xla"):
   """Softmax attention of latent-space queries over cached latents; fp32; (o_lat_BTHC, lse_BHT).
 
   Scores are q_lat·ckv + q_rope·krope (the key's nope part is W_uk·ckv, absorbed into q_lat).

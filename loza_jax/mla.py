@@ -106,7 +106,7 @@ class MLA(nn.Module):
     w_uk, w_uv = w[..., :Dn], w[..., Dn:]
     latent = lambda entry, k_pos_BS: kv_cache.latent_attention(
         jnp.einsum("bthd,chd->bthc", q_nope_BTHD, w_uk), q_rope_BTHR, entry["ckv"], entry["krope"],
-        positions_BT, k_pos_BS, pattern, scale)
+        positions_BT, k_pos_BS, pattern, scale, impl=a.impl)
     key_pos = lambda entry: (entry["pos"] if "pos" in entry
                              else jnp.broadcast_to(jnp.arange(entry["ckv"].shape[1]), entry["ckv"].shape[:2]))
     to_heads = lambda o_lat: jnp.einsum("bthc,che->bthe", o_lat, w_uv.astype(jnp.float32))
