@@ -152,15 +152,33 @@ def key_chunk_for(S: int, rows: int, budget_bytes: int = 1 << 30) -> int:
   return max(d for d in range(1, most + 1) if S % d == 0)
 
 
+def latent_impl(impl: str) -> str | None:
+  """Which latent-attention form an attention impl name selects: "kernel" (Pallas split-K, on GPU),
+  "interpret" (the same kernel interpreted, for CPU tests) or None (XLA). `xla*` names keep XLA;
+  any other name runs the kernel where a GPU is the default backend, XLA elsewhere."""
+  if impl.startswith("xla"):
+    return None
+  if "interpret" in impl:
+    return "interpret"
+  return "kernel" if jax.default_backend() == "gpu" else None
+
+
 def latent_attention(q_lat_BTHC, q_rope_BTHR, ckv_BSC, krope_BSR, q_pos_BT, k_pos_BS, pattern, scale: float,
                      key_chunk: int | None = None, impl: str = "xla"):
   """Softmax attention of latent-space queries over cached latents; fp32; (o_lat_BTHC, lse_BHT).
 
   Scores are q_lat·ckv + q_rope·krope (the key's nope part is W_uk·ckv, absorbed into q_lat).
-  A key is visible iff k_pos >= 0 and the pattern allows (q_pos, k_pos). Keys are visited in
-  chunks (`key_chunk`, a divisor of S; default: key_chunk_for) with an online softmax, so memory
-  is O(T·H·key_chunk).
+  A key is visible iff k_pos >= 0 and the pattern allows (q_pos, k_pos); a Full cache's k_pos is
+  its index. `impl` (the attention impl name, see `latent_impl`) picks the Pallas split-K kernel
+  or this XLA form, which visits keys in chunks (`key_chunk`, a divisor of S; default:
+  key_chunk_for) with an online softmax, so memory is O(T·H·key_chunk).
   """
+  kernel = latent_impl(impl)
+  if kernel is not None:
+    from kernels_pallas import decode
+    window = None if isinstance(pattern, Full) else (pattern.block_size, pattern.sink_blocks, pattern.local_blocks)
+    return decode.latent_attention(q_lat_BTHC, q_rope_BTHR, ckv_BSC, krope_BSR, q_pos_BT, k_pos_BS, scale=scale,
+                                   window=window, interpret=kernel == "interpret")
   B, T, H, C = q_lat_BTHC.shape
   S = ckv_BSC.shape[1]
   Kc = key_chunk or key_chunk_for(S, B * H * T)

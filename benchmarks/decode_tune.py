@@ -1,0 +1,108 @@
+"""Decode attention of one full MLA sublayer at LongCat widths: the split-K kernel's tile and split
+choices vs the XLA absorbed form and the HBM floor (latent cache bytes ÷ copy bandwidth measured here).
+
+    python -m benchmarks.decode_tune [--settings 131072x113,131072x1,262144x56] [--out DIR]
+
+Every candidate is checked against the XLA form before it is timed; prints one table, fastest first
+per setting, and writes it (plus JSON) under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.e2e import ceilings, timed
+from kernels_pallas import decode
+from loza_jax import cache as kc
+from loza_jax.attention import Full
+
+H, C, R = 64, 512, 64
+
+
+def candidates(base: decode.DecodeConfig):
+  """The default, then tiles × warps/stages at the same programs per row, then fewer/more splits."""
+  seen = {base}
+  grid = [(r, c, w, st, 1) for r in (16, 32, 64) for c in (32, 64) for w, st in ((4, 2), (8, 2), (4, 3))]
+  grid += [(base.rows, base.cols, base.num_warps, base.num_stages, m) for m in (0.25, 0.5, 2, 4)]
+  yield base
+  for rows, cols, warps, stages, mult in grid:
+    splits = max(1, round(base.splits * mult * rows / base.rows))
+    cfg = decode.DecodeConfig(base.scale, None, rows, cols, splits, base.c_parts, warps, stages)
+    if cfg not in seen:
+      seen.add(cfg)
+      yield cfg
+
+
+def run_setting(S: int, B: int, bw: float, limit: int) -> list[dict]:
+  key = jax.random.PRNGKey(0)
+  ks = jax.random.split(key, 4)
+  q = jax.random.normal(ks[0], (B, 1, H, C), jnp.bfloat16)
+  qr = jax.random.normal(ks[1], (B, 1, H, R), jnp.bfloat16)
+  ckv = jax.random.normal(ks[2], (B, S, C), jnp.bfloat16)
+  kr = jax.random.normal(ks[3], (B, S, R), jnp.bfloat16)
+  q_pos = jnp.full((B, 1), S - 1, jnp.int32)
+  k_pos = jnp.broadcast_to(jnp.arange(S), (B, S))
+  floor = B * S * (C + R) * 2 / bw
+  ref_fn = jax.jit(lambda *a: kc.latent_attention(*a, Full(), 0.07, impl="xla")[0])
+  ref = ref_fn(q, qr, ckv, kr, q_pos, k_pos)
+  rows = [{"impl": "xla", "s": timed(lambda: ref_fn(q, qr, ckv, kr, q_pos, k_pos).block_until_ready(), 10)}]
+  base = decode.default_config(B, H, S, C, 0.07, None, jnp.bfloat16, False)
+  for i, cfg in enumerate(candidates(base)):
+    if i >= limit:
+      break
+    fn = jax.jit(lambda *a, cfg=cfg: decode.latent_attention(*a, scale=0.07, cfg=cfg)[0])
+    name = f"r{cfg.rows} c{cfg.cols} w{cfg.num_warps} st{cfg.num_stages} sp{cfg.splits}" + (" *" if i == 0 else "")
+    try:
+      out = fn(q, qr, ckv, kr, q_pos, k_pos)
+      err = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
+      if err > 2e-2:
+        rows.append({"impl": name, "s": None, "error": f"rel err {err:.3g}"})
+        continue
+      rows.append({"impl": name, "s": timed(lambda: fn(q, qr, ckv, kr, q_pos, k_pos).block_until_ready(), 10),
+                   "rel_err": err})
+    except Exception as e:  # noqa: BLE001 - a tile that does not compile is reported, not fatal
+      rows.append({"impl": name, "s": None, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+  for r in rows:
+    r.update(ctx=S, batch=B, floor_s=floor)
+  return rows
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--settings", default="131072x113,131072x1,262144x56")
+  p.add_argument("--limit", type=int, default=40, help="candidates timed per setting (default first)")
+  p.add_argument("--out", default=None)
+  args = p.parse_args(argv)
+  bw = ceilings(False)["hbm_bytes_per_s"]
+  results = []
+  for s in args.settings.split(","):
+    S, B = (int(x) for x in s.split("x"))
+    results += run_setting(S, B, bw, args.limit)
+    print(f"done {s}", flush=True)
+  lines = [f"device {jax.devices()[0].device_kind}, copy bandwidth {bw / 1e12:.2f} TB/s", "",
+           "ctx | batch | impl | ms | floor ms | x floor", "---|---|---|---|---|---"]
+  for (S, B) in dict.fromkeys((r["ctx"], r["batch"]) for r in results):
+    group = [r for r in results if (r["ctx"], r["batch"]) == (S, B)]
+    group.sort(key=lambda r: (r["s"] is None, r["s"] or 0))
+    for r in group:
+      ms = "–" if r["s"] is None else f"{r['s'] * 1e3:.3f}"
+      x = "–" if r["s"] is None else f"{r['s'] / r['floor_s']:.2f}"
+      lines.append(f"{S} | {B} | {r['impl']} | {ms} | {r['floor_s'] * 1e3:.3f} | {x}" +
+                   (f" ({r['error']})" if "error" in r else ""))
+  text = "\n".join(lines)
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "decode_tune.md"), "w") as fh:
+      fh.write(text + "\n")
+    with open(os.path.join(args.out, "decode_tune.json"), "w") as fh:
+      json.dump(results, fh, indent=1)
+  print(text)
+
+
+if __name__ == "__main__":
+  main()
