@@ -10,7 +10,7 @@ from loza_jax.config import load_config, replace
 from loza_jax.model import build_model
 from train.calibrate import (alpha_separation, calibrate, calibration_config, clipped_alphas, make_calibration_loss,
                              markdown, summarise, with_alphas)
-from train.checkpoint import save_model
+from loza_jax.model_dir import save_model
 from train.sparsify import read_calibration
 
 SMALL = ["model.num_hidden_layers=4", "model.hidden_size=64", "model.intermediate_size=96",

@@ -7,7 +7,8 @@ import pytest
 from flax import traverse_util
 
 from train import data
-from train.checkpoint import Checkpointer, CheckpointMismatchError, load_model, save_model
+from loza_jax.model_dir import CheckpointMismatchError, load_model, save_model
+from train.checkpoint import Checkpointer
 from train.trainer import Trainer
 from tests.trainer_utils import tiny_cfg
 

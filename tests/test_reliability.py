@@ -21,7 +21,8 @@ from loza_jax import attention as A
 from loza_jax.config import load_config
 from loza_jax.convert import export_hf, import_hf
 from train import data, rundir
-from train.checkpoint import Checkpointer, export_model, steps_to_delete
+from loza_jax.model_dir import export_model
+from train.checkpoint import Checkpointer, steps_to_delete
 from train.sparsify import calibration_alphas, read_calibration, sparsify
 from train.trainer import MetricsLogger, Trainer, make_optimizer, read_jsonl
 from tests.trainer_utils import tiny_cfg, write_tiny_yaml

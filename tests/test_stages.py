@@ -13,7 +13,7 @@ from flax import traverse_util
 
 from loza_jax.config import load_config, replace
 from loza_jax.model import build_model
-from train.checkpoint import load_model, save_model
+from loza_jax.model_dir import load_model, save_model
 from train.sparsify import sparsify, zigzag_layer_string
 
 ROOT = Path(__file__).resolve().parents[1]

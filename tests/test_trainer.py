@@ -15,7 +15,8 @@ from loza_jax import config as config_lib
 from loza_jax.attention import default_positions
 from loza_jax.model import build_model
 from train import data
-from train.checkpoint import Checkpointer, load_model
+from loza_jax.model_dir import load_model
+from train.checkpoint import Checkpointer
 from train.trainer import Trainer, lm_loss_terms, make_distill_loss, make_lm_loss
 from tests.trainer_utils import read_metrics, tiny_cfg, write_tiny_yaml
 

@@ -29,7 +29,7 @@ from loza_jax.model import alpha_paths, build_model
 from loza_jax.sparsity import select_layers
 from train import cli
 from train import data as data_lib
-from train.checkpoint import check_compatible, load_model
+from loza_jax.model_dir import check_compatible, load_model
 from train.trainer import Trainer, lm_loss_terms, make_optimizer, without
 
 ALPHA = "alpha"

@@ -1,6 +1,6 @@
-"""Orbax checkpoints: train state + data-iterator state + resolved config, keep-last-K, async saves,
-sha256 checksums written once a save is final and verified on restore, a fallback past corrupt
-checkpoints (moved aside, details in a log file); model-only export/load.
+"""Orbax training checkpoints: train state + data-iterator state + resolved config, keep-last-K, async
+saves, sha256 checksums written once a save is final and verified on restore, a fallback past corrupt
+checkpoints (moved aside, details in a log file). Model directories are loza_jax.model_dir's.
 """
 from __future__ import annotations
 
@@ -12,52 +12,25 @@ import shutil
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import yaml
 from jax.experimental import multihost_utils
 
-from loza_jax.config import Config, from_dict, save_config, to_dict
+from loza_jax.config import Config, to_dict
+# Model-directory I/O lives in loza_jax.model_dir; re-exported for callers that import it from here.
+from loza_jax.model_dir import (  # noqa: F401
+    CheckpointMismatchError, check_compatible, check_distinct, check_replaceable, export_model, load_config_file,
+    load_model, save_model)
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"
-MODEL_MARKER = "loza_model.json"         # written by save_model: marks a directory as ours to replace
 CHECKSUM_SUFFIX = ".sha256.json"         # <checkpoints>/<step>.sha256.json beside each step directory
 ERROR_LOG = "checkpoint_errors.log"      # in the run directory: full detail of unreadable checkpoints
 NOISY_LOGGERS = ("asyncio", "orbax", "absl", "tensorstore")
-
-
-class CheckpointMismatchError(ValueError):
-  """The checkpoint's tree or shapes differ from the model being restored."""
-
-
-def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def _flat_shapes(tree) -> dict[str, tuple]:
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {_path_str(p): tuple(getattr(x, "shape", ())) for p, x in flat}
-
-
-def check_compatible(expected, found, where: str) -> None:
-  """Raise CheckpointMismatchError naming the first parameter whose presence or shape differs."""
-  want, have = _flat_shapes(expected), _flat_shapes(found)
-  for name in sorted(set(want) | set(have), key=lambda n: (not n.startswith("params"), n)):
-    if name not in have:
-      raise CheckpointMismatchError(f"{where}: parameter {name!r} (shape {want[name]}) is missing from the "
-                                    "checkpoint")
-    if name not in want:
-      raise CheckpointMismatchError(f"{where}: checkpoint has parameter {name!r} (shape {have[name]}) that the "
-                                    "model does not")
-    if want[name] != have[name]:
-      raise CheckpointMismatchError(f"{where}: parameter {name!r} has shape {have[name]} in the checkpoint but "
-                                    f"{want[name]} in the model")
 
 
 def _config_diff(saved: dict | None, cfg: Config | None) -> str:
@@ -293,97 +266,3 @@ class Checkpointer:
         continue
       return restored["state"], step
     return None
-
-
-# ----------------------------------------------------------------------------------------
-# Model-only export for other stages.
-
-
-def is_model_dir(directory: Path) -> bool:
-  """Whether `directory` is a model directory we wrote: save_model's marker file, or (written before
-  the marker existed) exactly config.yaml + params/ (+ sparsify's selection.json)."""
-  if (directory / MODEL_MARKER).is_file():
-    return True
-  names = {p.name for p in directory.iterdir()}
-  return {CONFIG_FILE, "params"} <= names <= {CONFIG_FILE, "params", "selection.json"}
-
-
-def check_replaceable(directory: str | Path, what: str = "output directory") -> Path:
-  """`directory` if it is absent, empty or one of our model directories; else FileExistsError."""
-  directory = Path(directory).absolute()
-  if directory.exists() and not directory.is_dir():
-    raise FileExistsError(f"{what} {directory} is a file; pick a directory path")
-  if directory.is_dir() and any(directory.iterdir()) and not is_model_dir(directory):
-    raise FileExistsError(f"{what} {directory} is not empty and is not a model directory written by this project "
-                          f"(no {MODEL_MARKER}); refusing to replace it: pick a new or empty directory")
-  return directory
-
-
-def check_distinct(src: str | Path, out: str | Path, what: str = "out") -> None:
-  """Refuse an output that is the input directory, holds it, or lies inside it."""
-  src, out = Path(src).resolve(), Path(out).resolve()
-  if out == src or src.is_relative_to(out) or out.is_relative_to(src):
-    raise ValueError(f"{what} {out} overlaps the input model {src}; writing there would destroy the input: "
-                     "pick another output directory")
-
-
-def write_marker(directory: Path, cfg: Config) -> None:
-  (directory / MODEL_MARKER).write_text(json.dumps({"format": "loza_jax model", "architecture":
-                                                    cfg.model.architecture}) + "\n")
-
-
-def save_model(directory: str | Path, params, cfg: Config) -> Path:
-  """Write params (orbax), config.yaml and the model marker to `directory` (which must not hold a
-  model yet)."""
-  directory = Path(directory).absolute()
-  if (directory / "params").exists():
-    raise FileExistsError(f"save_model: {directory / 'params'} already exists; pick a new directory")
-  directory.mkdir(parents=True, exist_ok=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(directory / "params", params)
-    ckptr.wait_until_finished()
-  if jax.process_index() == 0:
-    save_config(cfg, directory / CONFIG_FILE)
-    write_marker(directory, cfg)
-  return directory
-
-
-def export_model(directory: str | Path, params, cfg: Config) -> Path:
-  """Replace `directory` with a save_model directory of params/cfg: written beside it, then renamed,
-  so a crash never leaves a half-written model; every process takes part. Only an absent or empty
-  directory, or one of our own model directories, is replaced."""
-  directory = check_replaceable(directory, "model directory")
-  tmp = directory.with_name(directory.name + ".tmp")
-  if jax.process_index() == 0:
-    shutil.rmtree(tmp, ignore_errors=True)
-  multihost_utils.sync_global_devices("loza_export_start")
-  save_model(tmp, params, cfg)
-  multihost_utils.sync_global_devices("loza_export_saved")
-  if jax.process_index() == 0:
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
-  return directory
-
-
-def load_config_file(directory: str | Path) -> Config:
-  path = Path(directory) / CONFIG_FILE
-  if not path.is_file():
-    raise FileNotFoundError(f"load_model: {path} not found; is {directory} a directory written by save_model?")
-  return from_dict(Config, yaml.safe_load(path.read_text()) or {})
-
-
-def load_model(directory: str | Path, abstract_params: Any = None) -> tuple[Any, Config]:
-  """(params, cfg) from a save_model directory; with `abstract_params` (ShapeDtypeStructs carrying
-  shardings) the params are checked against it and placed accordingly, else loaded as saved."""
-  directory = Path(directory).absolute()
-  cfg = load_config_file(directory)
-  if not (directory / "params").is_dir():
-    raise FileNotFoundError(f"load_model: {directory / 'params'} not found")
-  with ocp.StandardCheckpointer() as ckptr:
-    if abstract_params is not None:
-      check_compatible(abstract_params, ckptr.metadata(directory / "params").item_metadata.tree,
-                       f"model {directory}")
-      params = ckptr.restore(directory / "params", abstract_params)
-    else:
-      params = ckptr.restore(directory / "params")
-  return params, cfg

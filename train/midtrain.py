@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from loza_jax.config import Config, MidtrainStage, replace
 from train import cli
 from train import data as data_lib
-from train.checkpoint import Checkpointer, export_model, load_model
+from loza_jax.model_dir import export_model, load_model
+from train.checkpoint import Checkpointer
 from train.trainer import Trainer, make_optimizer, make_schedule
 
 STAGE_SEED_STRIDE = 7_919

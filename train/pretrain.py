@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from loza_jax.sharding import maybe_initialize_distributed
 from train import cli, rundir
 from train import data as data_lib
-from train.checkpoint import export_model
+from loza_jax.model_dir import export_model
 from train.trainer import Trainer
 
 EVAL_BATCHES = 4

@@ -28,7 +28,8 @@ from loza_jax import sharding as shd
 from loza_jax.config import Config, save_config
 from loza_jax.model import build_model
 from train import data as data_lib
-from train.checkpoint import Checkpointer, check_compatible
+from loza_jax.model_dir import check_compatible
+from train.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
 

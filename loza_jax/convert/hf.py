@@ -20,9 +20,9 @@ import flax.linen as nn
 from safetensors import SafetensorError, safe_open
 
 from loza_jax.config import Config, apply_overrides, from_dict, to_dict
-from loza_jax.convert.checkpoint import check_new_dir, load_model, save_model
 from loza_jax.convert.hf_config import config_from_hf, config_to_hf
 from loza_jax.convert.names import TensorSpec, ignore_rule, tensor_specs, zero_expert_specs
+from loza_jax.model_dir import check_new_dir, load_model, save_model
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, overrides: tuple[str, 
   """HF directory -> our model directory (orbax params + config.yaml). Returns the config and timing."""
   hf_dir = Path(hf_dir)
   t0 = time.perf_counter()
-  check_new_dir(out_dir)      # before reading anything: never write into the input or a used directory
+  check_new_dir(out_dir, "--out")   # before reading anything: never write into the input or a used directory
   hf = read_hf_config(hf_dir)
   cfg = config_from_hf(hf, ignore_keys=ignore_config_keys, block_size=block_size, source=str(hf_dir / "config.json"))
   cfg = _cfg_with_overrides(cfg, overrides)
@@ -338,16 +338,6 @@ def write_safetensors(path: Path, tensors: list[HFTensor], metadata: dict) -> No
       del arr
 
 
-def check_empty_out(out_dir: Path) -> None:
-  """FileExistsError unless `out_dir` is absent or an empty directory (export never overwrites)."""
-  if out_dir.exists() and not out_dir.is_dir():
-    raise FileExistsError(f"{out_dir} is a file; --out must be a directory")
-  present = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
-  if present:
-    raise FileExistsError(f"{out_dir} is not empty (holds {_listing(present)}); export into a new or empty "
-                          "directory so nothing there is overwritten")
-
-
 def write_hf(params: Any, cfg: Config, out_dir: str | Path, *, max_shard_size: str | int = "5GB",
              zero_expert_weights: str = "omit") -> Stats:
   """config.json + model-0000i-of-0000N.safetensors + model.safetensors.index.json into `out_dir`."""
@@ -364,7 +354,7 @@ def write_hf(params: Any, cfg: Config, out_dir: str | Path, *, max_shard_size: s
       size = 0
     shards[-1].append(t)
     size += t.nbytes
-  check_empty_out(out_dir)
+  check_new_dir(out_dir, "--out")   # export never overwrites
   out_dir.mkdir(parents=True, exist_ok=True)
   weight_map, total = {}, 0
   for i, shard in enumerate(shards):
@@ -385,7 +375,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, max_shard_size: str 
   t0 = time.perf_counter()
   if Path(out_dir).resolve() == Path(ckpt_dir).resolve():
     raise ValueError(f"--out {out_dir} is the --ckpt directory; export into a new directory")
-  check_empty_out(Path(out_dir))    # before loading: fail fast
+  check_new_dir(out_dir, "--out")   # before loading: fail fast
   params, cfg = load_model(ckpt_dir)
   stats = write_hf(params, cfg, out_dir, max_shard_size=max_shard_size, zero_expert_weights=zero_expert_weights)
   return cfg, dataclasses.replace(stats, seconds=time.perf_counter() - t0)
