@@ -6,6 +6,7 @@ import jax.numpy as jnp
 
 from loza_jax import attention as attn
 from loza_jax import cache as kv_cache
+from loza_jax import context
 from loza_jax import rope
 from loza_jax.config import AttentionConfig, ModelConfig
 from loza_jax.layers import Dense, RMSNorm, constrain, dtype_of
@@ -59,13 +60,15 @@ class MLA(nn.Module):
                                 kv, step)
       return o_proj(o_BTHE.astype(dt).reshape(B, T, H * E)), kv
 
-    q_BTHD, k_BTKD, v_BTKE = expand_qkv(q_BTHD[..., :Dn], q_rope_BTHR, ckv_BTC, k_rope_BT1R, kv_b, K)
-    q_BTHD = constrain(q_BTHD, ("batch", "length", "act_heads", None))
-    k_BTKD = constrain(k_BTKD, ("batch", "length", "act_kv_heads", None))
-    v_BTKE = constrain(v_BTKE, ("batch", "length", "act_kv_heads", None))
-
-    run = lambda pattern: attn.attention(q_BTHD, k_BTKD, v_BTKE, pattern=pattern, segment_ids=segment_ids_BT,
-                                         positions=None, scale=scale, impl=self.acfg.impl)
+    if context.context_size() > 1 and not self.is_initializing():
+      run = self._context_parallel(q_BTHD[..., :Dn], q_rope_BTHR, ckv_BTC, k_rope_BT1R, kv_b, segment_ids_BT, scale)
+    else:
+      q_BTHD, k_BTKD, v_BTKE = expand_qkv(q_BTHD[..., :Dn], q_rope_BTHR, ckv_BTC, k_rope_BT1R, kv_b, K)
+      q_BTHD = constrain(q_BTHD, ("batch", "length", "act_heads", None))
+      k_BTKD = constrain(k_BTKD, ("batch", "length", "act_kv_heads", None))
+      v_BTKE = constrain(v_BTKE, ("batch", "length", "act_kv_heads", None))
+      run = lambda pattern: attn.attention(q_BTHD, k_BTKD, v_BTKE, pattern=pattern, segment_ids=segment_ids_BT,
+                                           positions=None, scale=scale, impl=self.acfg.impl)
     if self.layer_type == "full":
       o_BTHE = run(attn.Full())
     elif self.layer_type == "ssa":
@@ -83,6 +86,28 @@ class MLA(nn.Module):
       raise ValueError(f"layer_type must be one of full|ssa|blend, got {self.layer_type!r}")
     o_BTHE = constrain(o_BTHE, ("batch", "length", "act_heads", None))
     return o_proj(o_BTHE.reshape(B, T, H * E))
+
+  def _context_parallel(self, q_nope_BTHD, q_rope_BTHR, ckv_BTC, k_rope_BT1R, kv_b, segment_ids_BT, scale):
+    """pattern -> o_BTHE with the sequence split over the `context` mesh axis (loza_jax/context.py)."""
+    B, T, H, _ = q_nope_BTHD.shape
+    K, Cl, a = self.cfg.kv_heads, ckv_BTC.shape[-1], self.acfg
+    layout = context.Layout(context.context_size(), context.current_layout_kind())
+    needs_ssa = self.layer_type in ("ssa", "blend")
+    context.check_split(T, layout, a.block_size if needs_ssa else None, a.sink_blocks * a.block_size if needs_ssa else 0)
+    seg_BT = jnp.ones((B, T), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
+    q_BTHD = jnp.concatenate([q_nope_BTHD, q_rope_BTHR.astype(q_nope_BTHD.dtype)], axis=-1)
+    lat_BTF = jnp.concatenate([ckv_BTC, k_rope_BT1R[:, :, 0].astype(ckv_BTC.dtype)], axis=-1)
+    expand = lambda lat: expand_kv(lat[..., :Cl], lat[..., None, Cl:], kv_b, K, q_nope_BTHD.shape[-1])
+
+    def run(pattern):
+      if isinstance(pattern, attn.Full):
+        k_BSKD, v_BSKE = expand(context.gather_sequence(lat_BTF, layout))
+        return context.full_attention(q_BTHD, k_BSKD, v_BSKE, seg_BT, context.gather_sequence(seg_BT, layout),
+                                      layout, scale)
+      ext_BXF, seg_BX = context.ssa_exchange(lat_BTF, seg_BT, layout, pattern)
+      k_BXKD, v_BXKE = expand(ext_BXF)
+      return context.ssa_attention(q_BTHD, k_BXKD, v_BXKE, seg_BX, layout, pattern, scale, a.impl)
+    return run
 
   def _cached(self, q_nope_BTHD, q_rope_BTHR, ckv_BTC, k_rope_BT1R, kv_b, positions_BT, scale, kv, step):
     """Attention through the cache: prefill chunks use the attention kernels for their own keys and
@@ -127,12 +152,17 @@ class MLA(nn.Module):
 
 def expand_qkv(q_nope_BTHD, q_rope_BTHR, ckv_BTC, k_rope_BT1R, kv_b: Dense, K: int):
   """Per-head (q, k, v) from the latent: k = [kv_b(ckv) key half, the shared RoPE key], v = value half."""
-  B, T, H, Dn = q_nope_BTHD.shape
+  q = jnp.concatenate([q_nope_BTHD, q_rope_BTHR], axis=-1)
+  return (q,) + expand_kv(ckv_BTC, k_rope_BT1R, kv_b, K, q_nope_BTHD.shape[-1])
+
+
+def expand_kv(ckv_BTC, k_rope_BT1R, kv_b: Dense, K: int, Dn: int):
+  """Per-head (k, v) from the latent and the shared RoPE key."""
+  B, T, _ = ckv_BTC.shape
   kv = kv_b(ckv_BTC).reshape(B, T, K, -1)
   R = k_rope_BT1R.shape[-1]
-  q = jnp.concatenate([q_nope_BTHD, q_rope_BTHR], axis=-1)
   k = jnp.concatenate([kv[..., :Dn], jnp.broadcast_to(k_rope_BT1R, (B, T, K, R)).astype(kv.dtype)], -1)
-  return q, k, kv[..., Dn:]
+  return k, kv[..., Dn:]
 
 
 def attend(mla: MLA, h_BTM, segment_ids_BT, positions_BT, kv, step):

@@ -8,6 +8,7 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
+from loza_jax import context
 from loza_jax.attention import document_positions
 from loza_jax.cache import Cache, Step
 from loza_jax.config import Config
@@ -63,19 +64,26 @@ class Transformer(nn.Module):
       step, positions_BT = _cache_step(tokens_BT, segment_ids_BT, positions_BT, cache, prefill_start,
                                        prompt_lengths_B)
     positions_BT = document_positions(tokens_BT, segment_ids_BT, positions_BT)
+    zigzag = _zigzag_layout(tokens_BT.shape[1]) if cache is None and not self.is_initializing() else None
+    if zigzag:   # context parallelism: every layer sees the balanced zig-zag order, undone before the head
+      to_zz = lambda x: None if x is None else context.relayout(x, context.Layout(zigzag.C), zigzag)
+      tokens_BT, segment_ids_BT, positions_BT = to_zz(tokens_BT), to_zz(segment_ids_BT), to_zz(positions_BT)
     embed = embed_tokens(c)
     x_BTM = constrain(embed(tokens_BT), ("batch", "length", "act_embed"))
     if c.remat and cache is None:
       layer_cls = nn.remat(layer_cls)
     n = c.attention_sublayers_per_layer
     new_layers = []
-    for i in range(c.num_hidden_layers):
-      layer = layer_cls(cfg, cfg.layer_types[n * i:n * (i + 1)], i, name=f"layers_{i}")
-      if cache is None:
-        x_BTM, _ = layer(x_BTM, segment_ids_BT, positions_BT)
-      else:
-        x_BTM, kv = layer(x_BTM, segment_ids_BT, positions_BT, cache.layers[n * i:n * (i + 1)], step)
-        new_layers += kv
+    with context.use_layout(zigzag.kind if zigzag else "contiguous"):
+      for i in range(c.num_hidden_layers):
+        layer = layer_cls(cfg, cfg.layer_types[n * i:n * (i + 1)], i, name=f"layers_{i}")
+        if cache is None:
+          x_BTM, _ = layer(x_BTM, segment_ids_BT, positions_BT)
+        else:
+          x_BTM, kv = layer(x_BTM, segment_ids_BT, positions_BT, cache.layers[n * i:n * (i + 1)], step)
+          new_layers += kv
+    if zigzag:
+      x_BTM = context.relayout(x_BTM, zigzag, context.Layout(zigzag.C))
     if logits_at_B is not None:
       x_BTM = jnp.take_along_axis(x_BTM, logits_at_B[:, None, None], axis=1)
     out = final_output(self, embed, x_BTM, c, return_hidden)
@@ -86,6 +94,16 @@ class Transformer(nn.Module):
     else:
       lengths_B = jnp.maximum(cache.lengths_B, jnp.minimum(prompt_lengths_B, prefill_start + tokens_BT.shape[1]))
     return out, Cache(lengths_B.astype(jnp.int32), tuple(new_layers))
+
+
+def _zigzag_layout(T: int) -> context.Layout | None:
+  """The zig-zag layout when the active mesh splits the sequence over `context` (size > 1), else None."""
+  C = context.context_size()
+  if C == 1:
+    return None
+  layout = context.Layout(C, "zigzag")
+  context.check_split(T, layout)
+  return layout
 
 
 def _cache_step(tokens_BT, segment_ids_BT, positions_BT, cache: Cache, start, prompt_lengths_B):

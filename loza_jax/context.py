@@ -1,0 +1,498 @@
+"""Context parallelism over the `context` mesh axis: SSA halo exchange and Full latent all-gather.
+
+Each row's sequence is cut into N = C·P chunks of Tc tokens (C devices on `context`, P chunks
+per device): P = 1 is the contiguous layout (device d holds chunk d), P = 2 the zig-zag layout
+(device d holds chunks d and 2C−1−d, which balances causal Full attention). Inside
+`jax.shard_map` a device sees its chunks as [B, P, Tc, ...] arrays (suffix P).
+
+SSA: a chunk receives the latents of the (local_blocks − 1)·block_size tokens before it (the
+halo, by `ppermute`) and the sink of the document still open at the halo's start (a prefix scan
+of per-chunk "last document start" states, log2(N) `ppermute`s of sink-sized buffers); bytes
+per layer do not depend on T. Full: the latents and RoPE keys of every token are all-gathered
+(kv_lora_rank + qk_rope_head_dim values per token), expanded on each device and attended by the
+local queries (an XLA chunked online softmax that skips key chunks after the query chunk).
+
+SSA under context parallelism assumes every document starts at a multiple of block_size (the
+packer guarantees it; the Pallas kernels need it anyway).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from loza_jax import attention as attn
+
+AXIS = "context"
+BATCH_AXES = ("data", "fsdp")
+_LAYOUT = contextvars.ContextVar("loza_context_layout", default="contiguous")
+
+
+# ----------------------------------------------------------------------------------------
+# Layout: which global chunk each (device, slot) holds.
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """C devices on the context axis, P chunk slots per device; `kind` contiguous (P=1) or zigzag (P=2)."""
+  C: int
+  kind: str = "contiguous"
+
+  @property
+  def P(self) -> int:
+    return 2 if self.kind == "zigzag" else 1
+
+  @property
+  def n(self) -> int:
+    return self.C * self.P
+
+  def chunk(self, d: int, p: int) -> int:
+    """Global chunk index held by device d in slot p."""
+    return d if p == 0 else 2 * self.C - 1 - d
+
+  def place(self, v: int) -> tuple[int, int]:
+    """(device, slot) holding global chunk v."""
+    if self.kind == "contiguous":
+      return v, 0
+    return (v, 0) if v < self.C else (2 * self.C - 1 - v, 1)
+
+  def order(self) -> list[int]:
+    """Global chunk indices in device-major storage order."""
+    return [self.chunk(d, p) for d in range(self.C) for p in range(self.P)]
+
+
+@contextlib.contextmanager
+def use_layout(kind: str):
+  """Inside this block MLA assumes the sequence is stored in `kind` layout (the Transformer sets zigzag)."""
+  token = _LAYOUT.set(kind)
+  try:
+    yield
+  finally:
+    _LAYOUT.reset(token)
+
+
+def current_layout_kind() -> str:
+  return _LAYOUT.get()
+
+
+def context_size() -> int:
+  """Size of the `context` axis of the active mesh (1 without one)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or AXIS not in mesh.axis_names:
+    return 1
+  return mesh.shape[AXIS]
+
+
+def check_split(T: int, layout: Layout, block_size: int | None = None, sink_tokens: int = 0) -> int:
+  """Chunk length Tc = T / (C·P); ValueError naming the sizes when T cannot be split into whole blocks."""
+  if T % layout.n:
+    raise ValueError(f"context parallelism: sequence length T={T} is not divisible into {layout.n} chunks "
+                     f"(mesh.context={layout.C}, {layout.kind} layout with {layout.P} chunk(s) per device)")
+  Tc = T // layout.n
+  if block_size and Tc % block_size:
+    raise ValueError(f"context parallelism: T={T} over {layout.n} chunks (mesh.context={layout.C}, {layout.kind}) "
+                     f"gives chunks of {Tc} tokens, not a multiple of attention.block_size={block_size}; "
+                     f"use T a multiple of {layout.n * block_size}")
+  if sink_tokens > Tc:
+    raise ValueError(f"context parallelism: the SSA sink ({sink_tokens} tokens) is longer than a chunk of {Tc} "
+                     f"tokens (T={T}, {layout.n} chunks); use fewer context shards or a longer sequence")
+  return Tc
+
+
+# ----------------------------------------------------------------------------------------
+# Chunk movement inside shard_map: x_BP... -> for each slot, the data of another global chunk.
+
+
+def _chunk_ids(layout: Layout) -> jax.Array:
+  """Global chunk index of this device's slots, [P] int32 (traced device index)."""
+  table = jnp.asarray([[layout.chunk(d, p) for p in range(layout.P)] for d in range(layout.C)], jnp.int32)
+  return table[jax.lax.axis_index(AXIS)]
+
+
+def move(x_BP, layout: Layout, source: Callable[[int], int | None]):
+  """Slot holding chunk v receives chunk source(v) (zeros where None); ppermutes, one per slot pair."""
+  parts = []
+  for p_dst in range(layout.P):
+    acc = None
+    for p_src in range(layout.P):
+      pairs = []
+      for d_dst in range(layout.C):
+        v_src = source(layout.chunk(d_dst, p_dst))
+        if v_src is None or not 0 <= v_src < layout.n:
+          continue
+        d_src, s = layout.place(v_src)
+        if s == p_src:
+          pairs.append((d_src, d_dst))
+      if not pairs:
+        continue
+      x = x_BP[:, p_src]
+      if all(a == b for a, b in pairs) and len(pairs) == layout.C:
+        y = x
+      else:
+        y = jax.lax.ppermute(x, AXIS, pairs)
+      acc = y if acc is None else acc + y
+    parts.append(jnp.zeros_like(x_BP[:, p_dst]) if acc is None else acc)
+  return jnp.stack(parts, axis=1)
+
+
+def shift(x_BP, layout: Layout, h: int):
+  """Each chunk v receives chunk v − h (zeros for v < h)."""
+  return move(x_BP, layout, lambda v: v - h)
+
+
+# ----------------------------------------------------------------------------------------
+# Sink prefix scan. A state summarises a token range: the last document starting in it (its
+# first tokens, up to NS) and the range's first NS tokens (to complete a sink cut by a chunk end).
+
+
+class SinkState(NamedTuple):
+  present: jax.Array   # [B, P] bool: a real range (False: the identity, e.g. shifted-in zeros)
+  has: jax.Array       # [B, P] bool: a document starts in the range
+  n: jax.Array         # [B, P] int32: tokens of that document's sink held in buf (<= NS)
+  seg: jax.Array       # [B, P] int32: that document's segment id
+  buf_BPSF: jax.Array  # its first tokens
+  head_BPSF: jax.Array  # the range's first NS tokens
+
+
+def _fill(buf_BPSF, n_BP, head_BPSF):
+  """Slots k < n keep buf; slots k >= n take head[k − n]."""
+  NS = buf_BPSF.shape[2]
+  k = jnp.arange(NS)
+  idx = jnp.clip(k[None, None, :] - n_BP[..., None], 0, NS - 1)
+  shifted = jnp.take_along_axis(head_BPSF, idx[..., None], axis=2)
+  return jnp.where((k[None, None, :] < n_BP[..., None])[..., None], buf_BPSF, shifted)
+
+
+def combine(L: SinkState, R: SinkState, r_len: int) -> SinkState:
+  """State of range L followed by range R (R holds r_len tokens, or at least NS when r_len is large)."""
+  NS = L.buf_BPSF.shape[2]
+  n_cont = jnp.where(L.has, jnp.minimum(NS, L.n + r_len), 0)
+  filled = _fill(L.buf_BPSF, L.n, R.head_BPSF)
+  w = lambda c, a, b: jnp.where(c.reshape(c.shape + (1,) * (a.ndim - c.ndim)), a, b)
+  return SinkState(
+      present=L.present | R.present, has=L.has | R.has,
+      n=jnp.where(R.has, R.n, n_cont).astype(jnp.int32), seg=jnp.where(R.has, R.seg, L.seg),
+      buf_BPSF=w(R.has, R.buf_BPSF, filled), head_BPSF=w(L.present, L.head_BPSF, R.head_BPSF))
+
+
+def local_state(lat_BPTF, seg_BPT, start_BPT, r: int, NS: int) -> SinkState:
+  """State of each chunk's first r tokens."""
+  B, Pn, Tc = seg_BPT.shape
+  t = jnp.arange(Tc)
+  a = jnp.max(jnp.where(start_BPT & (t < r), t, -1), axis=-1)                 # [B, P]
+  has = a >= 0
+  idx = jnp.clip(jnp.maximum(a, 0)[..., None] + jnp.arange(NS), 0, Tc - 1)   # [B, P, NS]
+  buf = jnp.take_along_axis(lat_BPTF, idx[..., None], axis=2)
+  seg = jnp.take_along_axis(seg_BPT, jnp.maximum(a, 0)[..., None], axis=2)[..., 0]
+  n = jnp.where(has, jnp.clip(r - a, 0, NS), 0).astype(jnp.int32)
+  return SinkState(jnp.ones((B, Pn), bool), has, n, seg, buf, lat_BPTF[:, :, :NS])
+
+
+def _shift_state(s: SinkState, layout: Layout, h: int) -> SinkState:
+  return SinkState(*(shift(x, layout, h) for x in s))
+
+
+def exclusive_scan(s: SinkState, layout: Layout) -> SinkState:
+  """Per chunk v: the state of chunks 0..v−1 (Hillis–Steele over the N chunks, log2 N shifts)."""
+  d = 1
+  while d < layout.n:
+    s = combine(_shift_state(s, layout, d), s, r_len=1 << 30)
+    d *= 2
+  return _shift_state(s, layout, 1)
+
+
+# ----------------------------------------------------------------------------------------
+# SSA: extended chunks [sink (NS) | halo (W) | own tokens (Tc)].
+
+
+def _ssa_extend(lat_BPTF, seg_BPT, layout: Layout, pattern: attn.SSA):
+  """Per chunk, the latents and segment ids of [sink | halo | chunk], sink and halo from earlier chunks."""
+  B, Pn, Tc, F = lat_BPTF.shape
+  NS, W = pattern.sink_blocks * pattern.block_size, (pattern.local_blocks - 1) * pattern.block_size
+  nh = -(-W // Tc)
+  halo_lat = [shift(lat_BPTF, layout, h) for h in range(nh, 0, -1)]
+  halo_seg = [shift(seg_BPT, layout, h) for h in range(nh, 0, -1)]
+  halo_lat = jnp.concatenate(halo_lat, axis=2)[:, :, halo_lat[0].shape[2] * nh - W:] if nh else lat_BPTF[:, :, :0]
+  halo_seg = jnp.concatenate(halo_seg, axis=2)[:, :, Tc * nh - W:] if nh else seg_BPT[:, :, :0]
+  prev_seg = shift(seg_BPT[:, :, -1:], layout, 1)
+  start_BPT = seg_BPT != jnp.concatenate([prev_seg, seg_BPT[:, :, :-1]], axis=2)
+  if NS == 0:
+    return (jnp.concatenate([halo_lat, lat_BPTF], 2), jnp.concatenate([halo_seg, seg_BPT], 2))
+  r = nh * Tc - W
+  full = local_state(lat_BPTF, seg_BPT, start_BPT, Tc, NS)
+  part = local_state(lat_BPTF, seg_BPT, start_BPT, r, NS)
+  prefix = combine(exclusive_scan(full, layout), part, r_len=r)
+  sink = _shift_state(prefix, layout, nh)
+  # Right-align the n sink tokens; keep them only if their document continues at the halo start.
+  k = jnp.arange(NS)
+  off = NS - sink.n
+  sink_lat = jnp.take_along_axis(sink.buf_BPSF, jnp.clip(k - off[..., None], 0, NS - 1)[..., None], axis=2)
+  nxt = (halo_seg if W else seg_BPT)[:, :, 0]
+  keep = sink.present & sink.has & (sink.seg == nxt) & (sink.seg != 0)
+  valid = keep[..., None] & (k >= off[..., None])
+  sink_seg = jnp.where(valid, sink.seg[..., None], 0)
+  sink_lat = jnp.where(valid[..., None], sink_lat, 0)
+  return (jnp.concatenate([sink_lat, halo_lat, lat_BPTF], 2), jnp.concatenate([sink_seg, halo_seg, seg_BPT], 2))
+
+
+# ----------------------------------------------------------------------------------------
+# Full: queries of the local chunks against all keys, chunked online softmax (custom VJP).
+
+
+def _blocks(x, c: int, axis: int = 1):
+  """Pad `axis` to a multiple of c and split it into [n, c]."""
+  n = -(-x.shape[axis] // c)
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, n * c - x.shape[axis])
+  x = jnp.pad(x, pad)
+  return x.reshape(x.shape[:axis] + (n, c) + x.shape[axis + 1:])
+
+
+def _pair(q_c, k_c, qs, qi, ks, ki, scale):
+  """Masked scores [B, K, G, cq, ck] and mask: same non-padding document, key index <= query index."""
+  s = jnp.einsum("bqkgd,bskd->bkgqs", q_c, k_c) * scale
+  mask = (qs[:, :, None] == ks[:, None, :]) & (ks[:, None, :] != 0) & (ki[None, None, :] <= qi[:, :, None])
+  mask = mask[:, None, None]
+  return jnp.where(mask, s, attn._MASK_VALUE), mask
+
+
+def _cross_prep(q, k, v, qs, qi, ks, ki, chunk):
+  B, Tq, H, D = q.shape
+  K = k.shape[2]
+  f32 = jnp.float32
+  cq, ck = min(chunk, Tq), min(chunk, k.shape[1])
+  qc = _blocks(q.astype(f32).reshape(B, Tq, K, H // K, D), cq)
+  qsc, qic = _blocks(qs, cq), _blocks(qi, cq)
+  qic = jnp.where(_blocks(jnp.ones_like(qi, bool), cq), qic, -1)   # padded queries see nothing
+  return (cq, ck, qc, _blocks(k.astype(f32), ck), _blocks(v.astype(f32), ck), qsc, qic,
+          _blocks(ks, ck), _blocks(ki, ck, axis=0))
+
+
+def _cross_fwd_impl(q, k, v, qs, qi, ks, ki, scale, chunk):
+  B, Tq, H, D = q.shape
+  K, E = k.shape[2], v.shape[3]
+  G = H // K
+  cq, ck, qc, kc, vc, qsc, qic, ksc, kic = _cross_prep(q, k, v, qs, qi, ks, ki, chunk)
+  nq, nk = qc.shape[1], kc.shape[1]
+
+  def per_q(i):
+    q_max = jnp.max(qic[:, i])
+
+    def body(carry, j):
+      def step(carry):
+        m, l, acc = carry
+        s, mask = _pair(qc[:, i], kc[:, j], qsc[:, i], qic[:, i], ksc[:, j], kic[j], scale)
+        m_new = jnp.maximum(m, jnp.max(s, -1))
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        return m_new, l * corr + jnp.sum(p, -1), acc * corr[..., None] + jnp.einsum("bkgqs,bske->bkgqe", p, vc[:, j])
+      return jax.lax.cond(kic[j, 0] <= q_max, step, lambda c: c, carry), None
+
+    init = (jnp.full((B, K, G, cq), attn._MASK_VALUE, jnp.float32), jnp.zeros((B, K, G, cq), jnp.float32),
+            jnp.zeros((B, K, G, cq, E), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(body, init, jnp.arange(nk))
+    ok = l > 0
+    return acc / jnp.where(ok, l, 1.0)[..., None], jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), attn.NEG_INF)
+
+  o, lse = jax.lax.map(per_q, jnp.arange(nq))                      # [nq, B, K, G, cq, (E)]
+  o = jnp.moveaxis(o, 0, 3).reshape(B, K, G, nq * cq, E)[:, :, :, :Tq]
+  o = jnp.moveaxis(o, 3, 1).reshape(B, Tq, H, E)
+  lse = jnp.moveaxis(lse, 0, 3).reshape(B, H, nq * cq)[:, :, :Tq]
+  return o, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def cross_attention(q, k, v, qs, qi, ks, ki, scale, chunk):
+  """Causal attention of queries (global indices qi) to keys (indices ki), same document only -> o_BTHE."""
+  return _cross_fwd_impl(q, k, v, qs, qi, ks, ki, scale, chunk)[0].astype(q.dtype)
+
+
+def _cross_fwd(q, k, v, qs, qi, ks, ki, scale, chunk):
+  o, lse = _cross_fwd_impl(q, k, v, qs, qi, ks, ki, scale, chunk)
+  o = o.astype(q.dtype)
+  return o, (q, k, v, qs, qi, ks, ki, o, lse)
+
+
+def _cross_bwd(scale, chunk, res, do):
+  q, k, v, qs, qi, ks, ki, o, lse = res
+  B, Tq, H, D = q.shape
+  S, K, E = k.shape[1], k.shape[2], v.shape[3]
+  G = H // K
+  f32 = jnp.float32
+  cq, ck, qc, kc, vc, qsc, qic, ksc, kic = _cross_prep(q, k, v, qs, qi, ks, ki, chunk)
+  nq, nk = qc.shape[1], kc.shape[1]
+  doc = _blocks(do.astype(f32).reshape(B, Tq, K, G, E), cq)
+  delta = jnp.einsum("bnqkge,bnqkge->bkgnq", doc, _blocks(o.astype(f32).reshape(B, Tq, K, G, E), cq))
+  lse_p = _blocks(lse.reshape(B, K, G, Tq), cq, axis=3)
+  lse_safe = jnp.where(jnp.isfinite(lse_p), lse_p, 0.0)
+  q_max = jnp.max(qic, axis=(0, 2))                                 # [nq]
+
+  def probs(i, j):
+    s, mask = _pair(qc[:, i], kc[:, j], qsc[:, i], qic[:, i], ksc[:, j], kic[j], scale)
+    p = jnp.where(mask, jnp.exp(s - lse_safe[:, :, :, i, :, None]), 0.0)
+    dp = jnp.einsum("bqkge,bske->bkgqs", doc[:, i], vc[:, j])
+    return p, p * (dp - delta[:, :, :, i, :, None])
+
+  def dq_chunk(i):
+    def body(acc, j):
+      add = lambda a: a + jnp.einsum("bkgqs,bskd->bqkgd", probs(i, j)[1], kc[:, j]) * scale
+      return jax.lax.cond(kic[j, 0] <= q_max[i], add, lambda a: a, acc), None
+    return jax.lax.scan(body, jnp.zeros((B, cq, K, G, D), f32), jnp.arange(nk))[0]
+
+  def dkv_chunk(j):
+    def body(carry, i):
+      def add(carry):
+        dk, dv = carry
+        p, ds = probs(i, j)
+        return (dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, qc[:, i]) * scale,
+                dv + jnp.einsum("bkgqs,bqkge->bske", p, doc[:, i]))
+      return jax.lax.cond(kic[j, 0] <= q_max[i], add, lambda c: c, carry), None
+    init = (jnp.zeros((B, ck, K, D), f32), jnp.zeros((B, ck, K, E), f32))
+    return jax.lax.scan(body, init, jnp.arange(nq))[0]
+
+  dq = jnp.moveaxis(jax.lax.map(dq_chunk, jnp.arange(nq)), 0, 1).reshape(B, nq * cq, H, D)[:, :Tq]
+  dk, dv = jax.lax.map(dkv_chunk, jnp.arange(nk))
+  dk = jnp.moveaxis(dk, 0, 1).reshape(B, nk * ck, K, D)[:, :S]
+  dv = jnp.moveaxis(dv, 0, 1).reshape(B, nk * ck, K, E)[:, :S]
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
+
+
+cross_attention.defvjp(_cross_fwd, _cross_bwd)
+
+
+# ----------------------------------------------------------------------------------------
+# shard_map wrappers: global arrays in, global arrays out (sequence dim sharded over `context`).
+
+
+def _mesh_axis(name: str) -> int:
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.shape[name] if name in mesh.axis_names else 1
+
+
+def batch_spec(B: int):
+  """Rows over data × fsdp when they divide B, else replicated."""
+  dp = math.prod(_mesh_axis(a) for a in BATCH_AXES)
+  return BATCH_AXES if B % dp == 0 else None
+
+
+def heads_spec(*heads: int):
+  """Heads over `tensor` when every head count divides, else replicated."""
+  tp = _mesh_axis("tensor")
+  return "tensor" if all(h % tp == 0 for h in heads) else None
+
+
+def _to_slots(x_BT, P_: int):
+  """Local [B, P·Tc, ...] -> [B, P, Tc, ...]."""
+  return x_BT.reshape(x_BT.shape[0], P_, x_BT.shape[1] // P_, *x_BT.shape[2:])
+
+
+def _from_slots(x_BP):
+  return x_BP.reshape(x_BP.shape[0], -1, *x_BP.shape[3:])
+
+
+def ssa_exchange(lat_BTF, seg_BT, layout: Layout, pattern: attn.SSA):
+  """Global [B, T, F] latents -> [B, C·P·(NS+W+Tc), F] extended chunks (and their segment ids), sharded on context."""
+  bs = batch_spec(lat_BTF.shape[0])
+
+  def local(lat, seg):
+    ext_lat, ext_seg = _ssa_extend(_to_slots(lat, layout.P), _to_slots(seg, layout.P), layout, pattern)
+    return _from_slots(ext_lat), _from_slots(ext_seg)
+
+  return jax.shard_map(local, in_specs=(P(bs, AXIS, None), P(bs, AXIS)),
+                       out_specs=(P(bs, AXIS, None), P(bs, AXIS)))(lat_BTF, seg_BT)
+
+
+def ssa_attention(q_BTHD, k_BXKD, v_BXKE, seg_BX, layout: Layout, pattern: attn.SSA, scale: float, impl: str):
+  """SSA of local queries over their extended chunks (any registered impl, run per chunk) -> o_BTHE."""
+  bs = batch_spec(q_BTHD.shape[0])
+  hs = heads_spec(q_BTHD.shape[2], k_BXKD.shape[2])
+
+  def local(q, k, v, seg):
+    B, Pn = q.shape[0], layout.P
+    qs, ks, vs, ss = (_to_slots(x, Pn) for x in (q, k, v, seg))
+    Tc, X = qs.shape[2], ks.shape[2]
+    flat = lambda x: x.reshape(B * Pn, *x.shape[2:])
+    q_ext = jnp.concatenate([jnp.zeros((B, Pn, X - Tc) + qs.shape[3:], qs.dtype), qs], axis=2)
+    o = attn.attention(flat(q_ext), flat(ks), flat(vs), pattern=pattern, segment_ids=flat(ss), scale=scale, impl=impl)
+    return _from_slots(o.reshape(B, Pn, X, *o.shape[2:])[:, :, X - Tc:])
+
+  spec = P(bs, AXIS, hs, None)
+  return jax.shard_map(local, in_specs=(spec, spec, spec, P(bs, AXIS)), out_specs=spec)(
+      q_BTHD, k_BXKD, v_BXKE, seg_BX)
+
+
+def gather_sequence(x_BT, layout: Layout):
+  """All-gather a context-sharded [B, T, ...] array to every device, in natural token order."""
+  bs = batch_spec(x_BT.shape[0])
+  rest = (None,) * (x_BT.ndim - 2)
+
+  def local(x):
+    g = jax.lax.all_gather(_to_slots(x, layout.P), AXIS, axis=1, tiled=True)      # [B, C·P, Tc, ...]
+    inv = [layout.order().index(v) for v in range(layout.n)]
+    return _from_slots(g[:, jnp.asarray(inv)])
+
+  return jax.shard_map(local, in_specs=P(bs, AXIS, *rest), out_specs=P(bs, None, *rest), check_vma=False)(x_BT)
+
+
+def full_attention(q_BTHD, k_BSKD, v_BSKE, seg_BT, seg_all_BS, layout: Layout, scale: float, chunk: int = 512):
+  """Causal Full attention of the local queries (context-sharded) to all keys (replicated on context) -> o_BTHE."""
+  bs = batch_spec(q_BTHD.shape[0])
+  hs = heads_spec(q_BTHD.shape[2], k_BSKD.shape[2])
+
+  def local(q, k, v, seg, seg_all):
+    Tc = q.shape[1] // layout.P
+    qi = (_chunk_ids(layout)[:, None] * Tc + jnp.arange(Tc)[None, :]).reshape(-1)
+    qi = jnp.broadcast_to(qi, seg.shape)
+    return cross_attention(q, k, v, seg, qi, seg_all, jnp.arange(k.shape[1]), float(scale), chunk)
+
+  qspec, kspec = P(bs, AXIS, hs, None), P(bs, None, hs, None)
+  return jax.shard_map(local, in_specs=(qspec, kspec, kspec, P(bs, AXIS), P(bs, None)), out_specs=qspec,
+                       check_vma=False)(
+      q_BTHD, k_BSKD, v_BSKE, seg_BT, seg_all_BS)
+
+
+def relayout(x_BT, src: Layout, dst: Layout):
+  """Move a context-sharded [B, T, ...] array from layout `src` to layout `dst` (same C)."""
+  bs = batch_spec(x_BT.shape[0])
+  rest = (None,) * (x_BT.ndim - 2)
+  Pmax = max(src.P, dst.P)
+
+  def local(x):
+    # View both layouts at the finer granularity: chunks of T / (C·Pmax) tokens, Pmax per device.
+    xs = _to_slots(x, Pmax)
+    s_fine, d_fine = _fine_layout(src, Pmax), _fine_layout(dst, Pmax)
+    return _from_slots(_move_between(xs, s_fine, d_fine))
+
+  return jax.shard_map(local, in_specs=P(bs, AXIS, *rest), out_specs=P(bs, AXIS, *rest))(x_BT)
+
+
+def _fine_layout(L: Layout, Pn: int) -> list[list[int]]:
+  """Table [device][slot] -> global chunk of T/(C·Pn) tokens."""
+  if L.P == Pn:
+    return [[L.chunk(d, p) for p in range(Pn)] for d in range(L.C)]
+  return [[d * Pn + p for p in range(Pn)] for d in range(L.C)]    # contiguous, split into Pn sub-chunks
+
+
+def _move_between(x_BP, src: list[list[int]], dst: list[list[int]]):
+  """Slots hold chunks per `src`; return slots holding chunks per `dst`."""
+  C, Pn = len(src), len(src[0])
+  where = {v: (d, p) for d in range(C) for p in range(Pn) for v in [src[d][p]]}
+  parts = []
+  for p_dst in range(Pn):
+    acc = None
+    for p_src in range(Pn):
+      pairs = [(where[dst[d][p_dst]][0], d) for d in range(C) if where[dst[d][p_dst]][1] == p_src]
+      if not pairs:
+        continue
+      x = x_BP[:, p_src]
+      y = x if all(a == b for a, b in pairs) and len(pairs) == C else jax.lax.ppermute(x, AXIS, pairs)
+      acc = y if acc is None else acc + y
+    parts.append(acc)
+  return jnp.stack(parts, axis=1)
