@@ -424,38 +424,34 @@ def ssa_attention(q_BTHD, k_BXKD, v_BXKE, seg_BX, layout: Layout, pattern: attn.
     return _from_slots(o.reshape(B, Pn, X, *o.shape[2:])[:, :, X - Tc:])
 
   spec = P(bs, AXIS, hs, None)
-  return jax.shard_map(local, in_specs=(spec, spec, spec, P(bs, AXIS)), out_specs=spec)(
+  return jax.shard_map(local, in_specs=(spec, spec, spec, P(bs, AXIS)), out_specs=spec, check_vma=False)(
       q_BTHD, k_BXKD, v_BXKE, seg_BX)
 
 
-def gather_sequence(x_BT, layout: Layout):
-  """All-gather a context-sharded [B, T, ...] array to every device, in natural token order."""
-  bs = batch_spec(x_BT.shape[0])
-  rest = (None,) * (x_BT.ndim - 2)
+def full_attention(q_BTHD, lat_BTF, seg_BT, w, expand: Callable, kv_heads: int, layout: Layout, scale: float,
+                   chunk: int = 512):
+  """Causal Full attention of the local queries to every token's keys -> o_BTHE (context-sharded).
 
-  def local(x):
-    g = jax.lax.all_gather(_to_slots(x, layout.P), AXIS, axis=1, tiled=True)      # [B, C·P, Tc, ...]
-    inv = [layout.order().index(v) for v in range(layout.n)]
-    return _from_slots(g[:, jnp.asarray(inv)])
-
-  return jax.shard_map(local, in_specs=P(bs, AXIS, *rest), out_specs=P(bs, None, *rest), check_vma=False)(x_BT)
-
-
-def full_attention(q_BTHD, k_BSKD, v_BSKE, seg_BT, seg_all_BS, layout: Layout, scale: float, chunk: int = 512):
-  """Causal Full attention of the local queries (context-sharded) to all keys (replicated on context) -> o_BTHE."""
+  The latents lat_BTF (kv_lora_rank + rope values per token) are all-gathered and expanded on each
+  device by expand(lat_BSF, w) -> (k_BSKD, v_BSKE); w (the kv_b kernel [Cl, K·(Dn+E)]) is an argument
+  so that the gradient leaves the device as a latent reduce-scatter, not as expanded per-head keys.
+  """
   bs = batch_spec(q_BTHD.shape[0])
-  hs = heads_spec(q_BTHD.shape[2], k_BSKD.shape[2])
+  hs = heads_spec(q_BTHD.shape[2], kv_heads)
+  inv = [layout.order().index(v) for v in range(layout.n)]
+  gather = lambda x: _from_slots(jax.lax.all_gather(_to_slots(x, layout.P), AXIS, axis=1, tiled=True)[:, jnp.asarray(inv)])
 
-  def local(q, k, v, seg, seg_all):
+  def local(q, lat, seg, w):
     Tc = q.shape[1] // layout.P
     qi = (_chunk_ids(layout)[:, None] * Tc + jnp.arange(Tc)[None, :]).reshape(-1)
-    qi = jnp.broadcast_to(qi, seg.shape)
-    return cross_attention(q, k, v, seg, qi, seg_all, jnp.arange(k.shape[1]), float(scale), chunk)
+    k, v = expand(gather(lat), w)
+    seg_all = gather(seg)
+    return cross_attention(q, k, v, seg, jnp.broadcast_to(qi, seg.shape), seg_all, jnp.arange(k.shape[1]),
+                           float(scale), chunk)
 
-  qspec, kspec = P(bs, AXIS, hs, None), P(bs, None, hs, None)
-  return jax.shard_map(local, in_specs=(qspec, kspec, kspec, P(bs, AXIS), P(bs, None)), out_specs=qspec,
-                       check_vma=False)(
-      q_BTHD, k_BSKD, v_BSKE, seg_BT, seg_all_BS)
+  qspec = P(bs, AXIS, hs, None)
+  return jax.shard_map(local, in_specs=(qspec, P(bs, AXIS, None), P(bs, AXIS), P(None, hs)), out_specs=qspec,
+                       check_vma=False)(q_BTHD, lat_BTF, seg_BT, w)
 
 
 def relayout(x_BT, src: Layout, dst: Layout):

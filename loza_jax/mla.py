@@ -101,9 +101,10 @@ class MLA(nn.Module):
 
     def run(pattern):
       if isinstance(pattern, attn.Full):
-        k_BSKD, v_BSKE = expand(context.gather_sequence(lat_BTF, layout))
-        return context.full_attention(q_BTHD, k_BSKD, v_BSKE, seg_BT, context.gather_sequence(seg_BT, layout),
-                                      layout, scale)
+        w = nn.unbox(kv_b.variables["params"]["kernel"])
+        expand_w = lambda lat, w: expand_kv(lat[..., :Cl], lat[..., None, Cl:], lambda x: kv_b_apply(x, w, kv_b.dtype),
+                                            K, q_nope_BTHD.shape[-1])
+        return context.full_attention(q_BTHD, lat_BTF, seg_BT, w, expand_w, K, layout, scale)
       ext_BXF, seg_BX = context.ssa_exchange(lat_BTF, seg_BT, layout, pattern)
       k_BXKD, v_BXKE = expand(ext_BXF)
       return context.ssa_attention(q_BTHD, k_BXKD, v_BXKE, seg_BX, layout, pattern, scale, a.impl)
@@ -156,7 +157,12 @@ def expand_qkv(q_nope_BTHD, q_rope_BTHR, ckv_BTC, k_rope_BT1R, kv_b: Dense, K: i
   return (q,) + expand_kv(ckv_BTC, k_rope_BT1R, kv_b, K, q_nope_BTHD.shape[-1])
 
 
-def expand_kv(ckv_BTC, k_rope_BT1R, kv_b: Dense, K: int, Dn: int):
+def kv_b_apply(ckv_BTC, w_CX, dtype):
+  """kv_b_proj with an explicit kernel (as Dense computes it), for use inside shard_map."""
+  return jnp.dot(ckv_BTC.astype(dtype), w_CX.astype(dtype))
+
+
+def expand_kv(ckv_BTC, k_rope_BT1R, kv_b, K: int, Dn: int):
   """Per-head (k, v) from the latent and the shared RoPE key."""
   B, T, _ = ckv_BTC.shape
   kv = kv_b(ckv_BTC).reshape(B, T, K, -1)
