@@ -24,7 +24,8 @@ from train import data, rundir
 from loza_jax.model_dir import export_model
 from train.checkpoint import Checkpointer, steps_to_delete
 from train.sparsify import calibration_alphas, read_calibration, sparsify
-from train.trainer import MetricsLogger, Trainer, make_optimizer, read_jsonl
+from train.metrics import MetricsLogger, read_jsonl
+from train.trainer import Trainer
 from tests.trainer_utils import tiny_cfg, write_tiny_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +87,7 @@ def _diverging_fit(run: Path, steps: int = 8):
                        "train.grad_clip=0"])
   schedule = lambda step: jnp.where(step < 3, 1e-2, 1e9)
   said = []
-  tr = Trainer(cfg, tx=make_optimizer(cfg, schedule), schedule=schedule, print_fn=said.append)
+  tr = Trainer(cfg, schedule=schedule, print_fn=said.append)
   return cfg, tr, tr.fit(iter(data.build_dataset(cfg, 4))), said
 
 
@@ -112,7 +113,7 @@ def test_no_checkpoint_of_non_finite_params_and_rotation_spares_the_good_step(tm
   cfg = tiny_cfg(tmp_path / "run", ["train.steps=4", "train.checkpoint_every=1"])
   schedule = lambda step: jnp.where(step < 2, 1e-2, jnp.nan)
   said = []
-  tr = Trainer(cfg, tx=make_optimizer(cfg, schedule), schedule=schedule, print_fn=said.append)
+  tr = Trainer(cfg, schedule=schedule, print_fn=said.append)
   result = tr.fit(iter(data.build_dataset(cfg, 4)))
   assert result.stopped == "non_finite" and result.step == 3
   assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.is_dir()) == [1, 2]

@@ -17,7 +17,8 @@ from loza_jax.model import build_model
 from train import data
 from loza_jax.model_dir import load_model
 from train.checkpoint import Checkpointer
-from train.trainer import Trainer, lm_loss_terms, make_distill_loss, make_lm_loss
+from train.losses import lm_loss_terms, make_distill_loss, make_lm_loss
+from train.trainer import Trainer
 from tests.trainer_utils import read_metrics, tiny_cfg, write_tiny_yaml
 
 ROOT = Path(__file__).resolve().parents[1]

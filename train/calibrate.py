@@ -30,7 +30,10 @@ from loza_jax.sparsity import select_layers
 from train import cli
 from train import data as data_lib
 from loza_jax.model_dir import check_compatible, load_model
-from train.trainer import Trainer, lm_loss_terms, make_optimizer, without
+from train.iterators import train_iterator
+from train.losses import lm_loss_terms
+from train.partition import without
+from train.trainer import Trainer
 
 ALPHA = "alpha"
 
@@ -241,14 +244,10 @@ def calibrate(stage_cfg: Config, init: str | Path, *, print_fn=None, return_para
   cfg = calibration_config(stage_cfg, model_cfg)
   run_dir = Path(cfg.train.run_dir)
   params = with_alphas(model_params, cfg)
-  tx = optax.chain(make_optimizer(cfg), project_to_unit_box())
   c = cfg.calibrate
   trainer = Trainer(cfg, loss_fn=make_calibration_loss(cfg, c.objective, c.alpha_l1, c.loss_mask),
-                    init_params=params, tx=tx, print_fn=print_fn)
-  rows = cfg.train.batch_size // jax.process_count()
-  data_iter = iter(data_lib.build_dataset(cfg, rows, process_index=jax.process_index(),
-                                          process_count=jax.process_count(), text_loss=c.loss_mask == "all"))
-  result = trainer.fit(data_iter)
+                    init_params=params, post_update=project_to_unit_box(), print_fn=print_fn)
+  result = trainer.fit(train_iterator(cfg, text_loss=c.loss_mask == "all"))
   if result.stopped != "done":
     raise RuntimeError(f"calibration stopped at step {result.step}: {result.stopped}")
   alphas = np.asarray(jax.device_get(clipped_alphas(trainer.state.params)))

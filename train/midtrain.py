@@ -23,7 +23,9 @@ from train import cli
 from train import data as data_lib
 from loza_jax.model_dir import export_model, load_model
 from train.checkpoint import Checkpointer
-from train.trainer import Trainer, make_optimizer, make_schedule
+from train.iterators import train_iterator
+from train.optimizer import make_schedule
+from train.trainer import Trainer
 
 STAGE_SEED_STRIDE = 7_919
 
@@ -88,8 +90,7 @@ def midtrain(cfg: Config, init: str | Path, *, hooks: Sequence[Callable] = (), p
     scfg = stage_config(cfg, model_cfg, stage, i)
     base_schedule = make_schedule(scfg)
     schedule = lambda step, s0=start, f=base_schedule: f(step - s0)
-    trainer = Trainer(scfg, init_params=params, tx=make_optimizer(scfg, schedule), schedule=schedule,
-                      run_dir=run_dir, hooks=hooks, print_fn=print_fn)
+    trainer = Trainer(scfg, init_params=params, schedule=schedule, run_dir=run_dir, hooks=hooks, print_fn=print_fn)
     if latest >= end:
       say(f"stage {i} (seq_len {stage.seq_len}, steps {start}->{end}) already done")
       continue
@@ -99,9 +100,7 @@ def midtrain(cfg: Config, init: str | Path, *, hooks: Sequence[Callable] = (), p
              "learning_rate": stage.learning_rate,
              "rope_scaling": None if stage.rope_scaling is None else stage.rope_scaling.__dict__,
              "started_unix": time.time()}
-    rows = scfg.train.batch_size // jax.process_count()
-    data_iter = iter(data_lib.build_dataset(scfg, rows, process_index=jax.process_index(),
-                                            process_count=jax.process_count(), corpus=corpus, tokenizer=tokenizer))
+    data_iter = train_iterator(scfg, corpus=corpus, tokenizer=tokenizer)
     result = trainer.fit(data_iter, steps=end, restore_data=latest > start)
     if result.stopped != "done" or result.step < end:
       raise RuntimeError(f"stage {i} stopped at step {result.step}: {result.stopped}")

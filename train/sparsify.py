@@ -23,7 +23,7 @@ from loza_jax.sparsity import Selection, select_layers
 from train import cli
 from train.calibrate import is_alpha, model_fingerprint
 from loza_jax.model_dir import check_distinct, check_replaceable, export_model, load_model
-from train.trainer import without
+from train.partition import without
 
 
 def read_calibration(path: str | Path, model_cfg: Config) -> dict:
