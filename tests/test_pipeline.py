@@ -54,6 +54,22 @@ def test_random_baseline_differs_from_the_calibrated_selection():
   assert all(list(select_layers("random", 4, 0.5, seed=s).ssa_layers) != chosen for s in seeds)
 
 
+def test_random_baselines_are_distinct_selections():
+  from loza_jax.config import load_config
+  from loza_jax.sparsity import select_layers
+  cfg = load_config("configs/demo_cpu.yaml", ["sparsify.seed=0"])
+  draw = lambda s: tuple(select_layers("random", 4, 0.5, seed=s).ssa_layers)
+  assert len({draw(s) for s in range(1, 4)}) < 3          # plain seeds 1-3 repeat a selection
+  seeds = pipeline.random_baseline_seeds(cfg, [2, 3], 5)   # C(4, 2) = 6 selections, one taken by α
+  picked = [draw(s) for s in seeds]
+  assert len(seeds) == 5 and len(set(picked)) == 5 and (2, 3) not in picked
+  assert pipeline.random_baseline_seeds(cfg, [2, 3], 9) == seeds   # no more distinct ones exist
+  one = load_config("configs/demo_cpu.yaml", ["sparsify.ratio=0.25"])
+  assert len(pipeline.random_baseline_seeds(one, [0], 3)) == 3
+  assert [draw(s) for s in pipeline.random_baseline_seeds(cfg, [], 6)] == sorted(
+      {draw(s) for s in range(1000)}, key=[draw(s) for s in range(1000)].index)
+
+
 def test_spread_of_seeds():
   assert pipeline.spread([0.5, None, 1.0]) == {"mean": 0.75, "min": 0.5, "max": 1.0, "std": 0.25, "n": 2}
   assert pipeline.spread([None]) is None

@@ -38,15 +38,17 @@ def _stage_cfg(cfg: Config, run_dir: Path, name: str) -> Config:
 
 
 def random_baseline_seeds(cfg: Config, chosen: Sequence[int], n: int, tries: int = 1000) -> list[int]:
-  """The first n seeds from sparsify.seed on whose random selection differs from the calibrated one
-  (comparing a model with itself says nothing); fewer when no other selection exists."""
+  """The first n seeds from sparsify.seed on whose random selections differ from the calibrated one and from
+  each other (a seed that redraws a selection already taken is skipped); fewer when fewer such selections exist."""
   total = cfg.model.num_attention_sublayers
-  seeds = []
+  seeds, taken = [], {tuple(chosen)}
   for seed in range(cfg.sparsify.seed, cfg.sparsify.seed + tries):
     if len(seeds) == n:
       break
-    if list(select_layers("random", total, cfg.sparsify.ratio, seed=seed).ssa_layers) != list(chosen):
+    ssa = tuple(select_layers("random", total, cfg.sparsify.ratio, seed=seed).ssa_layers)
+    if ssa not in taken:
       seeds.append(seed)
+      taken.add(ssa)
   return seeds
 
 
@@ -158,7 +160,7 @@ def report(run_dir: Path, cfg: Config, info: dict) -> str:
                  f"{rnd['zigzag_layer_type']})")
   if info["random_selections"]:
     lines.append(f"  (seeds: the first {len(info['random_selections'])} from sparsify.seed={cfg.sparsify.seed} "
-                 "whose selection differs from the calibrated one)")
+                 "whose selections differ from the calibrated one and from each other)")
   if "alternating_selection" in info:
     alt = info["alternating_selection"]
     lines.append(f"- alternating: SSA sublayers {alt['ssa_layers']} (`layer_type` {alt['zigzag_layer_type']})")
