@@ -217,10 +217,10 @@ def _ssa_extend(lat_BPTF, seg_BPT, layout: Layout, pattern: attn.SSA):
   B, Pn, Tc, F = lat_BPTF.shape
   NS, W = pattern.sink_blocks * pattern.block_size, (pattern.local_blocks - 1) * pattern.block_size
   nh = -(-W // Tc)
-  halo_lat = [shift(lat_BPTF, layout, h) for h in range(nh, 0, -1)]
-  halo_seg = [shift(seg_BPT, layout, h) for h in range(nh, 0, -1)]
-  halo_lat = jnp.concatenate(halo_lat, axis=2)[:, :, halo_lat[0].shape[2] * nh - W:] if nh else lat_BPTF[:, :, :0]
-  halo_seg = jnp.concatenate(halo_seg, axis=2)[:, :, Tc * nh - W:] if nh else seg_BPT[:, :, :0]
+  tail = lambda h: Tc - min(Tc, W - (h - 1) * Tc)      # hop h sends only the tokens the halo keeps
+  halo_lat = [shift(lat_BPTF[:, :, tail(h):], layout, h) for h in range(nh, 0, -1)] or [lat_BPTF[:, :, :0]]
+  halo_seg = [shift(seg_BPT[:, :, tail(h):], layout, h) for h in range(nh, 0, -1)] or [seg_BPT[:, :, :0]]
+  halo_lat, halo_seg = jnp.concatenate(halo_lat, axis=2), jnp.concatenate(halo_seg, axis=2)
   prev_seg = shift(seg_BPT[:, :, -1:], layout, 1)
   start_BPT = seg_BPT != jnp.concatenate([prev_seg, seg_BPT[:, :, :-1]], axis=2)
   if NS == 0:

@@ -1,0 +1,183 @@
+"""Context parallelism (loza_jax/context.py): loss and gradients with mesh.context = 4 and 8 equal context = 1.
+
+The multi-device cases run in subprocesses with simulated CPU devices (this file is also the worker:
+`python tests/test_context_parallel.py DEVICES`), which print one JSON line of results.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+T = 256
+
+
+def _run_worker(devices: int) -> dict:
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, __file__, str(devices)], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def eight():
+  return _run_worker(8)
+
+
+@pytest.fixture(scope="module")
+def four():
+  return _run_worker(4)
+
+
+def _check(case):
+  np.testing.assert_allclose(case["loss"], case["loss_ref"], rtol=1e-5)
+  assert case["grad_rel_err"] < 1e-4, case
+
+
+@pytest.mark.parametrize("name", ["mixed_c8", "mixed_c4_fsdp2", "mixed_c4_data2", "ssa_pallas_c8"])
+def test_context8_matches_context1(eight, name):
+  _check(eight[name])
+
+
+def test_context4_matches_context1(four):
+  _check(four["mixed_c4"])
+
+
+def test_ssa_collective_bytes_do_not_grow_with_T(eight):
+  b = eight["ssa_bytes"]
+  assert b[str(2 * T)] > 0 and b[str(2 * T)] == b[str(8 * T)], b
+
+
+def test_unsplittable_sequences_raise_naming_sizes(eight):
+  assert "T=200" in eight["error_chunks"] and "16 chunks" in eight["error_chunks"]
+  assert "block_size=32" in eight["error_blocks"] and "T=256" in eight["error_blocks"]
+
+
+def test_check_split_messages():
+  from loza_jax import context
+  with pytest.raises(ValueError, match=r"T=100 is not divisible into 8 chunks \(mesh.context=8"):
+    context.check_split(100, context.Layout(8))
+  with pytest.raises(ValueError, match=r"chunks of 8 tokens, not a multiple of attention.block_size=16"):
+    context.check_split(64, context.Layout(4, "zigzag"), block_size=16)
+  with pytest.raises(ValueError, match=r"sink \(32 tokens\) is longer than a chunk of 16"):
+    context.check_split(256, context.Layout(8, "zigzag"), block_size=16, sink_tokens=32)
+  assert context.check_split(256, context.Layout(8, "zigzag"), block_size=16) == 16
+
+
+def test_layouts():
+  from loza_jax import context
+  zz = context.Layout(4, "zigzag")
+  assert zz.order() == [0, 7, 1, 6, 2, 5, 3, 4]
+  assert all(zz.place(zz.chunk(d, p)) == (d, p) for d in range(4) for p in range(2))
+
+
+# ----------------------------------------------------------------------------------------
+# Worker (runs in a subprocess with simulated devices).
+
+
+def _segments(B: int, T: int):
+  """Packed documents starting on 16-token blocks and crossing chunk boundaries; padding at one row's end."""
+  seg = np.zeros((B, T), np.int32)
+  cuts = [[0, 48, 80, 208, T - 16], [0, 160, T]]
+  for b in range(B):
+    c = cuts[b % 2]
+    for i in range(len(c) - 1):
+      seg[b, c[i]:c[i + 1]] = i + 1
+  return seg
+
+
+def _worker(devices: int) -> dict:
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks.context_parallel import collective_bytes
+  from loza_jax import attention as attn
+  from loza_jax import context
+  from loza_jax import sharding as shd
+  from loza_jax.config import MeshConfig, load_config
+  from loza_jax.model import build_model
+
+  def cfg_for(types, impl="xla", block=16):
+    return load_config(str(ROOT / "configs/demo_cpu.yaml"), [
+        f"model.num_hidden_layers={len(types)}", "model.hidden_size=32", "model.intermediate_size=64",
+        "model.num_attention_heads=2", "model.kv_lora_rank=16", "model.qk_nope_head_dim=16",
+        "model.qk_rope_head_dim=16", "model.v_head_dim=16", f"attention.block_size={block}",
+        "attention.local_blocks=3", f"attention.impl={impl}", f"attention.layer_types=[{', '.join(types)}]"])
+
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, 256, (4, T)), jnp.int32)
+  seg = jnp.asarray(_segments(4, T))
+
+  def loss_and_grad(cfg, meshes: dict, B=2):
+    """Per named mesh: its loss, the context=1 loss and the largest relative gradient difference."""
+    model = build_model(cfg)
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), tokens[:1, :32])["params"])
+
+    def loss(p, tok, sg):
+      logp = jax.nn.log_softmax(model.apply({"params": p}, tok, sg)[:, :-1])
+      nll = -jnp.take_along_axis(logp, tok[:, 1:, None], -1)[..., 0]
+      return jnp.sum(nll * (sg[:, 1:] != 0)) / jnp.sum(sg[:, 1:] != 0)
+
+    step = jax.jit(jax.value_and_grad(loss))
+    l1, g1 = step(params, tokens[:B], seg[:B])
+    for name, mesh_cfg in meshes.items():
+      with jax.set_mesh(shd.make_mesh(mesh_cfg)), nn.logical_axis_rules(shd.LOGICAL_AXIS_RULES):
+        ln, gn = step(params, tokens[:B], seg[:B])
+      err = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-12))
+                for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(gn)))
+      out[name] = {"loss_ref": float(l1), "loss": float(ln), "grad_rel_err": err}
+
+  out = {}
+  if devices == 4:   # a mixed LoZA model (Full, SSA and blend sublayers) on context=4
+    loss_and_grad(cfg_for(["full", "ssa", "blend"]), {"mixed_c4": MeshConfig(data=1, context=4)})
+    return out
+  loss_and_grad(cfg_for(["full", "ssa"]), {"mixed_c8": MeshConfig(data=1, context=8),
+                                           "mixed_c4_fsdp2": MeshConfig(data=1, fsdp=2, context=4),
+                                           "mixed_c4_data2": MeshConfig(data=2, context=4)})
+  loss_and_grad(cfg_for(["ssa"], "pallas_triton_interpret"), {"ssa_pallas_c8": MeshConfig(data=1, context=8)}, B=1)
+
+  # Bytes through collectives of one SSA sublayer's attention (exchange + attention, forward + backward).
+  pattern = attn.SSA(16, 1, 3)
+  mesh = shd.make_mesh(MeshConfig(data=1, context=8))
+  out["ssa_bytes"] = {}
+  for t in (2 * T, 8 * T):        # chunks of 32 and 128 tokens: both hold the 32-token halo
+    layout = context.Layout(8, "zigzag")
+    w = jnp.asarray(rng.normal(size=(24, 2, 16)), jnp.float32)
+
+    def f(q, lat, sg):
+      ext, ext_seg = context.ssa_exchange(lat, sg, layout, pattern)
+      k = jnp.einsum("bxf,fkd->bxkd", ext, w)
+      return jnp.sum(context.ssa_attention(q, k, k, ext_seg, layout, pattern, 0.25, "xla") ** 2)
+
+    q = jnp.ones((1, t, 2, 16), jnp.float32)
+    lat = jnp.ones((1, t, 24), jnp.float32)
+    with jax.set_mesh(mesh):
+      sh = lambda x: jax.device_put(x, jax.NamedSharding(mesh, jax.P(None, "context")))
+      hlo = jax.jit(jax.grad(f, argnums=(0, 1))).lower(sh(q), sh(lat), sh(jnp.ones((1, t), jnp.int32))).compile()
+    out["ssa_bytes"][str(t)] = sum(collective_bytes(hlo.as_text()).values())
+
+  # Unsplittable sequences: the model raises naming the sizes.
+  for key, cfg, length in (("error_chunks", cfg_for(["full"]), 200), ("error_blocks", cfg_for(["ssa"], block=32), T)):
+    model = build_model(cfg)
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), tokens[:1, :32])["params"])
+    try:
+      with jax.set_mesh(shd.make_mesh(MeshConfig(data=1, context=8))):
+        jax.jit(model.apply)({"params": params}, jnp.zeros((1, length), jnp.int32))
+      out[key] = "no error"
+    except ValueError as e:
+      out[key] = str(e)
+  return out
+
+
+if __name__ == "__main__":
+  n = int(sys.argv[1])
+  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  sys.path.insert(0, str(ROOT))
+  print(json.dumps(_worker(n)))
