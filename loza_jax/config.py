@@ -213,6 +213,8 @@ class DataConfig:
   retrieval_tasks: tuple[str, ...] = RETRIEVAL_TASKS
   retrieval_lengths: tuple[int, ...] = ()   # task lengths in tokens; () = seq_len
   retrieval_loss: str = "answer"    # answer: loss only on the answer span | all: on the whole task text
+  passkey_digits: tuple[int, ...] = (7, 7)  # [min, max] digits of training passkeys (uniform, the top capped to
+                                    # fit the task length); evaluation always asks for 7
   shuffle: bool = True
   heldout_fraction: float = 0.02    # share of whole documents (by a stable hash of their id) held out of
                                     # training for evaluation, whatever the seq_len; 0 = none
@@ -239,6 +241,8 @@ class DataConfig:
       raise ValueError(f"data.retrieval_lengths: {too_long[0]} is not in [1, data.seq_len={self.seq_len}]")
     if self.retrieval_loss not in ("answer", "all"):
       raise ValueError(f"data.retrieval_loss: {self.retrieval_loss!r} is not 'answer' or 'all'")
+    if len(self.passkey_digits) != 2 or not 1 <= self.passkey_digits[0] <= self.passkey_digits[1]:
+      raise ValueError(f"data.passkey_digits: need [min, max] with 1 <= min <= max, got {list(self.passkey_digits)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,10 +392,32 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PretrainStage:
+  """One stage of the pipeline's pretraining curriculum; None / 0 / () fields keep the data and train sections'."""
+  seq_len: int
+  steps: int
+  batch_size: int = 0                           # 0 = train.batch_size
+  learning_rate: float = 0.0                    # 0 = train.learning_rate
+  warmup_steps: int = 0
+  retrieval_fraction: float | None = None       # None = data.retrieval_fraction
+  retrieval_lengths: tuple[int, ...] = ()       # () = data.retrieval_lengths
+  passkey_digits: tuple[int, ...] = ()          # () = data.passkey_digits
+
+  def __post_init__(self):
+    if self.seq_len < 2 or self.steps < 1 or self.batch_size < 0 or self.learning_rate < 0 or self.warmup_steps < 0:
+      raise ValueError(f"pipeline.pretrain_stages: need seq_len >= 2, steps >= 1 and batch_size, learning_rate, "
+                       f"warmup_steps >= 0; got {self}")
+    if self.retrieval_fraction is not None and not 0.0 <= self.retrieval_fraction <= 1.0:
+      raise ValueError(f"pipeline.pretrain_stages: retrieval_fraction must be in [0, 1], got {self.retrieval_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-  """train/pipeline.py: the baselines mid-trained and evaluated next to the α-selected sparse model."""
-  random_seeds: int = 3             # random selections (seeds from sparsify.seed on, each differing from the α one)
+  """train/pipeline.py: the pretraining curriculum and the baselines compared with the α-selected sparse model."""
+  random_seeds: int = 3             # random selections (seeds from sparsify.seed on, each a different selection)
   alternating: bool = True          # also the alternating selection
+  pretrain_stages: tuple[PretrainStage, ...] = ()   # () = one train.pretrain run with the train and data sections;
+                                    # else stage 0 pretrains from scratch and each later stage continues the model
 
   def __post_init__(self):
     if self.random_seeds < 0:
@@ -419,10 +445,30 @@ class Config:
       raise ValueError(f"attention.layer_types has {len(lt)} entries but the model has {n} attention "
                        f"sublayers ({self.model.num_hidden_layers} layers x "
                        f"{self.model.attention_sublayers_per_layer})")
+    for i, stage in enumerate(self.pipeline.pretrain_stages):
+      try:
+        pretrain_stage_data(self.data, stage)
+      except ValueError as e:
+        raise ValueError(f"pipeline.pretrain_stages[{i}]: {e}") from None
+      if stage.seq_len % self.attention.block_size:
+        raise ValueError(f"pipeline.pretrain_stages[{i}].seq_len={stage.seq_len} must be a multiple of "
+                         f"attention.block_size={self.attention.block_size}")
 
   @property
   def layer_types(self) -> tuple[str, ...]:
     return self.attention.types_for(self.model.num_attention_sublayers)
+
+
+def pretrain_stage_data(data: DataConfig, stage: PretrainStage) -> DataConfig:
+  """The data section of one pretraining stage (validated: its retrieval lengths must fit its seq_len)."""
+  changes = {"seq_len": stage.seq_len}
+  if stage.retrieval_fraction is not None:
+    changes["retrieval_fraction"] = stage.retrieval_fraction
+  if stage.retrieval_lengths:
+    changes["retrieval_lengths"] = stage.retrieval_lengths
+  if stage.passkey_digits:
+    changes["passkey_digits"] = stage.passkey_digits
+  return dataclasses.replace(data, **changes)
 
 
 # ----------------------------------------------------------------------------------------

@@ -382,8 +382,11 @@ def needle_zone(needle_end: int, question_token: int, block_size: int, sink_bloc
   return "beyond"
 
 
-def _number(rng) -> str:
-  return str(int(rng.integers(1_000_000, 10_000_000)))
+def _number(rng, digits: int = 7) -> str:
+  """A random number of `digits` digits (no leading zero); 7 digits draw one integer, as they always have."""
+  if digits == 7:
+    return str(int(rng.integers(1_000_000, 10_000_000)))
+  return str(int(rng.integers(1, 10))) + "".join(str(int(d)) for d in rng.integers(0, 10, digits - 1))
 
 
 def _key(rng, taken: set) -> str:
@@ -402,12 +405,12 @@ def _var(rng, taken: set) -> str:
       return name
 
 
-def _task(kind: str, rng, depth: float):
-  """(needles, the relative depth of each needle, question, answer)."""
+def _task(kind: str, rng, depth: float, digits: int = 7):
+  """(needles, the relative depth of each needle, question, answer); a passkey has `digits` digits."""
   later = lambda n: sorted(rng.uniform(depth, 1.0, n).tolist())
   anywhere = lambda n: rng.uniform(0.0, 1.0, n).tolist()
   if kind == "passkey":
-    v = _number(rng)
+    v = _number(rng, digits)
     return [f"The pass key is {v}. Remember it.\n"], [depth], "\nWhat is the pass key? The pass key is ", v
   if kind == "multikey":
     keys: set = set()
@@ -484,8 +487,10 @@ def _assemble(hay: str, needles, depths, cuts) -> tuple[str, list[int]]:
 
 def make_retrieval_example(kind: str, length: int, depth: float, rng: np.random.Generator, corpus: Corpus,
                            tokenizer: Tokenizer, *, docs: Sequence[int] | None = None,
-                           bytes_per_token: float | None = None, snap_tokens: int = 4) -> RetrievalExample:
-  """A `kind` task of `length` tokens (at most, and at least length minus a few), haystack from documents `docs`.
+                           bytes_per_token: float | None = None, snap_tokens: int = 4,
+                           digits: int = 7) -> RetrievalExample:
+  """A `kind` task of `length` tokens (at most, and at least length minus a few), haystack from documents `docs`;
+  a passkey has `digits` digits.
 
   Needle 0 goes after round(depth * H) of the H haystack tokens, moved to the nearest word start within
   `snap_tokens` tokens; the token positions actually reached are recorded on the example.
@@ -495,7 +500,7 @@ def make_retrieval_example(kind: str, length: int, depth: float, rng: np.random.
   docs = np.arange(len(corpus)) if docs is None else np.asarray(docs)
   if not len(docs):
     raise ValueError("retrieval filler: no documents to draw the haystack from")
-  needles, depths, question, answer = _task(kind, rng, depth)
+  needles, depths, question, answer = _task(kind, rng, depth, digits)
   ntok = lambda s: len(tokenizer.encode(s))
   fixed = sum(map(ntok, needles)) + ntok(question) + ntok(answer)
   if fixed > length:
@@ -555,16 +560,26 @@ class RetrievalSource:
     self.docs = np.arange(len(corpus)) if docs is None else np.asarray(docs)
     self.bytes_per_token = bytes_per_token or measure_bytes_per_token(tokenizer, corpus, self.docs)
     self.lengths = cfg.retrieval_lengths or (cfg.seq_len,)
+    needles, _, question, _ = _task("passkey", np.random.default_rng(0), 0.5, digits=1)
+    self._passkey_tokens = len(tokenizer.encode(needles[0])) + len(tokenizer.encode(question)) - 1
 
   def __len__(self) -> int:
     return 2 ** 40
+
+  def passkey_digits(self, length: int) -> tuple[int, int]:
+    """The range of passkey digits at `length`: data.passkey_digits, the top capped so that needle, question and
+    answer leave at least one block's worth (16 tokens) of haystack (never below the bottom)."""
+    lo, hi = self.cfg.passkey_digits
+    return lo, max(lo, min(hi, (length - self._passkey_tokens - 16) // 2))
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([self.seed, 7919, int(i)])
     kind = self.cfg.retrieval_tasks[int(rng.integers(len(self.cfg.retrieval_tasks)))]
     length = self.lengths[int(rng.integers(len(self.lengths)))]
+    lo, hi = self.passkey_digits(length)
+    digits = lo if lo == hi or kind != "passkey" else int(rng.integers(lo, hi + 1))
     example = make_retrieval_example(kind, length, float(rng.uniform()), rng, self.corpus, self.tokenizer,
-                                     docs=self.docs, bytes_per_token=self.bytes_per_token)
+                                     docs=self.docs, bytes_per_token=self.bytes_per_token, digits=digits)
     return encode_example(example, self.tokenizer, self.cfg.retrieval_loss)
 
 

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from loza_jax.config import Config, replace, save_config
+from loza_jax.config import Config, MidtrainStage, PretrainStage, pretrain_stage_data, replace, save_config
 from loza_jax.sparsity import select_layers
 from train import cli
 from train import pretrain as pretrain_lib
@@ -35,6 +35,48 @@ STAGES = ("pretrain", "calibrate", "sparsify", "midtrain", "evaluate")
 
 def _stage_cfg(cfg: Config, run_dir: Path, name: str) -> Config:
   return replace(cfg, **{"train.run_dir": str(run_dir / name)})
+
+
+def pretrain_stage_cfg(cfg: Config, stage: PretrainStage, index: int, run_dir: Path) -> Config:
+  """The config of pretraining stage `index`: its data section (own seed), batch, steps, schedule and run dir."""
+  return replace(cfg, **{
+      "pipeline.pretrain_stages": (),
+      "data": replace(pretrain_stage_data(cfg.data, stage), seed=cfg.data.seed + index),
+      "train.steps": stage.steps,
+      "train.batch_size": stage.batch_size or cfg.train.batch_size,
+      "train.learning_rate": stage.learning_rate or cfg.train.learning_rate,
+      "train.warmup_steps": stage.warmup_steps,
+      "train.decay_steps": 0,
+      "train.run_dir": str(run_dir),
+  })
+
+
+def pretrain_stages(cfg: Config, out: Path, print_fn=None) -> tuple[str, dict]:
+  """Pretrain through pipeline.pretrain_stages: stage 0 from scratch (train.pretrain), each later stage continues
+  the previous model with its own data, batch and schedule (a one-stage mid-training run of the full model).
+  Returns the final model directory and the stage-0 summary with a record per stage."""
+  stages = cfg.pipeline.pretrain_stages
+  t = time.perf_counter()
+  summary = pretrain_lib.pretrain(pretrain_stage_cfg(cfg, stages[0], 0, out), print_fn=print_fn)
+  if summary["stopped"] != "done":
+    raise RuntimeError(f"pretraining stage 0 stopped at step {summary['steps']}: {summary['stopped']}")
+  model = summary["model_dir"]
+  record = lambda i, st, scfg, loss, t0: {"stage": i, "seq_len": st.seq_len, "steps": st.steps,
+                                          "batch_size": scfg.train.batch_size,
+                                          "learning_rate": scfg.train.learning_rate, "final_loss": loss,
+                                          "wall_s": time.perf_counter() - t0}
+  summary["stages"] = [record(0, stages[0], pretrain_stage_cfg(cfg, stages[0], 0, out), summary["final_train_loss"], t)]
+  for i, st in enumerate(stages[1:], 1):
+    t = time.perf_counter()
+    scfg = pretrain_stage_cfg(cfg, st, i, out / f"stage-{i}")
+    one = MidtrainStage(seq_len=st.seq_len, steps=st.steps, learning_rate=scfg.train.learning_rate,
+                        warmup_steps=st.warmup_steps, batch_size=scfg.train.batch_size)
+    model = str(midtrain(replace(scfg, **{"midtrain.stages": (one,)}), model, print_fn=print_fn))
+    done = json.loads((out / f"stage-{i}" / "stages.json").read_text())[-1]
+    summary["stages"].append(record(i, st, scfg, done.get("final_loss"), t))
+  summary["steps"] = sum(st.steps for st in stages)
+  summary["model_dir"] = model
+  return model, summary
 
 
 def random_baseline_seeds(cfg: Config, chosen: Sequence[int], n: int, tries: int = 1000) -> list[int]:
@@ -143,7 +185,17 @@ def report(run_dir: Path, cfg: Config, info: dict) -> str:
             f"Every sparse model has sparsity {info['selection']['sparsity']:.2f} and is mid-trained through the same "
             "stages (steps, seq_len, batch, learning rate, data order); random selection: mean ± std (min–max) over "
             "seeds.", "", headline_markdown(info, seq_len)]
-  if "pretrain" in info:
+  if "pretrain" in info and "stages" in info["pretrain"]:
+    p = info["pretrain"]
+    lines += ["## 1. Pretrain", "",
+              f"{p['steps']} steps through {len(p['stages'])} stages (`pipeline.pretrain_stages`); held-out loss "
+              f"after stage 0 {p['eval_loss']:.4f} nats/token vs unigram baseline {p['unigram_baseline']:.4f} (the "
+              f"final model's perplexity is in the evaluation below). Model: `{p['model_dir']}`.", "",
+              "| stage | seq_len | steps | batch | lr | final loss | wall s |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['seq_len']} | {r['steps']} | {r['batch_size']} | {r['learning_rate']:g} | "
+              f"{_cell(r['final_loss'], '.4f')} | {r['wall_s']:.0f} |" for r in p["stages"]]
+    lines.append("")
+  elif "pretrain" in info:
     p = info["pretrain"]
     lines += ["## 1. Pretrain", "",
               f"{p['steps']} steps; held-out loss {p['eval_loss']:.4f} nats/token vs unigram baseline "
@@ -202,7 +254,16 @@ def midtrain_dir(run_dir: Path, name: str) -> Path:
   return run_dir / ("midtrain" if name == "loza" else f"midtrain-{name}")
 
 
+def check_pretrain_stages(cfg: Config) -> None:
+  """The curriculum must end at data.seq_len, the training length the report leads with (ValueError if not)."""
+  stages = cfg.pipeline.pretrain_stages
+  if stages and stages[-1].seq_len != cfg.data.seq_len:
+    raise ValueError(f"pipeline.pretrain_stages: the last stage's seq_len ({stages[-1].seq_len}) must be "
+                     f"data.seq_len ({cfg.data.seq_len}), the training length the report leads with")
+
+
 def run_pipeline(cfg: Config, config_path: str, overrides: Sequence[str], init: str | None = None) -> Path:
+  check_pretrain_stages(cfg)
   if init is not None:
     load_config_file(init)   # a wrong --init fails here, before any work
   run_dir = Path(cfg.train.run_dir)
@@ -218,7 +279,9 @@ def run_pipeline(cfg: Config, config_path: str, overrides: Sequence[str], init: 
     return time.perf_counter()
 
   t = stage("pretrain")
-  if init is None:
+  if init is None and cfg.pipeline.pretrain_stages:
+    init, info["pretrain"] = pretrain_stages(cfg, run_dir / "pretrain", print_fn=tqdm.write)
+  elif init is None:
     argv = ["--config", config_path, *sum((["--set", o] for o in overrides), []),
             "--set", f"train.run_dir={run_dir / 'pretrain'}"]
     if pretrain_lib.main(argv) != 0:
