@@ -80,8 +80,8 @@ def default_config(B: int, N: int, S: int, C: int, scale: float, window, dtype, 
   cols = 32 if fp32 else 64
   row_blocks = -(-N // rows)
   splits = max(1, min(-(-programs // (B * row_blocks)), -(-S // cols)))
-  return DecodeConfig(scale, window, rows, cols, splits, latent_parts(C), num_warps=4 if fp32 else 8,
-                      num_stages=2, precision=jax.lax.Precision.HIGHEST if fp32 else None)
+  return DecodeConfig(scale, window, rows, cols, splits, latent_parts(C), num_warps=4, num_stages=2,
+                      precision=jax.lax.Precision.HIGHEST if fp32 else None)
 
 
 def _visible(cfg: DecodeConfig, q_pos_N1, k_idx_1K, k_pos_1K):
