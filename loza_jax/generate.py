@@ -210,7 +210,7 @@ def load_any(model_dir: str | Path):
     raise FileNotFoundError(f"--model {model_dir}: no such directory (expected a model directory written by "
                             "train.* / `python -m loza_jax.convert import`, or a HuggingFace checkpoint)")
   if (d / "config.yaml").is_file():
-    from loza_jax.convert.checkpoint import load_model
+    from loza_jax.model_dir import load_model
     params, cfg = load_model(d)
     tok = None
   elif (d / "config.json").is_file():
