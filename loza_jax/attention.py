@@ -1,4 +1,6 @@
-"""Attention API: one entry point, pattern dataclasses, XLA reference implementations, impl registry.
+"""Attention API: one entry point, pattern dataclasses, masks, and the registry of implementations
+(XLA ones in attention_xla.py, Pallas kernel adapters in attention_pallas.py, tokamax in
+attention_tokamax.py). The contract is in docs/design.md.
 
 Shapes: q_BTHD, k_BSKD, v_BSKE -> o_BTHE (H query heads, K kv heads, K divides H).
 Patterns: `Full()` is causal attention within each document; `SSA(...)`
@@ -14,7 +16,7 @@ import dataclasses
 import functools
 import importlib
 import logging
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -137,260 +139,49 @@ def _normalise(q, segment_ids, positions):
   return segment_ids, positions.astype(jnp.int32)
 
 
-def _group(q_BTHD, K):
-  B, T, H, D = q_BTHD.shape
-  return q_BTHD.reshape(B, T, K, H // K, D)
-
-
-# ----------------------------------------------------------------------------------------
-# xla_dense: the oracle. Materialises the [B, K, G, T, S] scores; small sizes only.
-
-
-def _masked_softmax_attend(s_BKGTS, mask_BTS, v_BSKE):
-  """Softmax over keys with a boolean mask, fp32; fully masked rows give o=0, lse=-inf."""
-  s = jnp.where(mask_BTS[:, None, None], s_BKGTS, _MASK_VALUE)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  p = jnp.where(mask_BTS[:, None, None], jnp.exp(s - m), 0.0)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  any_visible = l > 0
-  o = jnp.einsum("bkgts,bske->btkge", p / jnp.where(any_visible, l, 1.0), v_BSKE)
-  lse = jnp.where(any_visible, m + jnp.log(jnp.where(any_visible, l, 1.0)), NEG_INF)[..., 0]
-  return o, lse  # o_BTKGE, lse_BKGT
-
-
-def xla_dense(q, k, v, *, pattern, segment_ids, positions, scale):
-  """Reference attention with a materialised mask; any segmentation and positions."""
-  B, T, H, D = q.shape
-  K = k.shape[2]
-  qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
-  s = jnp.einsum("btkgd,bskd->bkgts", _group(qf, K), kf) * scale
-  mask = visible(pattern, segment_ids[:, :, None], positions[:, :, None],
-                 segment_ids[:, None, :], positions[:, None, :])
-  o, lse = _masked_softmax_attend(s, mask, vf)
-  return o.reshape(B, T, H, -1).astype(q.dtype), lse.reshape(B, H, T)
-
-
-# ----------------------------------------------------------------------------------------
-# xla SSA: per query chunk, gather only the sink and the local keys. O(T * max_keys).
-
-
-def _ssa_blockwise(q, k, v, *, pattern: SSA, segment_ids, positions, scale):
-  """Blockwise SSA. Assumes positions step by one inside a document (the default ones do)."""
-  B, T, H, D = q.shape
-  K, E = k.shape[2], v.shape[3]
-  C = pattern.block_size                    # query chunk
-  W = pattern.local_blocks * C              # local keys a chunk may need, before the chunk
-  NS = pattern.sink_blocks * C              # sink keys
-  n = -(-T // C)
-  Tp = n * C
-  pad = Tp - T
-  pad_t = lambda x, val=0: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=val)
-  q, seg, pos = pad_t(q), pad_t(segment_ids), pad_t(positions)
-  # Keys: W zero rows in front, so every chunk's window [c0 - W, c0 + C) is a static-size slice.
-  kp = jnp.pad(pad_t(k), [(0, 0), (W, 0), (0, 0), (0, 0)])
-  vp = jnp.pad(pad_t(v), [(0, 0), (W, 0), (0, 0), (0, 0)])
-  segp = jnp.pad(seg, [(0, 0), (W, 0)])      # padded rows get segment 0: never visible
-
-  c0 = jnp.arange(n) * C                                            # chunk starts [n]
-  win_idx = c0[:, None] + jnp.arange(W + C)[None, :]                # into padded keys [n, W+C]
-  # Sink of the document holding each chunk's first query (other documents of the chunk
-  # start inside it, so their sinks already lie in the local window).
-  doc0 = c0[None, :] - pos[:, c0]                                   # [B, n] physical doc start
-  sink_raw = doc0[:, :, None] + jnp.arange(NS)[None, None, :]       # [B, n, NS]
-  sink_ok = (sink_raw >= 0) & (sink_raw < c0[None, :, None] - W)    # in range, not in window
-  sink_idx = jnp.clip(sink_raw, 0, T - 1)
-
-  take = lambda x, idx: jax.vmap(lambda xb, ib: xb[ib])(x, idx)     # per-batch gather
-  k_win = kp[:, win_idx]                                            # [B, n, W+C, K, D]
-  v_win = vp[:, win_idx]
-  k_sink = take(k, sink_idx)                                        # [B, n, NS, K, D]
-  v_sink = take(v, sink_idx)
-  seg_keys = jnp.concatenate([jnp.where(sink_ok, take(segment_ids, sink_idx), 0), segp[:, win_idx]], -1)
-  pos_keys = jnp.concatenate([take(positions, sink_idx), (jnp.pad(pos, [(0, 0), (W, 0)]))[:, win_idx]], -1)
-  k_all = jnp.concatenate([k_sink, k_win], axis=2).astype(jnp.float32)
-  v_all = jnp.concatenate([v_sink, v_win], axis=2).astype(jnp.float32)
-
-  q_c = q.reshape(B, n, C, K, H // K, D).astype(jnp.float32)
-  s = jnp.einsum("bnckgd,bnskd->bnkgcs", q_c, k_all) * scale
-  mask = visible(pattern, seg.reshape(B, n, C, 1), pos.reshape(B, n, C, 1),
-                 seg_keys[:, :, None, :], pos_keys[:, :, None, :])          # [B, n, C, NS+W+C]
-  s = jnp.where(mask[:, :, None, None], s, _MASK_VALUE)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  p = jnp.where(mask[:, :, None, None], jnp.exp(s - m), 0.0)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  ok = l > 0
-  o = jnp.einsum("bnkgcs,bnske->bnckge", p / jnp.where(ok, l, 1.0), v_all)
-  lse = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), NEG_INF)[..., 0]   # [B, n, K, G, C]
-  o = o.reshape(B, Tp, H, E)[:, :T].astype(q.dtype)
-  lse = jnp.moveaxis(lse, 1, 3).reshape(B, H, Tp)[:, :, :T]
-  return o, lse
-
-
-# ----------------------------------------------------------------------------------------
-# xla Full: flash-style chunked online softmax with a hand-written backward, so neither
-# direction materialises a T x S matrix.
-
-
-def _pad_to(x, Tp, axis=1, value=0):
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, Tp - x.shape[axis])
-  return jnp.pad(x, pad, constant_values=value)
-
-
-class _Chunked(NamedTuple):
-  """Inputs padded to n chunks of C tokens, fp32: q [B,n,C,K,G,D], k/v [B,n,C,K,·], seg/pos [B,n,C]."""
-  n: int
-  C: int
-  q: jax.Array
-  k: jax.Array
-  v: jax.Array
-  seg: jax.Array
-  pos: jax.Array
-
-
-def _chunked(q, k, v, seg, pos, chunk: int) -> _Chunked:
-  B, T, H, D = q.shape
-  K, E = k.shape[2], v.shape[3]
-  C = min(chunk, T)
-  n = -(-T // C)
-  Tp = n * C
-  f32 = jnp.float32
-  return _Chunked(n, C, _pad_to(q, Tp).astype(f32).reshape(B, n, C, K, H // K, D),
-                  _pad_to(k, Tp).astype(f32).reshape(B, n, C, K, D), _pad_to(v, Tp).astype(f32).reshape(B, n, C, K, E),
-                  _pad_to(seg, Tp).reshape(B, n, C), _pad_to(pos, Tp).reshape(B, n, C))
-
-
-def _flash_scores(q_c, k_c, qs, qp, ks, kp, pattern, scale):
-  """Scores and mask for one (query chunk, key chunk) pair; q_c [B,C,K,G,D], k_c [B,C,K,D]."""
-  s = jnp.einsum("bckgd,bskd->bkgcs", q_c, k_c) * scale
-  mask = visible(pattern, qs[:, :, None], qp[:, :, None], ks[:, None, :], kp[:, None, :])[:, None, None]
-  return jnp.where(mask, s, _MASK_VALUE), mask
-
-
-def _flash_fwd_impl(q, k, v, seg, pos, pattern, scale, chunk):
-  B, T, H, D = q.shape
-  K, E = k.shape[2], v.shape[3]
-  G = H // K
-  n, C, qc, kc, vc, sc, pc = _chunked(q, k, v, seg, pos, chunk)
-  Tp = n * C
-
-  def per_q(i):
-    def body(carry, j):
-      m, l, acc = carry
-      s, mask = _flash_scores(qc[:, i], kc[:, j], sc[:, i], pc[:, i], sc[:, j], pc[:, j], pattern, scale)
-      m_new = jnp.maximum(m, jnp.max(s, -1))
-      p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-      corr = jnp.exp(m - m_new)
-      l = l * corr + jnp.sum(p, -1)
-      acc = acc * corr[..., None] + jnp.einsum("bkgcs,bske->bkgce", p, vc[:, j])
-      return (m_new, l, acc), None
-    init = (jnp.full((B, K, G, C), _MASK_VALUE, jnp.float32), jnp.zeros((B, K, G, C), jnp.float32),
-            jnp.zeros((B, K, G, C, E), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(body, init, jnp.arange(n))
-    ok = l > 0
-    o = acc / jnp.where(ok, l, 1.0)[..., None]
-    lse = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), NEG_INF)
-    return o, lse                                                    # [B,K,G,C,E], [B,K,G,C]
-
-  o, lse = jax.lax.map(per_q, jnp.arange(n))                         # [n, B, K, G, C, (E)]
-  o = jnp.moveaxis(o, 0, 3).reshape(B, K, G, Tp, E)[:, :, :, :T]
-  o = jnp.moveaxis(o, 3, 1).reshape(B, T, H, E)
-  lse = jnp.moveaxis(lse, 0, 3).reshape(B, H, Tp)[:, :, :T]
-  return o, lse
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _flash(q, k, v, seg, pos, pattern, scale, chunk):
-  o, lse = _flash_fwd_impl(q, k, v, seg, pos, pattern, scale, chunk)
-  return o.astype(q.dtype), lse
-
-
-def _flash_fwd(q, k, v, seg, pos, pattern, scale, chunk):
-  o, lse = _flash_fwd_impl(q, k, v, seg, pos, pattern, scale, chunk)
-  o = o.astype(q.dtype)
-  return (o, lse), (q, k, v, seg, pos, o, lse)
-
-
-def _flash_bwd(pattern, scale, chunk, res, cot):
-  q, k, v, seg, pos, o, lse = res
-  do, dlse = cot
-  B, T, H, D = q.shape
-  K, E = k.shape[2], v.shape[3]
-  G = H // K
-  n, C, qc, kc, vc, sc, pc = _chunked(q, k, v, seg, pos, chunk)
-  Tp = n * C
-  f32 = jnp.float32
-  doc = _pad_to(do, Tp).astype(f32).reshape(B, n, C, K, G, E)
-  lse_p = _pad_to(lse, Tp, axis=2, value=NEG_INF).reshape(B, K, G, n, C)
-  dlse_p = _pad_to(dlse.astype(f32), Tp, axis=2).reshape(B, K, G, n, C)
-  # delta = rowsum(dO * O) - dlse: the lse cotangent enters as a shift of dS.
-  delta = jnp.einsum("bnckge,bnckge->bkgnc", doc, _pad_to(o, Tp).astype(f32).reshape(B, n, C, K, G, E)) - dlse_p
-  lse_safe = jnp.where(jnp.isfinite(lse_p), lse_p, 0.0)
-
-  def probs(i, j):
-    s, mask = _flash_scores(qc[:, i], kc[:, j], sc[:, i], pc[:, i], sc[:, j], pc[:, j], pattern, scale)
-    p = jnp.where(mask, jnp.exp(s - lse_safe[:, :, :, i, :, None]), 0.0)
-    dp = jnp.einsum("bckge,bske->bkgcs", doc[:, i], vc[:, j])
-    ds = p * (dp - delta[:, :, :, i, :, None])
-    return p, ds
-
-  def dq_chunk(i):
-    def body(acc, j):
-      _, ds = probs(i, j)
-      return acc + jnp.einsum("bkgcs,bskd->bckgd", ds, kc[:, j]) * scale, None
-    acc, _ = jax.lax.scan(body, jnp.zeros((B, C, K, G, D), f32), jnp.arange(n))
-    return acc
-
-  def dkv_chunk(j):
-    def body(carry, i):
-      dk, dv = carry
-      p, ds = probs(i, j)
-      dv = dv + jnp.einsum("bkgcs,bckge->bske", p, doc[:, i])
-      dk = dk + jnp.einsum("bkgcs,bckgd->bskd", ds, qc[:, i]) * scale
-      return (dk, dv), None
-    init = (jnp.zeros((B, C, K, D), f32), jnp.zeros((B, C, K, E), f32))
-    (dk, dv), _ = jax.lax.scan(body, init, jnp.arange(n))
-    return dk, dv
-
-  dq = jax.lax.map(dq_chunk, jnp.arange(n))                           # [n, B, C, K, G, D]
-  dk, dv = jax.lax.map(dkv_chunk, jnp.arange(n))
-  dq = jnp.moveaxis(dq, 0, 1).reshape(B, Tp, H, D)[:, :T].astype(q.dtype)
-  dk = jnp.moveaxis(dk, 0, 1).reshape(B, Tp, K, D)[:, :T].astype(k.dtype)
-  dv = jnp.moveaxis(dv, 0, 1).reshape(B, Tp, K, E)[:, :T].astype(v.dtype)
-  return dq, dk, dv, None, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
-
-
-def xla(q, k, v, *, pattern, segment_ids, positions, scale, chunk: int = 512):
-  """Memory-linear XLA attention: blockwise gather for SSA, flash-style chunks for Full."""
-  if isinstance(pattern, SSA):
-    return _ssa_blockwise(q, k, v, pattern=pattern, segment_ids=segment_ids, positions=positions, scale=scale)
-  return _flash(q, k, v, segment_ids, positions, pattern, float(scale), chunk)
-
-
 # ----------------------------------------------------------------------------------------
 # Registry and dispatch.
+
+INTERPRET_SUFFIX = "_interpret"   # "<impl>_interpret": an interpretable impl in Pallas interpret mode
 
 
 @dataclasses.dataclass(frozen=True)
 class Impl:
-  """A registered implementation. `fn` may be a callable or a lazy "module:attr" string."""
+  """A registered implementation. `fn` and `check` may be callables or lazy "module:attr" strings.
+
+  fn(q, k, v, *, pattern, segment_ids, positions, scale) -> (o_BTHE, lse_BHT or None); an
+  `interpretable` impl's fn and check also take `interpret=`, and the name "<name>_interpret"
+  selects it in interpret mode (CPU as well; slow, for tests; never chosen by "auto").
+  """
   name: str
   fn: Callable | str
   platforms: tuple[str, ...]
-  priority: int = 0                     # higher wins under impl="auto"
-  check: Callable | None = None         # (pattern, q, k, v) -> None or a reason it cannot run
+  priority: int = 0                     # higher wins under impl="auto"; negative: never chosen by "auto"
+  check: Callable | str | None = None   # (pattern, q, k, v) -> None or a reason it cannot run
   returns_lse: bool = True              # False: returns (o, None); attention_with_lse cannot use it
   packed_documents: bool = True         # False: only for segment_ids=None (one document per row)
   custom_positions: bool = True         # False: derives document positions itself (positions=None only)
+  interpretable: bool = False           # fn and check take `interpret=` (Pallas interpret mode)
+  interpret: bool = False               # this instance runs in interpret mode
+
+  def interpreted(self) -> Impl:
+    """This impl in interpret mode: runs on CPU too, named "<name>_interpret", never auto-chosen."""
+    if not self.interpretable:
+      raise ValueError(f"impl {self.name!r} has no interpret mode")
+    return dataclasses.replace(self, name=self.name + INTERPRET_SUFFIX, platforms=("cpu", "gpu"), priority=-20,
+                               interpret=True)
 
   def load(self) -> Callable:
-    if callable(self.fn):
-      return self.fn
-    module, attr = self.fn.split(":")
-    return getattr(importlib.import_module(module), attr)
+    return self._bind(self.fn)
+
+  def load_check(self) -> Callable | None:
+    return None if self.check is None else self._bind(self.check)
+
+  def _bind(self, target: Callable | str) -> Callable:
+    if not callable(target):
+      module, attr = target.split(":")
+      target = getattr(importlib.import_module(module), attr)
+    return functools.partial(target, interpret=self.interpret) if self.interpretable else target
 
 
 _REGISTRY: dict[str, Impl] = {}
@@ -405,25 +196,38 @@ def registered() -> dict[str, Impl]:
   return dict(_REGISTRY)
 
 
-register(Impl("xla_dense", xla_dense, platforms=("cpu", "gpu", "tpu"), priority=-10))
-register(Impl("xla", xla, platforms=("cpu", "gpu", "tpu"), priority=0))
-register(Impl("pallas_triton", "kernels_pallas.triton_attention:attention_impl", platforms=("gpu",),
-              priority=10, check="kernels_pallas.triton_attention:unsupported_reason", custom_positions=False))
+def lookup(name: str) -> Impl:
+  """The Impl a name selects: a registered one, or "<name>_interpret" for an interpretable one."""
+  if name in _REGISTRY:
+    return _REGISTRY[name]
+  base = _REGISTRY.get(name.removesuffix(INTERPRET_SUFFIX)) if name.endswith(INTERPRET_SUFFIX) else None
+  if base is not None and base.interpretable:
+    return base.interpreted()
+  interpreted = sorted(n + INTERPRET_SUFFIX for n, i in _REGISTRY.items() if i.interpretable)
+  raise ValueError(f"unknown attention impl {name!r}; registered: {sorted(_REGISTRY)}, interpret mode: "
+                   f"{interpreted}, or 'auto'")
+
+
+register(Impl("xla_dense", "loza_jax.attention_xla:xla_dense", platforms=("cpu", "gpu", "tpu"), priority=-10))
+register(Impl("xla", "loza_jax.attention_xla:xla", platforms=("cpu", "gpu", "tpu"), priority=0))
+register(Impl("pallas_triton", "loza_jax.attention_pallas:triton_impl", platforms=("gpu",), priority=10,
+              check="loza_jax.attention_pallas:triton_reason", custom_positions=False, interpretable=True))
+register(Impl("pallas_mosaic", "loza_jax.attention_pallas:mosaic_impl", platforms=("gpu",), priority=15,
+              check="loza_jax.attention_pallas:mosaic_reason", custom_positions=False, interpretable=True))
 register(Impl("tokamax", "loza_jax.attention_tokamax:attention_impl", platforms=("gpu",), priority=20,
               check="loza_jax.attention_tokamax:unsupported_reason", returns_lse=False, packed_documents=False,
               custom_positions=False))
-register(Impl("pallas_mosaic", "kernels_pallas.mosaic_attention:attention_impl", platforms=("gpu",),
-              priority=15, check="kernels_pallas.mosaic_attention:unsupported_reason", custom_positions=False))
-register(Impl("pallas_mosaic_interpret", "kernels_pallas.mosaic_attention:attention_impl_interpret",
-              platforms=("cpu", "gpu"), priority=-20,
-              check="kernels_pallas.mosaic_attention:unsupported_reason_interpret", custom_positions=False))
-register(Impl("pallas_triton_interpret", "kernels_pallas.triton_attention:attention_impl_interpret",
-              platforms=("cpu", "gpu"), priority=-20,
-              check="kernels_pallas.triton_attention:unsupported_reason", custom_positions=False))
 
 
-def _reason(impl: Impl, pattern, q, k, v, platform: str, packed: bool = True, need_lse: bool = False,
-            positions: bool = False) -> str | None:
+def reason(impl: Impl | str, pattern, q, k, v, platform: str | None = None, packed: bool = True,
+           need_lse: bool = False, positions: bool = False) -> str | None:
+  """Why `impl` cannot take this call, or None when it can.
+
+  platform: default the current backend; packed: segment_ids were given; need_lse: the caller
+  wants the log-sum-exp; positions: explicit positions were given.
+  """
+  impl = lookup(impl) if isinstance(impl, str) else impl
+  platform = platform or jax.default_backend()
   if platform not in impl.platforms:
     return f"impl {impl.name!r} runs on {impl.platforms}, not on platform {platform!r}"
   if packed and not impl.packed_documents:
@@ -433,13 +237,14 @@ def _reason(impl: Impl, pattern, q, k, v, platform: str, packed: bool = True, ne
             "with positions=None, or use impl='xla'")
   if need_lse and not impl.returns_lse:
     return f"impl {impl.name!r} returns no log-sum-exp; use attention() instead of attention_with_lse()"
-  if impl.check is None:
-    return None
   try:
-    check = impl.check if callable(impl.check) else Impl(impl.name, impl.check, ()).load()
+    check = impl.load_check()
   except ImportError as e:
     return f"impl {impl.name!r} is not importable: {e}"
-  return check(pattern, q, k, v)
+  return None if check is None else check(pattern, q, k, v)
+
+
+_reason = reason   # the former private name
 
 
 @functools.cache
@@ -456,18 +261,15 @@ def resolve_impl(impl: str, pattern, q, k, v, *, packed: bool = True, need_lse: 
   """
   platform = jax.default_backend()
   if impl != "auto":
-    if impl not in _REGISTRY:
-      raise ValueError(f"unknown attention impl {impl!r}; registered: {sorted(_REGISTRY)} or 'auto'")
-    chosen = _REGISTRY[impl]
-    reason = _reason(chosen, pattern, q, k, v, platform, packed, need_lse, positions)
-    if reason:
-      raise ValueError(f"attention impl {impl!r} cannot run here: {reason}")
+    chosen = lookup(impl)
+    why = reason(chosen, pattern, q, k, v, platform, packed, need_lse, positions)
+    if why:
+      raise ValueError(f"attention impl {impl!r} cannot run here: {why}")
     return chosen
-  candidates = sorted(_REGISTRY.values(), key=lambda i: -i.priority)
-  for cand in candidates:
+  for cand in sorted(_REGISTRY.values(), key=lambda i: -i.priority):
     if cand.priority < 0:
       continue  # oracles and interpreters are never chosen automatically
-    if _reason(cand, pattern, q, k, v, platform, packed, need_lse, positions) is None:
+    if reason(cand, pattern, q, k, v, platform, packed, need_lse, positions) is None:
       _log_choice(platform, f"{type(pattern).__name__}{' packed' if packed else ''}", cand.name)
       return cand
   raise ValueError(f"no attention impl can run {pattern} on {platform}")
@@ -496,8 +298,8 @@ def attention(q_BTHD, k_BSKD, v_BSKE, *, pattern: Pattern, segment_ids=None, pos
   """Attention (the README's "Attention API"). segment_ids: int [B,T], 0 = padding; positions: document-relative.
 
   `impl`: "auto" | "xla_dense" | "xla" | "pallas_triton" | "pallas_mosaic" | "tokamax" | any
-  registered name. An explicit impl that cannot run raises ValueError; "auto" logs its choice
-  once per platform/pattern.
+  registered name, or "<name>_interpret" for an interpretable one (e.g. "pallas_triton_interpret").
+  An explicit impl that cannot run raises ValueError; "auto" logs its choice once per platform/pattern.
   segment_ids=None means one document per row (no padding), which some impls require.
   positions=None means document-relative positions; explicit positions run only on impls that
   honour them (xla, xla_dense): the Pallas kernels and tokamax derive positions themselves, so an

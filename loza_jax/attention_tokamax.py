@@ -1,8 +1,8 @@
 """tokamax's Mosaic GPU (Hopper wgmma) causal attention as an optional impl for Full layers.
 
-On an H100 it runs causal attention faster than our Triton kernel (benchmarks/results), so
-impl="auto" prefers it for Full when tokamax is installed and rows hold one document each
-(segment_ids=None: its public API cannot express packed documents). It returns no lse.
+impl="auto" prefers it for unpacked Full attention when tokamax is installed (measurements in
+benchmarks/results/) and rows hold one document each (segment_ids=None: its public API cannot
+express packed documents). It returns no lse.
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from loza_jax import attention as A
+from loza_jax import attention_xla as X
 
 
 def brute_force_visible(t_pos, s_pos, B, sink, local):
@@ -74,7 +75,7 @@ CASES = [
 
 
 def _impls(chunk):
-  return {"xla_dense": A.xla_dense, "xla": functools.partial(A.xla, chunk=chunk)}
+  return {"xla_dense": X.xla_dense, "xla": functools.partial(X.xla, chunk=chunk)}
 
 
 def _run(fn, q, k, v, pat, seg, scale):
@@ -129,7 +130,7 @@ def test_ssa_equals_full_within_budget_and_differs_beyond(rng, impl):
   np.testing.assert_allclose(o_ssa, o_full, rtol=1e-5, atol=1e-6)
   o_ssa = np.asarray(A.attention(q, k, v, pattern=pat, impl=impl))
   o_full = np.asarray(A.attention(q, k, v, pattern=A.Full(), impl=impl))
-  o_win = np.asarray(A.xla_dense(q, k, v, pattern=A.SSA(8, 0, 3), segment_ids=jnp.ones((1, 96), jnp.int32),
+  o_win = np.asarray(X.xla_dense(q, k, v, pattern=A.SSA(8, 0, 3), segment_ids=jnp.ones((1, 96), jnp.int32),
                                  positions=jnp.arange(96)[None], scale=D ** -0.5)[0])
   late = slice(40, 96)  # queries whose window excludes the sink
   assert np.abs(o_ssa[:, late] - o_full[:, late]).max() > 1e-3, "SSA degraded to Full"
@@ -190,7 +191,7 @@ def test_registry_respects_packing_and_lse():
 
   def fake(q, k, v, *, pattern, segment_ids, positions, scale):
     calls.append(1)
-    return A.xla(q, k, v, pattern=pattern, segment_ids=segment_ids, positions=positions, scale=scale)[0], None
+    return X.xla(q, k, v, pattern=pattern, segment_ids=segment_ids, positions=positions, scale=scale)[0], None
 
   platform = jax.default_backend()
   A.register(A.Impl("fake_unpacked", fake, platforms=(platform,), priority=99, returns_lse=False,
@@ -215,3 +216,21 @@ def test_registry_respects_packing_and_lse():
   if platform == "cpu":
     with pytest.raises(ValueError, match="'tokamax' cannot run here"):
       A.attention(q, q, q, pattern=A.Full(), impl="tokamax")
+
+
+def test_interpret_mode_is_a_flag_of_an_impl():
+  """'<name>_interpret' selects an interpretable impl in interpret mode (not a second registry entry);
+  reason() says why an impl cannot take a call, and an unknown name lists what exists."""
+  reg = A.registered()
+  assert not any(name.endswith(A.INTERPRET_SUFFIX) for name in reg)
+  q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
+  for name in ("pallas_triton", "pallas_mosaic"):
+    impl = A.lookup(f"{name}_interpret")
+    assert reg[name].interpretable and not reg[name].interpret
+    assert impl.interpret and impl.name == f"{name}_interpret" and impl.priority < 0 and "cpu" in impl.platforms
+    assert A.reason(impl, A.Full(), q, q, q, platform="cpu") is None
+  assert "runs on ('gpu',)" in A.reason("pallas_triton", A.Full(), q, q, q, platform="cpu")
+  assert "ignores `positions`" in A.reason("pallas_triton_interpret", A.Full(), q, q, q, positions=True)
+  assert A.reason("xla", A.SSA(16, 1, 1), q, q, q, positions=True) is None
+  with pytest.raises(ValueError, match="unknown attention impl 'xla_interpret'.*interpret mode"):
+    A.lookup("xla_interpret")
