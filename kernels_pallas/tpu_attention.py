@@ -1,0 +1,339 @@
+"""TPU attention for the registry (`pallas_tpu`): JAX's splash attention kernels run the causal
+window, XLA runs the per-document sink blocks, and the two are merged by log-sum-exp.
+
+Full is causal splash attention with segment ids. SSA is splash with a static block-window mask
+(each query sees its own block and the `local_blocks - 1` blocks before it, causally), which is
+shift-invariant because documents start at multiples of the block, plus a gathered attention of
+each query block against its document's first `sink_blocks` blocks where they lie before the
+window. Splash's forward and its dQ / dK-dV kernels are wrapped in one custom VJP that also takes
+an lse cotangent. The splash mask tables are built here in vectorised numpy (splash's own builder
+visits every block pair) and cached per static shape. docs/tpu.md explains the choice.
+
+Nothing here imports loza_jax: patterns are read duck-typed (`block_size`, `sink_blocks`,
+`local_blocks`; Full has none). Positions are derived from the segment ids (register with
+custom_positions=False).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as splash_info
+
+from kernels_pallas import tiling
+
+TILE = 128                      # splash query / key tile: the TPU lane width, splash's minimum key tile
+DTYPES = ("bfloat16", "float32")
+_NEG = -1e30                    # finite stand-in for -inf in the sink softmax (NaN-free gradients)
+
+
+# ----------------------------------------------------------------------------------------
+# Pattern and call checks.
+
+
+def pattern_fields(pattern) -> tuple[int, int, int | None] | None:
+  """(block_size, sink_blocks, local_blocks) of an SSA-like pattern, (TILE, 0, None) for Full, None otherwise."""
+  names = ("block_size", "sink_blocks", "local_blocks")
+  if all(hasattr(pattern, n) for n in names):
+    return tuple(getattr(pattern, n) for n in names)
+  if type(pattern).__name__ == "Full" and not any(hasattr(pattern, n) for n in names):
+    return (TILE, 0, None)
+  return None
+
+
+def unsupported_reason(pattern, q, k, v, *, interpret: bool = False) -> str | None:
+  """Why pallas_tpu cannot take this call (on this machine unless interpret), or None."""
+  if not interpret and jax.default_backend() != "tpu":
+    return f"pallas_tpu needs a TPU (backend is {jax.default_backend()!r}); use pallas_tpu_interpret on CPU"
+  fields = pattern_fields(pattern)
+  if fields is None:
+    return f"pattern {pattern!r} is not Full() or SSA(...)"
+  block, _, _ = fields
+  if block % TILE:
+    return (f"pallas_tpu: SSA block size {block} is not a multiple of {TILE} (the splash kernels' tile, the "
+            f"TPU lane width); use impl='xla' for smaller blocks")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if jnp.dtype(x.dtype).name not in DTYPES:
+      return f"pallas_tpu: {name} has dtype {jnp.dtype(x.dtype).name}; the kernels take {' or '.join(DTYPES)}"
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    return f"pallas_tpu: expected rank-4 q, k, v; got {q.shape}, {k.shape}, {v.shape}"
+  if q.shape[2] % k.shape[2]:
+    return f"pallas_tpu: kv heads {k.shape[2]} do not divide query heads {q.shape[2]}"
+  return None
+
+
+# ----------------------------------------------------------------------------------------
+# Splash mask tables, built directly (O(tiles * window)) and cached per static shape.
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowMask:
+  """Token mask splash evaluates inside its kernels: causal, and (local set) key block >= query block - (local - 1)."""
+  block: int
+  local: int | None
+
+  def __call__(self, q_ids, kv_ids):
+    causal = q_ids >= kv_ids
+    if self.local is None:
+      return causal
+    return causal & (kv_ids // self.block >= q_ids // self.block - (self.local - 1))
+
+
+def _first_key_tile(n_tiles: int, tiles_per_block: int, local: int | None) -> np.ndarray:
+  """Per query tile, the first key tile its window reaches (0 for Full)."""
+  i = np.arange(n_tiles)
+  if local is None:
+    return np.zeros(n_tiles, np.int64)
+  return np.maximum(0, (i // tiles_per_block - (local - 1)) * tiles_per_block)
+
+
+def _last_query_tile(n_tiles: int, tiles_per_block: int, local: int | None) -> np.ndarray:
+  """Per key tile, the last query tile whose window reaches it."""
+  j = np.arange(n_tiles)
+  if local is None:
+    return np.full(n_tiles, n_tiles - 1)
+  return np.minimum(n_tiles, (j // tiles_per_block + local) * tiles_per_block) - 1
+
+
+def _downcast(x: np.ndarray) -> np.ndarray:
+  """Smallest of int8/int16/int32 holding x (splash keeps these tables in scalar memory)."""
+  top = int(x.max()) if x.size else 0
+  for dt in (np.int8, np.int16):
+    if top <= np.iinfo(dt).max:
+      return x.astype(dt)
+  return x.astype(np.int32)
+
+
+def _info(block_mask, data_next, n_tokens) -> splash_info.MaskInfo:
+  return splash_info.MaskInfo(data_next=_downcast(data_next)[None], mask_next=None,
+                              block_mask=_downcast(block_mask)[None], partial_mask_blocks=None,
+                              q_sequence=np.arange(n_tokens, dtype=np.int32))
+
+
+def window_mask_info(n_tokens: int, block: int, local: int | None) -> splash_info.MaskInfo:
+  """Forward / dQ table: row i lists the key tiles of query tile i (diagonal partial = 1, full = 2)."""
+  n, m = n_tokens // TILE, block // TILE
+  i = np.arange(n)
+  lo = _first_key_tile(n, m, local)
+  count = i - lo + 1
+  j = np.arange(count.max())[None, :]
+  cols = lo[:, None] + j
+  valid = j < count[:, None]
+  block_mask = np.where(valid, np.where(cols == i[:, None], 1, 2), 0).astype(np.int32)
+  return _info(block_mask, np.where(valid, cols, 0).astype(np.int32), n_tokens)
+
+
+def window_mask_info_dkv(n_tokens: int, block: int, local: int | None) -> splash_info.MaskInfo:
+  """dK/dV table: column j lists the query tiles that see key tile j, padded at the top."""
+  n, m = n_tokens // TILE, block // TILE
+  j = np.arange(n)
+  count = _last_query_tile(n, m, local) - j + 1
+  width = count.max()
+  p = np.arange(width)[:, None]
+  rows = j[None, :] + p - (width - count[None, :])
+  valid = p >= width - count[None, :]
+  block_mask = np.where(valid, np.where(rows == j[None, :], 1, 2), 0).astype(np.int32)
+  return _info(block_mask, np.where(valid, rows, 0).astype(np.int32), n_tokens)
+
+
+@functools.lru_cache(maxsize=64)
+def mask_infos(n_tokens: int, block: int, local: int | None):
+  """(forward, dQ, dK/dV) splash tables for one static shape; built once, then cached."""
+  fwd = window_mask_info(n_tokens, block, local)
+  return fwd, fwd, window_mask_info_dkv(n_tokens, block, local)
+
+
+class SplashWindowMask(splash_mask._ComputableMask):
+  """The same window as a splash mask object, for checking our tables against splash's own builder."""
+
+  def __init__(self, n_tokens: int, block: int, local: int | None):
+    self.key = (n_tokens, block, local)
+    super().__init__((n_tokens, n_tokens), WindowMask(block, local))
+
+  def __eq__(self, other):
+    return isinstance(other, SplashWindowMask) and self.key == other.key
+
+  def __hash__(self):
+    return hash(self.key)
+
+
+def splash_built_infos(n_tokens: int, block: int, local: int | None):
+  """(forward, dK/dV) tables from splash's own builder (loops over all tile pairs: small T only)."""
+  mask = splash_mask.MultiHeadMask((SplashWindowMask(n_tokens, block, local),))
+  fwd, _ = splash_info.process_mask(mask, (TILE, TILE), head_shards=1, q_seq_shards=1)
+  dkv, _ = splash_info.process_mask_dkv(mask, (TILE, TILE), head_shards=1, q_seq_shards=1)
+  return fwd, dkv
+
+
+# ----------------------------------------------------------------------------------------
+# The window part: splash forward and backward behind one custom VJP (o and lse cotangents).
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  n_tokens: int
+  block: int
+  local: int | None
+  interpret: bool
+
+  @property
+  def block_sizes(self) -> splash.BlockSizes:
+    return splash.BlockSizes(block_q=TILE, block_kv=TILE, block_kv_compute=TILE, block_q_dkv=TILE,
+                             block_kv_dkv=TILE, block_kv_dkv_compute=TILE, block_q_dq=TILE, block_kv_dq=TILE)
+
+
+def _tables(cfg: _Config):
+  return [jax.tree.map(jnp.asarray, info) for info in mask_infos(cfg.n_tokens, cfg.block, cfg.local)]
+
+
+def _window_fwd_row(cfg, q_HTD, k_KTD, v_KTE, seg_T):
+  """Splash forward for one batch row -> (o_HTE, lse_HT); q is already scaled."""
+  fwd, _, _ = _tables(cfg)
+  o, (lse,) = splash._splash_attention_forward(
+      fwd, q_HTD, k_KTD, v_KTE, splash.SegmentIds(seg_T, seg_T), None, mask_value=splash.DEFAULT_MASK_VALUE,
+      is_mqa=False, block_sizes=cfg.block_sizes, residual_checkpoint_name=None, save_residuals=True,
+      mask_function=WindowMask(cfg.block, cfg.local), interpret=cfg.interpret)
+  return o, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def window_row(cfg, q_HTD, k_KTD, v_KTE, seg_T):
+  """(o_HTE, lse_HT) of the window (or causal) part for one row, differentiable in o and lse."""
+  return _window_fwd_row(cfg, q_HTD, k_KTD, v_KTE, seg_T)
+
+
+def _window_row_fwd(cfg, q_HTD, k_KTD, v_KTE, seg_T):
+  o, lse = _window_fwd_row(cfg, q_HTD, k_KTD, v_KTE, seg_T)
+  return (o, lse), (q_HTD, k_KTD, v_KTE, seg_T, o, lse)
+
+
+def _window_row_bwd(cfg, res, cot):
+  """Splash dK/dV and dQ kernels with delta = rowsum(dO * O) - dlse, so the lse cotangent enters."""
+  q, k, v, seg, o, lse = res
+  do, dlse = cot
+  _, dq_info, dkv_info = _tables(cfg)
+  delta = jnp.einsum("hte,hte->ht", o.astype(jnp.float32), do.astype(jnp.float32)) - dlse
+  ids = splash.SegmentIds(seg, seg)
+  common = dict(is_mqa=False, mask_value=splash.DEFAULT_MASK_VALUE, attn_logits_soft_cap=None,
+                q_layout=splash.QKVLayout.HEAD_DIM_MINOR, k_layout=splash.QKVLayout.HEAD_DIM_MINOR,
+                v_layout=splash.QKVLayout.HEAD_DIM_MINOR, mask_function=WindowMask(cfg.block, cfg.local),
+                interpret=cfg.interpret)
+  _, dk, dv = splash._splash_attention_bwd_dkv(q, k, v, ids, None, lse, do, delta, bq=TILE, bkv=TILE,
+                                               bkv_compute=TILE, mask_info=dkv_info, use_fused_bwd_kernel=False,
+                                               **common)
+  dq = splash._splash_attention_bwd_dq(q, k, v, ids, None, lse, do, delta, bq=TILE, bkv=TILE, mask_info=dq_info,
+                                       **common)
+  return dq, dk, dv, None
+
+
+window_row.defvjp(_window_row_fwd, _window_row_bwd)
+
+
+def window_attention(q_BTHD, k_BTKD, v_BTKE, seg_BT, cfg: _Config):
+  """Window part for the batch: (o_BTHE, lse_BHT), padding rows not yet cleaned."""
+  to_heads = lambda x: jnp.swapaxes(x, 1, 2)
+  o, lse = jax.vmap(functools.partial(window_row, cfg))(to_heads(q_BTHD), to_heads(k_BTKD), to_heads(v_BTKE),
+                                                        seg_BT)
+  return to_heads(o), lse
+
+
+# ----------------------------------------------------------------------------------------
+# The sink part (XLA) and the merge.
+
+
+def sink_attention(q_BTHD, k_BTKD, v_BTKE, seg_BT, block: int, sink: int, local: int):
+  """Each query block against its document's first `sink` blocks that lie before its window:
+  (o_BTHE fp32, lse_BHT with -inf where none). q is already scaled; T is a multiple of `block`."""
+  B, T, H, D = q_BTHD.shape
+  K, E, N, G = k_BTKD.shape[2], v_BTKE.shape[-1], T // block, H // k_BTKD.shape[2]
+  start_BN, _ = tiling.tile_layout(seg_BT, block)
+  offs_S = jnp.arange(sink * block)
+  idx_BNS = jnp.clip(start_BN[..., None] * block + offs_S, 0, T - 1)
+  gather = jax.vmap(lambda x, i: x[i])
+  k_BNSKD, v_BNSKE = gather(k_BTKD, idx_BNS), gather(v_BTKE, idx_BNS)
+  q_BNCKGD = q_BTHD.reshape(B, N, block, K, G, D)
+  s = jnp.einsum("bnckgd,bnskd->bnkgcs", q_BNCKGD, k_BNSKD, preferred_element_type=jnp.float32)
+  query_block_BN = jnp.arange(N) - start_BN
+  seen_BNS = (start_BN[..., None] >= 0) & (offs_S // block <= query_block_BN[..., None] - local)
+  real_BNC = seg_BT.reshape(B, N, block) != 0
+  mask = seen_BNS[:, :, None, None, None, :] & real_BNC[:, :, None, None, :, None]
+  s = jnp.where(mask, s, _NEG)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.exp(s - m) * mask
+  l = jnp.sum(p, axis=-1)
+  has = l > 0
+  o = jnp.einsum("bnkgcs,bnske->bnkgce", p.astype(v_BTKE.dtype), v_BNSKE, preferred_element_type=jnp.float32)
+  o = o / jnp.where(has, l, 1.0)[..., None]
+  lse = jnp.where(has, m[..., 0] + jnp.log(jnp.where(has, l, 1.0)), -jnp.inf)
+  o_BTHE = jnp.moveaxis(o, 4, 2).reshape(B, T, H, E)
+  lse_BHT = jnp.moveaxis(lse, 1, 3).reshape(B, H, T)
+  return o_BTHE, lse_BHT
+
+
+def merge(o1_BTHE, lse1_BHT, o2_BTHE, lse2_BHT):
+  """Softmax-merge two partial attentions over disjoint keys; lse2 may be -inf (no keys), lse1 finite."""
+  has_BHT = jnp.isfinite(lse2_BHT)
+  lse2 = jnp.where(has_BHT, lse2_BHT, lse1_BHT)
+  lse = jnp.where(has_BHT, jnp.logaddexp(lse1_BHT, lse2), lse1_BHT)
+  w1 = jnp.swapaxes(jnp.exp(lse1_BHT - lse), 1, 2)[..., None]
+  w2 = jnp.swapaxes(jnp.where(has_BHT, jnp.exp(lse2 - lse), 0.0), 1, 2)[..., None]
+  return o1_BTHE.astype(jnp.float32) * w1 + o2_BTHE * w2, lse
+
+
+# ----------------------------------------------------------------------------------------
+# Entry points.
+
+
+def _check_layout(seg_BT, tile: int) -> None:
+  if isinstance(seg_BT, jax.core.Tracer):
+    tiling.check_layout_traced(seg_BT, tile)
+  else:
+    tiling.check_layout_eager(seg_BT, tile)
+
+
+def _pad_tokens(x, n: int, axis: int = 1):
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, n - x.shape[axis])
+  return jnp.pad(x, pad)
+
+
+def attention_impl(q, k, v, *, pattern, segment_ids, positions, scale, interpret: bool = False):
+  """(o_BTHE, lse_BHT): splash window (or causal) attention, plus sink blocks in XLA for SSA.
+
+  positions are ignored: document positions follow from the segment ids (documents must start at
+  multiples of the SSA block and each id must be one run; checked)."""
+  del positions
+  why = unsupported_reason(pattern, q, k, v, interpret=interpret)
+  if why:
+    raise ValueError(why)
+  block, sink, local = pattern_fields(pattern)
+  B, T, H, _ = q.shape
+  seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  _check_layout(seg, 1 if local is None else block)
+  Tp = -(-T // block) * block
+  q_s = (q.astype(jnp.float32) * scale).astype(q.dtype)
+  q_s, k_p, v_p, seg_p = _pad_tokens(q_s, Tp), _pad_tokens(k, Tp), _pad_tokens(v, Tp), _pad_tokens(seg, Tp)
+  cfg = _Config(Tp, block, local, interpret)
+  o, lse = window_attention(q_s, k_p, v_p, seg_p, cfg)
+  if local is not None and sink > 0:
+    o, lse = merge(o, lse, *sink_attention(q_s, k_p, v_p, seg_p, block, sink, local))
+  real_BT = seg_p != 0
+  o = jnp.where(real_BT[..., None, None], o, 0).astype(q.dtype)
+  lse = jnp.where(real_BT[:, None, :], lse, -jnp.inf).astype(jnp.float32)
+  return o[:, :T], lse[:, :, :T]
+
+
+def attention_impl_interpret(q, k, v, *, pattern, segment_ids, positions, scale):
+  """attention_impl in Pallas interpret mode (runs on CPU; slow, for tests)."""
+  return attention_impl(q, k, v, pattern=pattern, segment_ids=segment_ids, positions=positions, scale=scale,
+                        interpret=True)
+
+
+def unsupported_reason_interpret(pattern, q, k, v) -> str | None:
+  """unsupported_reason in interpret mode (any backend)."""
+  return unsupported_reason(pattern, q, k, v, interpret=True)
