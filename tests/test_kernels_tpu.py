@@ -1,0 +1,215 @@
+"""pallas_tpu (splash attention + XLA sink blocks) in Pallas interpret mode on CPU against the XLA oracle.
+
+Every case draws fresh random inputs seeded from its test id and compares o, lse, dq, dk, dv.
+The impl is registered here for the duration of the module (unless already registered) with the
+registration line docs/tpu.md gives, so calls go through the attention API's dispatch and checks.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas import tpu_attention as TA
+from loza_jax import attention as A
+
+from attention_checks import assert_close, compare_to_reference, random_inputs
+
+KERNEL = "pallas_tpu_interpret"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered_impl():
+  """Register pallas_tpu as the lead will (if it is not yet), and remove it again afterwards."""
+  added = "pallas_tpu" not in A.registered()
+  if added:
+    A.register(A.Impl("pallas_tpu", "kernels_pallas.tpu_attention:attention_impl", platforms=("tpu",), priority=30,
+                      check="kernels_pallas.tpu_attention:unsupported_reason", custom_positions=False,
+                      interpretable=True))
+  yield
+  if added:
+    A._REGISTRY.pop("pallas_tpu")
+
+
+def _block(pattern):
+  return pattern.block_size if isinstance(pattern, A.SSA) else 1   # Full: any packing
+
+
+CASES = {
+    # name: (pattern, B, T, H, K, D, E, dtype, max_docs, lse_cot)
+    "ssa_gqa_packed_ragged_lsecot": (A.SSA(128, 1, 1), 2, 384, 4, 2, 48, 32, jnp.float32, 3, True),
+    "ssa_mqa_sink2": (A.SSA(128, 2, 1), 1, 512, 2, 1, 64, 64, jnp.float32, 2, False),
+    "ssa_mla_dims_bf16_lsecot": (A.SSA(128, 1, 2), 1, 512, 2, 1, 192, 128, jnp.bfloat16, 2, True),
+    "ssa_block256_tail": (A.SSA(256, 1, 1), 1, 700, 2, 2, 32, 32, jnp.float32, 2, False),
+    "full_gqa_packed_lsecot": (A.Full(), 2, 300, 4, 2, 48, 32, jnp.float32, 3, True),
+    "full_mla_dims_bf16": (A.Full(), 1, 256, 2, 1, 192, 128, jnp.bfloat16, 2, False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_dense_oracle(rng, case):
+  pattern, B, T, H, K, D, E, dtype, max_docs, lse_cot = CASES[case]
+  compare_to_reference(rng, KERNEL, pattern, B, T, H, K, D, E, dtype, max_docs, lse_cot=lse_cot,
+                       block=_block(pattern), lead_pad=case.startswith("ssa_gqa"))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_sweep(seed):
+  """Seeded draws of pattern, head layout, dims, dtype, length and packing."""
+  draw = np.random.default_rng(1000 + seed)
+  pattern = [A.SSA(128, 1, 1), A.SSA(128, 1, 2), A.SSA(128, 2, 1), A.SSA(128, 0, 2), A.Full()][draw.integers(5)]
+  K, G = int(draw.integers(1, 3)), int(draw.integers(1, 3))
+  D, E = [(48, 32), (64, 64), (32, 48)][draw.integers(3)]
+  dtype = [jnp.float32, jnp.bfloat16][draw.integers(2)]
+  T = int(draw.integers(200, 513))
+  compare_to_reference(draw, KERNEL, pattern, 1, T, K * G, K, D, E, dtype, 3, lse_cot=bool(draw.integers(2)),
+                       block=_block(pattern))
+
+
+def test_padding_rows_and_keys(rng):
+  """Padding queries give o = 0, lse = -inf, dq = 0; padding keys get dk = dv = 0."""
+  seg, (o, lse, (dq, dk, dv)), _ = compare_to_reference(rng, KERNEL, A.SSA(128, 1, 1), 1, 384, 2, 1, 32, 32,
+                                                        jnp.float32, 3, lse_cot=True, lead_pad=True)
+  pad = np.asarray(seg[0]) == 0
+  assert pad.any()
+  assert (np.asarray(o)[0, pad] == 0).all() and (np.asarray(lse)[0, :, pad] == -np.inf).all()
+  assert (np.asarray(dq)[0, pad] == 0).all()
+  assert (np.asarray(dk)[0, pad] == 0).all() and (np.asarray(dv)[0, pad] == 0).all()
+
+
+def test_without_sink_the_result_differs(rng):
+  """Mutation check: the same call with the sink part dropped must fail the comparison (packed rows)."""
+  seg = np.zeros((1, 512), np.int32)
+  seg[0, :128], seg[0, 128:500] = 1, 2                 # document 2: 3 blocks, the last two see its sink block
+  seg = jnp.asarray(seg)
+  q, k, v, _, _ = random_inputs(rng, 1, 512, 2, 1, 32, 32, jnp.float32)
+  ref, _ = A.attention_with_lse(q, k, v, pattern=A.SSA(128, 1, 1), segment_ids=seg, impl="xla_dense")
+  no_sink, _ = TA.attention_impl(q, k, v, pattern=A.SSA(128, 0, 1), segment_ids=seg, positions=None,
+                                 scale=32 ** -0.5, interpret=True)
+  with pytest.raises(AssertionError):
+    assert_close("o", no_sink, ref, 1e-5)
+  # The difference sits exactly in document 2's blocks past the first (the query blocks with sink visits).
+  diff = np.abs(np.asarray(no_sink - ref)).max(axis=(0, 2, 3))
+  assert diff[256:500].min() > 1e-4 and diff[:256].max() < 1e-5 and diff[500:].max() == 0
+
+
+# ----------------------------------------------------------------------------------------
+# Splash mask tables.
+
+
+@pytest.mark.parametrize("n_tokens, block, local", [(1024, 128, 3), (1024, 256, 2), (1536, 256, 1),
+                                                    (768, 128, None), (512, 128, 7)])
+def test_mask_tables_match_splash_builder(n_tokens, block, local):
+  """Our directly built tables equal what splash's own (all-tile-pairs) builder makes."""
+  fwd, dkv = TA.splash_built_infos(n_tokens, block, local)
+  ours_fwd, ours_dq, ours_dkv = TA.mask_infos(n_tokens, block, local)
+  for ours, theirs in ((ours_fwd, fwd), (ours_dq, fwd), (ours_dkv, dkv)):
+    for name in ("data_next", "block_mask", "q_sequence"):
+      a, b = getattr(ours, name), getattr(theirs, name)
+      assert a.dtype == b.dtype and a.shape == b.shape and (a == b).all(), name
+    assert ours.mask_next is None and ours.partial_mask_blocks is None
+
+
+def test_mask_tables_cheap_at_256k():
+  """T = 262144, block 128, window 7 blocks: the tables take milliseconds and are cached."""
+  t0 = time.perf_counter()
+  fwd = TA.window_mask_info(262144, 128, 7)
+  dkv = TA.window_mask_info_dkv(262144, 128, 7)
+  took = time.perf_counter() - t0
+  assert fwd.data_next.shape == (1, 2048, 7) and dkv.data_next.shape == (1, 7, 2048)
+  assert took < 1.0, f"mask tables took {took:.3f} s"
+  assert TA.mask_infos(262144, 128, 7) is TA.mask_infos(262144, 128, 7)
+
+
+# ----------------------------------------------------------------------------------------
+# What it refuses, and how.
+
+
+def _sds(shapes, dtype):
+  return (jax.ShapeDtypeStruct(s, dtype) for s in shapes)
+
+
+@pytest.mark.parametrize("shapes, pattern, dtype, expected", [
+    (((1, 8, 4, 192), (1, 8, 1, 192), (1, 8, 1, 128)), A.SSA(), jnp.bfloat16, None),
+    (((1, 8, 2, 64), (1, 8, 2, 64), (1, 8, 2, 64)), A.Full(), jnp.float32, None),
+    (((1, 8, 2, 64), (1, 8, 1, 64), (1, 8, 1, 64)), A.SSA(block_size=256), jnp.bfloat16, None),
+    (((1, 8, 2, 64), (1, 8, 1, 64), (1, 8, 1, 64)), A.SSA(block_size=64), jnp.bfloat16, "block size 64"),
+    (((1, 8, 2, 64), (1, 8, 1, 64), (1, 8, 1, 64)), A.SSA(block_size=192), jnp.bfloat16, "multiple of 128"),
+    (((1, 8, 2, 64), (1, 8, 1, 64), (1, 8, 1, 64)), A.Full(), jnp.float16, "dtype float16"),
+    (((1, 8, 2, 64), (1, 8, 1, 64), (1, 8, 1, 64)), A.Full(), jnp.int32, "dtype int32"),
+    (((1, 8, 3, 64), (1, 8, 2, 64), (1, 8, 2, 64)), A.Full(), jnp.float32, "do not divide"),
+    (((1, 8, 2, 64), (1, 8, 1, 64), (1, 8, 1, 64)), "causal", jnp.float32, "is not Full() or SSA"),
+])
+def test_unsupported_reason(shapes, pattern, dtype, expected):
+  q, k, v = _sds(shapes, dtype)
+  reason = TA.unsupported_reason(pattern, q, k, v, interpret=True)
+  assert reason is None if expected is None else (reason is not None and expected in reason), reason
+
+
+def test_duck_typed_patterns():
+  """Plain objects with the SSA fields work like SSA; nothing here needs loza_jax's classes."""
+  ssa = types.SimpleNamespace(block_size=256, sink_blocks=2, local_blocks=3)
+  assert TA.pattern_fields(ssa) == (256, 2, 3)
+  assert TA.pattern_fields(A.Full()) == (TA.TILE, 0, None)
+  assert TA.pattern_fields(object()) is None
+
+
+def test_needs_a_tpu_unless_interpreted():
+  q, k, v = _sds(((1, 8, 2, 64), (1, 8, 1, 64), (1, 8, 1, 64)), jnp.bfloat16)
+  if jax.default_backend() != "tpu":
+    assert "needs a TPU" in TA.unsupported_reason(A.Full(), q, k, v)
+    assert "runs on ('tpu',)" in A.reason("pallas_tpu", A.Full(), q, k, v)
+  assert A.reason(KERNEL, A.Full(), q, k, v, platform="cpu") is None
+
+
+def test_explicit_positions_refused():
+  q = jnp.zeros((1, 128, 2, 32), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(128, dtype=jnp.int32), (1, 128))
+  with pytest.raises(ValueError, match="ignores `positions`"):
+    A.attention(q, q, q, pattern=A.SSA(128, 1, 1), positions=pos, impl=KERNEL)
+
+
+def test_unsupported_call_raises():
+  q = jnp.zeros((1, 128, 2, 32), jnp.float32)
+  with pytest.raises(ValueError, match="block size 64 is not a multiple of 128"):
+    A.attention(q, q, q, pattern=A.SSA(64, 1, 1), impl=KERNEL)
+
+
+def _misaligned():
+  seg = np.ones((1, 256), np.int32)
+  seg[0, 200:] = 2            # document 2 starts at token 200, not a multiple of 128
+  return jnp.asarray(seg)
+
+
+def test_misaligned_documents_raise():
+  q = jnp.zeros((1, 256, 2, 32), jnp.float32)
+  with pytest.raises(ValueError, match="starts at token 200, not a multiple of the kernel block size 128"):
+    A.attention(q, q, q, pattern=A.SSA(128, 1, 1), segment_ids=_misaligned(), impl=KERNEL)
+
+
+def test_repeated_segment_id_raises():
+  q = jnp.zeros((1, 256, 2, 32), jnp.float32)
+  seg = np.ones((1, 256), np.int32)
+  seg[0, 64:128], seg[0, 128:] = 2, 1          # id 1 again after id 2: refused for Full as well
+  with pytest.raises(ValueError, match="appears again at token 128"):
+    A.attention(q, q, q, pattern=A.Full(), segment_ids=jnp.asarray(seg), impl=KERNEL)
+
+
+def test_misaligned_documents_raise_under_jit():
+  q = jnp.zeros((1, 256, 1, 32), jnp.float32)
+  f = jax.jit(lambda q, s: A.attention(q, q, q, pattern=A.SSA(128, 1, 1), segment_ids=s, impl=KERNEL))
+  with pytest.raises(Exception, match="starts at token 200, not a multiple of the kernel block size 128"):
+    jax.block_until_ready(f(q, _misaligned()))
+
+
+def test_package_does_not_import_loza_jax():
+  code = ("import sys, kernels_pallas.tpu_attention; "
+          "bad = [m for m in sys.modules if m.startswith('loza_jax')]; assert not bad, bad")
+  subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
