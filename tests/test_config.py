@@ -58,6 +58,15 @@ def test_overrides_and_roundtrip(tmp_path):
     ("model: {rope_scaling: {type: ntk}}", r"rope_scaling.type"),
     ("model: {rope_scaling: {factr: 2}}", r"unknown key model.rope_scaling.'factr'"),
     ("- a\n- b", r"top level must be a mapping"),
+    ("data: {passkey_digits: [7]}", r"data.passkey_digits: need \[min, max\]"),
+    ("pipeline: {pretrain_stages: [{seq_len: 128, steps: 0}]}", r"pipeline.pretrain_stages: need seq_len >= 2, steps >= 1"),
+    ("pipeline: {pretrain_stages: [{seq_len: 128, steps: 5, retrieval_fraction: 2.0}]}", r"retrieval_fraction must be"),
+    ("pipeline: {pretrain_stages: [{seq_len: 128, steps: 5, retrival_lengths: [96]}]}",
+     r"unknown key pipeline.pretrain_stages\[0\].'retrival_lengths'"),
+    ("data: {retrieval_lengths: [256]}\npipeline: {pretrain_stages: [{seq_len: 128, steps: 5}]}",
+     r"pipeline.pretrain_stages\[0\]: data.retrieval_lengths: 256 is not in \[1, data.seq_len=128\]"),
+    ("attention: {block_size: 16}\npipeline: {pretrain_stages: [{seq_len: 120, steps: 5, retrieval_lengths: [96]}]}",
+     r"pipeline.pretrain_stages\[0\].seq_len=120 must be a multiple of attention.block_size=16"),
 ])
 def test_validation_errors_name_key_and_file(tmp_path, text, match):
   p = write(tmp_path, text)
@@ -73,3 +82,15 @@ def test_missing_file_and_bad_override():
     load_config("configs/demo_cpu.yaml", ["train.steps"])
   with pytest.raises(ValueError, match="configs/demo_cpu.yaml: unknown key train.'stepz'"):
     load_config("configs/demo_cpu.yaml", ["train.stepz=3"])
+
+
+def test_pretrain_stage_data_inherits_and_overrides():
+  from loza_jax.config import pretrain_stage_data
+  cfg = load_config("configs/demo_cpu.yaml", ["data.passkey_digits=[7, 9]", "pipeline.pretrain_stages=[{seq_len: 128, "
+                                              "steps: 5, retrieval_lengths: [96, 128], passkey_digits: [7, 20]}, "
+                                              "{seq_len: 256, steps: 3, retrieval_fraction: 0.5}]"])
+  first, last = (pretrain_stage_data(cfg.data, s) for s in cfg.pipeline.pretrain_stages)
+  assert (first.seq_len, first.retrieval_lengths, first.passkey_digits) == (128, (96, 128), (7, 20))
+  assert first.retrieval_fraction == cfg.data.retrieval_fraction
+  assert (last.seq_len, last.retrieval_lengths, last.passkey_digits, last.retrieval_fraction) == (
+      256, cfg.data.retrieval_lengths, (7, 9), 0.5)

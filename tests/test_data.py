@@ -213,6 +213,7 @@ def shipped_seq_lens() -> list[int]:
     lens.add(c.get("data", {}).get("seq_len", 256))
     lens.add(c.get("calibrate", {}).get("seq_len") or c.get("data", {}).get("seq_len", 256))
     lens |= {s["seq_len"] for s in c.get("midtrain", {}).get("stages", [])}
+    lens |= {s["seq_len"] for s in (c.get("pipeline") or {}).get("pretrain_stages", [])}
     lens |= set(c.get("evaluate", {}).get("lengths", []))
   return sorted(lens)
 
@@ -401,3 +402,30 @@ def test_jsonl_invalid_utf8_names_file_and_line(tmp_path):
   (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok"}\n\n{"text": "caf\xe9"}\n')
   with pytest.raises(ValueError, match=r"bad.jsonl:3: not valid UTF-8"):
     data.file_corpus([str(tmp_path / "bad.jsonl")])
+
+
+def test_passkey_digits_range_and_cap(rng):
+  cfg = tiny_cfg("unused", ["data.seq_len=256", "data.retrieval_fraction=1.0", "data.retrieval_tasks=[passkey]",
+                            "data.retrieval_lengths=[96, 128, 256]", "data.passkey_digits=[7, 40]"])
+  corpus, tok = data.stdlib_corpus(), data.ByteTokenizer()
+  src = data.RetrievalSource(corpus, tok, cfg.data, 0, bytes_per_token=1.0)
+  assert [src.passkey_digits(n) for n in (96, 128, 256)] == [(7, 7), (7, 21), (7, 40)]
+  seen = {}
+  for i in range(60):
+    r = src[i]
+    answer = bytes(r["tokens"][r["loss_mask"] == 1].astype(np.uint8).tolist()).decode()
+    assert answer.isdigit() and answer[0] != "0" and len(r["tokens"]) <= 256
+    lo, hi = src.passkey_digits(len(r["tokens"]) + 15 - (len(r["tokens"]) + 15) % 16)
+    seen.setdefault(hi, set()).add(len(answer))
+    assert lo <= len(answer) <= hi
+  assert max(seen.get(40, {0})) > 21   # long keys where they fit
+  ex = data.make_retrieval_example("passkey", 256, 0.5, rng, corpus, tok, bytes_per_token=1.0, digits=30)
+  assert len(ex.answer) == 30 and f"The pass key is {ex.answer}." in ex.prompt
+
+
+def test_default_passkeys_keep_their_draws():
+  """data.passkey_digits' default draws exactly what 7-digit keys always drew (evaluation cases unchanged)."""
+  a, b = np.random.default_rng(3), np.random.default_rng(3)
+  assert data._number(a) == str(int(b.integers(1_000_000, 10_000_000)))
+  with pytest.raises(ValueError, match="data.passkey_digits"):
+    tiny_cfg("unused", ["data.passkey_digits=[8, 7]"])

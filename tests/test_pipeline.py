@@ -9,7 +9,10 @@ SHORT = ["train.steps=4", "train.batch_size=2", "train.log_every=2", "train.prog
          "midtrain.stages=[{seq_len: 256, steps: 2}, {seq_len: 512, steps: 1, batch_size: 2, "
          "rope_scaling: {factor: 2.0, original_max_position_embeddings: 256}}]",
          "evaluate.lengths=[256]", "evaluate.depths=[0.5]", "evaluate.samples=1", "evaluate.ppl_rows=1",
-         "evaluate.ppl_lengths=[256]", "evaluate.tasks=[passkey, vartrack]", "pipeline.random_seeds=2"]
+         "evaluate.ppl_lengths=[256]", "evaluate.tasks=[passkey, vartrack]", "pipeline.random_seeds=2",
+         "pipeline.pretrain_stages=[]"]
+STAGED = ["pipeline.pretrain_stages=[{seq_len: 128, steps: 3, batch_size: 2, retrieval_lengths: [96, 128], "
+          "passkey_digits: [7, 20]}, {seq_len: 256, steps: 2, batch_size: 2, learning_rate: 1e-3}]"]
 
 
 def test_pipeline_smoke(tmp_path):
@@ -39,6 +42,35 @@ def test_pipeline_smoke(tmp_path):
                                                        "random-sparse+midtrain (2 seeds)", "alternating+midtrain"]
   assert set(summary["headline"][3]["beyond_train"]) == {"mean", "min", "max", "std", "n"}
   assert (tmp_path / "eval" / "retrieval_heatmap.png").is_file()
+
+
+def test_pipeline_pretrains_through_its_stages(tmp_path):
+  argv = ["--config", "configs/demo_cpu.yaml", "--run-dir", str(tmp_path)]
+  for s in SHORT + STAGED + ["pipeline.random_seeds=1", "pipeline.alternating=false", "evaluate.tasks=[passkey]",
+                             "midtrain.stages=[{seq_len: 256, steps: 1, batch_size: 2}]"]:
+    argv += ["--set", s]
+  assert pipeline.main(argv) == 0
+  p = json.loads((tmp_path / "pipeline.json").read_text())["pretrain"]
+  assert [(r["stage"], r["seq_len"], r["steps"], r["batch_size"], r["learning_rate"]) for r in p["stages"]] == [
+      (0, 128, 3, 2, 3e-3), (1, 256, 2, 2, 1e-3)]
+  assert p["steps"] == 5 and p["model_dir"] == str(tmp_path / "pretrain" / "stage-1" / "model")
+  assert json.loads((tmp_path / "pretrain" / "stage-1" / "stages.json").read_text())[-1]["end_step"] == 2
+  report = (tmp_path / "report.md").read_text()
+  assert "5 steps through 2 stages" in report and "| 1 | 256 | 2 | 2 | 0.001 |" in report
+
+
+def test_pretrain_stages_end_at_the_training_length():
+  from loza_jax.config import load_config
+  cfg = load_config("configs/demo_cpu.yaml", ["pipeline.pretrain_stages=[{seq_len: 128, steps: 2, "
+                                              "retrieval_lengths: [128]}]"])
+  import pytest
+  with pytest.raises(ValueError, match=r"last stage's seq_len \(128\) must be data.seq_len \(256\)"):
+    pipeline.check_pretrain_stages(cfg)
+  staged = pipeline.pretrain_stage_cfg(load_config("configs/demo_cpu.yaml", STAGED),
+                                       load_config("configs/demo_cpu.yaml", STAGED).pipeline.pretrain_stages[0], 0,
+                                       tmp := __import__("pathlib").Path("x"))
+  assert (staged.data.seq_len, staged.train.batch_size, staged.data.passkey_digits, staged.train.run_dir) == (
+      128, 2, (7, 20), str(tmp))
 
 
 def test_random_baseline_differs_from_the_calibrated_selection():
