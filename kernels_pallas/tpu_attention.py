@@ -29,7 +29,8 @@ from kernels_pallas import tiling
 
 TILE = 128                      # splash query / key tile: the TPU lane width, splash's minimum key tile
 DTYPES = ("bfloat16", "float32")
-_NEG = -1e30                    # finite stand-in for -inf in the sink softmax (NaN-free gradients)
+_NEG = -1e30                    # finite stand-in for -inf in the XLA sink softmax (NaN-free gradients)
+SINK_IMPL = "splash"            # the sink blocks: a second splash pass ("splash") or plain XLA ("xla")
 
 
 # ----------------------------------------------------------------------------------------
@@ -171,14 +172,44 @@ def splash_built_infos(n_tokens: int, block: int, local: int | None):
 
 
 # ----------------------------------------------------------------------------------------
-# The window part: splash forward and backward behind one custom VJP (o and lse cotangents).
+# Sink tables: each query block sees its own gathered run of `sink` blocks (block diagonal).
+
+
+def sink_mask_info(n_tokens: int, block: int, sink: int) -> splash_info.MaskInfo:
+  """Forward / dQ table of the sink pass: query tile i sees gathered tiles (i // m) * S*m + [0, S*m)."""
+  n, m = n_tokens // TILE, block // TILE
+  width = sink * m
+  cols = (np.arange(n) // m * width)[:, None] + np.arange(width)[None, :]
+  info = _info(np.full((n, width), 2, np.int32), cols.astype(np.int32), n_tokens)
+  return info._replace(q_sequence=None)
+
+
+def sink_mask_info_dkv(n_tokens: int, block: int, sink: int) -> splash_info.MaskInfo:
+  """dK/dV table of the sink pass: gathered tile c is seen by query tiles (c // (S*m)) * m + [0, m)."""
+  n, m = n_tokens // TILE, block // TILE
+  rows = (np.arange(n * sink) // (sink * m) * m)[None, :] + np.arange(m)[:, None]
+  info = _info(np.full(rows.shape, 2, np.int32), rows.astype(np.int32), n_tokens)
+  return info._replace(q_sequence=None)
+
+
+@functools.lru_cache(maxsize=64)
+def sink_mask_infos(n_tokens: int, block: int, sink: int):
+  """(forward, dQ, dK/dV) tables of the sink pass for one static shape, cached."""
+  fwd = sink_mask_info(n_tokens, block, sink)
+  return fwd, fwd, sink_mask_info_dkv(n_tokens, block, sink)
+
+
+# ----------------------------------------------------------------------------------------
+# One splash pass (forward and backward) behind a custom VJP that takes o and lse cotangents.
 
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
+  """Static description of one splash pass: the window (or causal) pass, or the sink pass (sink > 0)."""
   n_tokens: int
   block: int
   local: int | None
+  sink: int
   interpret: bool
 
   @property
@@ -186,80 +217,116 @@ class _Config:
     return splash.BlockSizes(block_q=TILE, block_kv=TILE, block_kv_compute=TILE, block_q_dkv=TILE,
                              block_kv_dkv=TILE, block_kv_dkv_compute=TILE, block_q_dq=TILE, block_kv_dq=TILE)
 
+  @property
+  def mask_function(self):
+    return None if self.sink else WindowMask(self.block, self.local)
 
-def _tables(cfg: _Config):
-  return [jax.tree.map(jnp.asarray, info) for info in mask_infos(cfg.n_tokens, cfg.block, cfg.local)]
+  def tables(self):
+    infos = (sink_mask_infos(self.n_tokens, self.block, self.sink) if self.sink
+             else mask_infos(self.n_tokens, self.block, self.local))
+    return [jax.tree.map(jnp.asarray, info) for info in infos]
 
 
-def _window_fwd_row(cfg, q_HTD, k_KTD, v_KTE, seg_T):
+def _splash_fwd_row(cfg, q_HTD, k_KSD, v_KSE, qseg_T, kvseg_S):
   """Splash forward for one batch row -> (o_HTE, lse_HT); q is already scaled."""
-  fwd, _, _ = _tables(cfg)
+  fwd, _, _ = cfg.tables()
   o, (lse,) = splash._splash_attention_forward(
-      fwd, q_HTD, k_KTD, v_KTE, splash.SegmentIds(seg_T, seg_T), None, mask_value=splash.DEFAULT_MASK_VALUE,
+      fwd, q_HTD, k_KSD, v_KSE, splash.SegmentIds(qseg_T, kvseg_S), None, mask_value=splash.DEFAULT_MASK_VALUE,
       is_mqa=False, block_sizes=cfg.block_sizes, residual_checkpoint_name=None, save_residuals=True,
-      mask_function=WindowMask(cfg.block, cfg.local), interpret=cfg.interpret)
+      mask_function=cfg.mask_function, interpret=cfg.interpret)
   return o, lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def window_row(cfg, q_HTD, k_KTD, v_KTE, seg_T):
-  """(o_HTE, lse_HT) of the window (or causal) part for one row, differentiable in o and lse."""
-  return _window_fwd_row(cfg, q_HTD, k_KTD, v_KTE, seg_T)
+def splash_row(cfg, q_HTD, k_KSD, v_KSE, qseg_T, kvseg_S):
+  """(o_HTE, lse_HT) of one splash pass for one row, differentiable in o and lse."""
+  return _splash_fwd_row(cfg, q_HTD, k_KSD, v_KSE, qseg_T, kvseg_S)
 
 
-def _window_row_fwd(cfg, q_HTD, k_KTD, v_KTE, seg_T):
-  o, lse = _window_fwd_row(cfg, q_HTD, k_KTD, v_KTE, seg_T)
-  return (o, lse), (q_HTD, k_KTD, v_KTE, seg_T, o, lse)
+def _splash_row_fwd(cfg, q_HTD, k_KSD, v_KSE, qseg_T, kvseg_S):
+  o, lse = _splash_fwd_row(cfg, q_HTD, k_KSD, v_KSE, qseg_T, kvseg_S)
+  return (o, lse), (q_HTD, k_KSD, v_KSE, qseg_T, kvseg_S, o, lse)
 
 
-def _window_row_bwd(cfg, res, cot):
+def _splash_row_bwd(cfg, res, cot):
   """Splash dK/dV and dQ kernels with delta = rowsum(dO * O) - dlse, so the lse cotangent enters."""
-  q, k, v, seg, o, lse = res
+  q, k, v, qseg, kvseg, o, lse = res
   do, dlse = cot
-  _, dq_info, dkv_info = _tables(cfg)
+  _, dq_info, dkv_info = cfg.tables()
   delta = jnp.einsum("hte,hte->ht", o.astype(jnp.float32), do.astype(jnp.float32)) - dlse
-  ids = splash.SegmentIds(seg, seg)
+  ids = splash.SegmentIds(qseg, kvseg)
   common = dict(is_mqa=False, mask_value=splash.DEFAULT_MASK_VALUE, attn_logits_soft_cap=None,
                 q_layout=splash.QKVLayout.HEAD_DIM_MINOR, k_layout=splash.QKVLayout.HEAD_DIM_MINOR,
-                v_layout=splash.QKVLayout.HEAD_DIM_MINOR, mask_function=WindowMask(cfg.block, cfg.local),
-                interpret=cfg.interpret)
+                v_layout=splash.QKVLayout.HEAD_DIM_MINOR, mask_function=cfg.mask_function, interpret=cfg.interpret)
   _, dk, dv = splash._splash_attention_bwd_dkv(q, k, v, ids, None, lse, do, delta, bq=TILE, bkv=TILE,
                                                bkv_compute=TILE, mask_info=dkv_info, use_fused_bwd_kernel=False,
                                                **common)
   dq = splash._splash_attention_bwd_dq(q, k, v, ids, None, lse, do, delta, bq=TILE, bkv=TILE, mask_info=dq_info,
                                        **common)
-  return dq, dk, dv, None
+  return dq, dk, dv, None, None
 
 
-window_row.defvjp(_window_row_fwd, _window_row_bwd)
+splash_row.defvjp(_splash_row_fwd, _splash_row_bwd)
 
 
-def window_attention(q_BTHD, k_BTKD, v_BTKE, seg_BT, cfg: _Config):
-  """Window part for the batch: (o_BTHE, lse_BHT), padding rows not yet cleaned."""
+def splash_pass(q_BTHD, k_BSKD, v_BSKE, qseg_BT, kvseg_BS, cfg: _Config):
+  """One splash pass over the batch: (o_BTHE, lse_BHT); rows without visible keys are not cleaned."""
   to_heads = lambda x: jnp.swapaxes(x, 1, 2)
-  o, lse = jax.vmap(functools.partial(window_row, cfg))(to_heads(q_BTHD), to_heads(k_BTKD), to_heads(v_BTKE),
-                                                        seg_BT)
+  o, lse = jax.vmap(functools.partial(splash_row, cfg))(to_heads(q_BTHD), to_heads(k_BSKD), to_heads(v_BSKE),
+                                                        qseg_BT, kvseg_BS)
   return to_heads(o), lse
+
+
+def window_attention(q_BTHD, k_BTKD, v_BTKE, seg_BT, block: int, local: int | None, interpret: bool):
+  """Window (local set) or causal (local None) part: (o_BTHE, lse_BHT), padding rows not yet cleaned."""
+  cfg = _Config(q_BTHD.shape[1], block, local, 0, interpret)
+  return splash_pass(q_BTHD, k_BTKD, v_BTKE, seg_BT, seg_BT, cfg)
 
 
 # ----------------------------------------------------------------------------------------
 # The sink part (XLA) and the merge.
 
 
-def sink_attention(q_BTHD, k_BTKD, v_BTKE, seg_BT, block: int, sink: int, local: int):
-  """Each query block against its document's first `sink` blocks that lie before its window:
-  (o_BTHE fp32, lse_BHT with -inf where none). q is already scaled; T is a multiple of `block`."""
-  B, T, H, D = q_BTHD.shape
-  K, E, N, G = k_BTKD.shape[2], v_BTKE.shape[-1], T // block, H // k_BTKD.shape[2]
+def sink_layout(seg_BT, block: int, sink: int, local: int):
+  """Per query block n: token indices of its document's first `sink` blocks (idx_BNS) and which of
+  them it sees (seen_BNS: sink blocks strictly before its window; none for padding blocks)."""
+  T = seg_BT.shape[1]
   start_BN, _ = tiling.tile_layout(seg_BT, block)
   offs_S = jnp.arange(sink * block)
   idx_BNS = jnp.clip(start_BN[..., None] * block + offs_S, 0, T - 1)
-  gather = jax.vmap(lambda x, i: x[i])
-  k_BNSKD, v_BNSKE = gather(k_BTKD, idx_BNS), gather(v_BTKE, idx_BNS)
+  query_block_BN = jnp.arange(T // block) - start_BN
+  seen_BNS = (start_BN[..., None] >= 0) & (offs_S // block <= query_block_BN[..., None] - local)
+  return idx_BNS, seen_BNS
+
+
+_gather_rows = jax.vmap(lambda x, i: x[i])
+
+
+def sink_attention_splash(q_BTHD, k_BTKD, v_BTKE, seg_BT, block: int, sink: int, local: int, interpret: bool):
+  """Sink part as a second splash pass: keys gathered per query block (S = T * sink tokens), a static
+  block-diagonal table, and kv segment ids 1 (seen) / 2 (not seen) against q ids 1 (real) / 0 (padding).
+  Returns (o_BTHE, lse_BHT with -inf where a query sees no sink key)."""
+  B, T = seg_BT.shape
+  idx_BNS, seen_BNS = sink_layout(seg_BT, block, sink, local)
+  idx_BS = idx_BNS.reshape(B, -1)
+  real_BT = seg_BT != 0
+  qseg_BT = real_BT.astype(jnp.int32)
+  kvseg_BS = jnp.where(seen_BNS.reshape(B, -1), 1, 2).astype(jnp.int32)
+  cfg = _Config(T, block, None, sink, interpret)
+  o, lse = splash_pass(q_BTHD, _gather_rows(k_BTKD, idx_BS), _gather_rows(v_BTKE, idx_BS), qseg_BT, kvseg_BS, cfg)
+  has_BT = real_BT & jnp.repeat(seen_BNS[:, :, 0], block, axis=1)
+  return o, jnp.where(has_BT[:, None, :], lse, -jnp.inf)
+
+
+def sink_attention_xla(q_BTHD, k_BTKD, v_BTKE, seg_BT, block: int, sink: int, local: int):
+  """Sink part in plain XLA (reference, and an alternative): each query block against its gathered
+  sink keys. Returns (o_BTHE fp32, lse_BHT with -inf where none). T is a multiple of `block`."""
+  B, T, H, D = q_BTHD.shape
+  K, E, N, G = k_BTKD.shape[2], v_BTKE.shape[-1], T // block, H // k_BTKD.shape[2]
+  idx_BNS, seen_BNS = sink_layout(seg_BT, block, sink, local)
+  k_BNSKD, v_BNSKE = _gather_rows(k_BTKD, idx_BNS), _gather_rows(v_BTKE, idx_BNS)
   q_BNCKGD = q_BTHD.reshape(B, N, block, K, G, D)
   s = jnp.einsum("bnckgd,bnskd->bnkgcs", q_BNCKGD, k_BNSKD, preferred_element_type=jnp.float32)
-  query_block_BN = jnp.arange(N) - start_BN
-  seen_BNS = (start_BN[..., None] >= 0) & (offs_S // block <= query_block_BN[..., None] - local)
   real_BNC = seg_BT.reshape(B, N, block) != 0
   mask = seen_BNS[:, :, None, None, None, :] & real_BNC[:, :, None, None, :, None]
   s = jnp.where(mask, s, _NEG)
@@ -302,8 +369,10 @@ def _pad_tokens(x, n: int, axis: int = 1):
   return jnp.pad(x, pad)
 
 
-def attention_impl(q, k, v, *, pattern, segment_ids, positions, scale, interpret: bool = False):
-  """(o_BTHE, lse_BHT): splash window (or causal) attention, plus sink blocks in XLA for SSA.
+def attention_impl(q, k, v, *, pattern, segment_ids, positions, scale, interpret: bool = False,
+                   sink_impl: str = SINK_IMPL):
+  """(o_BTHE, lse_BHT): splash window (or causal) attention, plus the sink blocks for SSA (a second
+  splash pass, or sink_impl="xla"), merged by log-sum-exp.
 
   positions are ignored: document positions follow from the segment ids (documents must start at
   multiples of the SSA block and each id must be one run; checked)."""
@@ -311,6 +380,8 @@ def attention_impl(q, k, v, *, pattern, segment_ids, positions, scale, interpret
   why = unsupported_reason(pattern, q, k, v, interpret=interpret)
   if why:
     raise ValueError(why)
+  if sink_impl not in ("splash", "xla"):
+    raise ValueError(f"sink_impl must be 'splash' or 'xla', got {sink_impl!r}")
   block, sink, local = pattern_fields(pattern)
   B, T, H, _ = q.shape
   seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
@@ -318,10 +389,13 @@ def attention_impl(q, k, v, *, pattern, segment_ids, positions, scale, interpret
   Tp = -(-T // block) * block
   q_s = (q.astype(jnp.float32) * scale).astype(q.dtype)
   q_s, k_p, v_p, seg_p = _pad_tokens(q_s, Tp), _pad_tokens(k, Tp), _pad_tokens(v, Tp), _pad_tokens(seg, Tp)
-  cfg = _Config(Tp, block, local, interpret)
-  o, lse = window_attention(q_s, k_p, v_p, seg_p, cfg)
+  o, lse = window_attention(q_s, k_p, v_p, seg_p, block, local, interpret)
   if local is not None and sink > 0:
-    o, lse = merge(o, lse, *sink_attention(q_s, k_p, v_p, seg_p, block, sink, local))
+    if sink_impl == "splash":
+      part = sink_attention_splash(q_s, k_p, v_p, seg_p, block, sink, local, interpret)
+    else:
+      part = sink_attention_xla(q_s, k_p, v_p, seg_p, block, sink, local)
+    o, lse = merge(o, lse, *part)
   real_BT = seg_p != 0
   o = jnp.where(real_BT[..., None, None], o, 0).astype(q.dtype)
   lse = jnp.where(real_BT[:, None, :], lse, -jnp.inf).astype(jnp.float32)
