@@ -17,6 +17,8 @@ from loza_jax.model import build_model
 from train import data
 from loza_jax.model_dir import load_model
 from train.checkpoint import Checkpointer
+from train.hooks import Callback
+from train.iterators import train_iterator
 from train.losses import lm_loss_terms, make_distill_loss, make_lm_loss
 from train.trainer import Trainer
 from tests.trainer_utils import read_metrics, tiny_cfg, write_tiny_yaml
@@ -194,3 +196,14 @@ def test_resume_false_refuses_to_overwrite(tmp_path):
   with pytest.raises(ValueError, match="train.resume=false"):
     Trainer(again).fit(iter(data.build_dataset(again, 4)))
   assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2", "2.sha256.json"]
+
+
+def test_hooks_run_every_n_steps_and_once_at_the_end(tmp_path):
+  """Logging and checkpointing are hooks with an `every`; a user hook with every=2 sees steps 2 and 4,
+  metrics are logged every train.log_every steps and flushed after the last, the last step is saved."""
+  cfg = tiny_cfg(tmp_path / "run", ["train.steps=5", "train.log_every=2", "train.checkpoint_every=0"])
+  seen = []
+  result = Trainer(cfg, hooks=[Callback(every=2, fn=lambda tr, step: seen.append(step))]).fit(train_iterator(cfg))
+  assert result.stopped == "done" and seen == [2, 4]
+  assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5]
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.is_dir()) == ["5"]
