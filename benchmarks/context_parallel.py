@@ -8,6 +8,7 @@ on one device and with mesh.context = devices, and prints one JSON line: bytes t
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -35,6 +36,46 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
           n *= int(d)
         out[m.group(2)] += n * _DTYPE_BYTES[dtype]
   return out
+
+
+# ----------------------------------------------------------------------------------------
+# The analytic model for the LongCat-Flash geometry (docs/context_parallel.md).
+
+LONGCAT = dict(hidden=6144, layers=28, heads=64, kv_lora=512, rope=64, qk=192, v=128, block=128, sink=1, local=7)
+
+
+def comm_per_layer(T: int, C: int, g=LONGCAT, bytes_per=2) -> dict:
+  """Bytes one device receives per attention sublayer in the forward (the backward sends as much back)."""
+  if C == 1:
+    return {"ssa_halo": 0, "ssa_sink": 0, "full_latent": 0, "full_expanded_kv": 0}
+  lat = (g["kv_lora"] + g["rope"]) * bytes_per
+  W, NS = (g["local"] - 1) * g["block"], g["sink"] * g["block"]
+  shifts = math.ceil(math.log2(2 * C)) + 2                 # Hillis–Steele rounds + exclusive + halo-distance shift
+  return {"ssa_halo": 2 * W * lat, "ssa_sink": 2 * shifts * NS * lat,   # two zig-zag chunks per device
+          "full_latent": T * (C - 1) // C * lat,
+          "full_expanded_kv": T * (C - 1) // C * g["heads"] * (g["qk"] + g["v"]) * bytes_per}
+
+
+def activation_bytes(T: int, C: int, g=LONGCAT, working_per_token=400e3) -> float:
+  """Per-device activation bytes with per-layer remat: layer-input checkpoints and one layer's working set per
+  local token, plus the Full layer's all-gathered latents (bf16) and their fp32 gradient for the whole sequence."""
+  local = T / C
+  checkpoints = g["layers"] * g["hidden"] * 2
+  gathered = 0 if C == 1 else T * (g["kv_lora"] + g["rope"]) * (2 + 4)
+  return local * (checkpoints + working_per_token) + gathered
+
+
+def longest_context(C: int, budget=100e9, block=128) -> int:
+  """Longest T (a multiple of 2·C·block) whose activations fit `budget` bytes per device."""
+  step = 2 * C * block
+  lo = step
+  while activation_bytes(2 * lo, C) <= budget:
+    lo *= 2
+  hi = 2 * lo
+  while hi - lo > step:
+    mid = (lo + hi) // 2 // step * step
+    lo, hi = (mid, hi) if activation_bytes(mid, C) <= budget else (lo, mid)
+  return lo
 
 
 def _setup(devices: int) -> None:
@@ -103,7 +144,13 @@ def main(argv=None) -> None:
   ap.add_argument("--devices", type=int, default=8)
   ap.add_argument("--seq-len", type=int, default=8192)
   ap.add_argument("--run", action="store_true", help="also run both steps and report the losses")
+  ap.add_argument("--model", action="store_true", help="print the LongCat-Flash communication/memory model instead")
   args = ap.parse_args(argv)
+  if args.model:
+    for C in (1, 8, 64):
+      print(f"C={C}: longest context {longest_context(C):,} tokens; per-layer bytes at T=131072: "
+            + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in comm_per_layer(131072, C).items()))
+    return
   _setup(args.devices)
   import json
   print(json.dumps(measure(args.devices, args.seq_len, args.run)))

@@ -195,17 +195,19 @@ def local_state(lat_BPTF, seg_BPT, start_BPT, r: int, NS: int) -> SinkState:
   return SinkState(jnp.ones((B, Pn), bool), has, n, seg, buf, lat_BPTF[:, :, :NS])
 
 
-def _shift_state(s: SinkState, layout: Layout, h: int) -> SinkState:
-  return SinkState(*(shift(x, layout, h) for x in s))
+def _shift_state(s: SinkState, layout: Layout, h: int, heads: bool = True) -> SinkState:
+  """Shift a state by h chunks; heads=False keeps the heads local (never read when sinks fit in a block)."""
+  moved = SinkState(*(shift(x, layout, h) for x in s[:-1]), s.head_BPSF)
+  return moved._replace(head_BPSF=shift(s.head_BPSF, layout, h)) if heads else moved
 
 
-def exclusive_scan(s: SinkState, layout: Layout) -> SinkState:
+def exclusive_scan(s: SinkState, layout: Layout, heads: bool = True) -> SinkState:
   """Per chunk v: the state of chunks 0..v−1 (Hillis–Steele over the N chunks, log2 N shifts)."""
   d = 1
   while d < layout.n:
-    s = combine(_shift_state(s, layout, d), s, r_len=1 << 30)
+    s = combine(_shift_state(s, layout, d, heads), s, r_len=1 << 30)
     d *= 2
-  return _shift_state(s, layout, 1)
+  return _shift_state(s, layout, 1, heads)
 
 
 # ----------------------------------------------------------------------------------------
@@ -228,8 +230,9 @@ def _ssa_extend(lat_BPTF, seg_BPT, layout: Layout, pattern: attn.SSA):
   r = nh * Tc - W
   full = local_state(lat_BPTF, seg_BPT, start_BPT, Tc, NS)
   part = local_state(lat_BPTF, seg_BPT, start_BPT, r, NS)
-  prefix = combine(exclusive_scan(full, layout), part, r_len=r)
-  sink = _shift_state(prefix, layout, nh)
+  # A document's sink crosses a chunk end only if it is longer than one block (documents start on blocks).
+  prefix = combine(exclusive_scan(full, layout, heads=pattern.sink_blocks > 1), part, r_len=r)
+  sink = _shift_state(prefix, layout, nh, heads=False)
   # Right-align the n sink tokens; keep them only if their document continues at the halo start.
   k = jnp.arange(NS)
   off = NS - sink.n
@@ -243,7 +246,26 @@ def _ssa_extend(lat_BPTF, seg_BPT, layout: Layout, pattern: attn.SSA):
 
 
 # ----------------------------------------------------------------------------------------
-# Full: queries of the local chunks against all keys, chunked online softmax (custom VJP).
+# Full: local queries against every token's latent. Key chunks are expanded from the latent one
+# at a time (outer loop), so no device holds per-head K/V for the whole sequence; the local
+# queries' online-softmax state is the carry. Custom VJP: one backward pass over key chunks.
+
+
+class Expand(NamedTuple):
+  """How latents [.., Cl + R] become keys and values: kv = ckv @ w in `dtype`, k = [kv[:Dn], rope], v = kv[Dn:]."""
+  kv_heads: int
+  nope_dim: int
+  dtype: jnp.dtype
+
+
+def expand_chunk(lat_BCF, w_CX, ex: Expand):
+  """Latents of one key chunk -> fp32 (k_BCKD, v_BCKE)."""
+  B, c, F = lat_BCF.shape
+  Cl = w_CX.shape[0]
+  kv = jnp.dot(lat_BCF[..., :Cl].astype(ex.dtype), w_CX.astype(ex.dtype)).reshape(B, c, ex.kv_heads, -1)
+  rope = jnp.broadcast_to(lat_BCF[:, :, None, Cl:], (B, c, ex.kv_heads, F - Cl)).astype(kv.dtype)
+  k = jnp.concatenate([kv[..., :ex.nope_dim], rope], axis=-1)
+  return k.astype(jnp.float32), kv[..., ex.nope_dim:].astype(jnp.float32)
 
 
 def _blocks(x, c: int, axis: int = 1):
@@ -263,108 +285,122 @@ def _pair(q_c, k_c, qs, qi, ks, ki, scale):
   return jnp.where(mask, s, attn._MASK_VALUE), mask
 
 
-def _cross_prep(q, k, v, qs, qi, ks, ki, chunk):
+class _Prep(NamedTuple):
+  cq: int
+  ck: int
+  q: jax.Array      # [nq, B, cq, K, G, D] fp32
+  qs: jax.Array     # [nq, B, cq]
+  qi: jax.Array     # [nq, B, cq] (-1 for padding)
+  q_max: jax.Array  # [nq]
+  lat: jax.Array    # [nk, B, ck, F]
+  ks: jax.Array     # [nk, B, ck]
+  ki: jax.Array     # [nk, ck]
+
+
+def _prep(q, lat, qs, qi, ks, ki, K, chunk) -> _Prep:
   B, Tq, H, D = q.shape
-  K = k.shape[2]
-  f32 = jnp.float32
-  cq, ck = min(chunk, Tq), min(chunk, k.shape[1])
-  qc = _blocks(q.astype(f32).reshape(B, Tq, K, H // K, D), cq)
-  qsc, qic = _blocks(qs, cq), _blocks(qi, cq)
-  qic = jnp.where(_blocks(jnp.ones_like(qi, bool), cq), qic, -1)   # padded queries see nothing
-  return (cq, ck, qc, _blocks(k.astype(f32), ck), _blocks(v.astype(f32), ck), qsc, qic,
-          _blocks(ks, ck), _blocks(ki, ck, axis=0))
+  cq, ck = min(chunk, Tq), min(chunk, lat.shape[1])
+  lead = lambda x: jnp.moveaxis(x, 1, 0)
+  qic = jnp.where(_blocks(jnp.ones_like(qi, bool), cq), _blocks(qi, cq), -1)
+  return _Prep(cq, ck, lead(_blocks(q.astype(jnp.float32).reshape(B, Tq, K, H // K, D), cq)), lead(_blocks(qs, cq)),
+               lead(qic), jnp.max(qic, axis=(0, 2)), lead(_blocks(lat, ck)), lead(_blocks(ks, ck)),
+               _blocks(ki, ck, axis=0))
 
 
-def _cross_fwd_impl(q, k, v, qs, qi, ks, ki, scale, chunk):
+def _latent_fwd_impl(q, lat, w, qs, qi, ks, ki, scale, chunk, ex: Expand):
   B, Tq, H, D = q.shape
-  K, E = k.shape[2], v.shape[3]
-  G = H // K
-  cq, ck, qc, kc, vc, qsc, qic, ksc, kic = _cross_prep(q, k, v, qs, qi, ks, ki, chunk)
-  nq, nk = qc.shape[1], kc.shape[1]
+  K, G = ex.kv_heads, H // ex.kv_heads
+  E = w.shape[1] // K - ex.nope_dim
+  pr = _prep(q, lat, qs, qi, ks, ki, K, chunk)
+  nq = pr.q.shape[0]
 
-  def per_q(i):
-    q_max = jnp.max(qic[:, i])
+  def per_key_chunk(state, j):
+    k, v = expand_chunk(pr.lat[j], w, ex)
 
-    def body(carry, j):
-      def step(carry):
-        m, l, acc = carry
-        s, mask = _pair(qc[:, i], kc[:, j], qsc[:, i], qic[:, i], ksc[:, j], kic[j], scale)
+    def per_q(_, xs):
+      m, l, acc, q_i, qs_i, qi_i, q_max = xs
+
+      def step(c):
+        m, l, acc = c
+        s, mask = _pair(q_i, k, qs_i, qi_i, pr.ks[j], pr.ki[j], scale)
         m_new = jnp.maximum(m, jnp.max(s, -1))
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         corr = jnp.exp(m - m_new)
-        return m_new, l * corr + jnp.sum(p, -1), acc * corr[..., None] + jnp.einsum("bkgqs,bske->bkgqe", p, vc[:, j])
-      return jax.lax.cond(kic[j, 0] <= q_max, step, lambda c: c, carry), None
+        return m_new, l * corr + jnp.sum(p, -1), acc * corr[..., None] + jnp.einsum("bkgqs,bske->bkgqe", p, v)
+      return None, jax.lax.cond(pr.ki[j, 0] <= q_max, step, lambda c: c, (m, l, acc))
 
-    init = (jnp.full((B, K, G, cq), attn._MASK_VALUE, jnp.float32), jnp.zeros((B, K, G, cq), jnp.float32),
-            jnp.zeros((B, K, G, cq, E), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(body, init, jnp.arange(nk))
-    ok = l > 0
-    return acc / jnp.where(ok, l, 1.0)[..., None], jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), attn.NEG_INF)
+    _, state = jax.lax.scan(per_q, None, (*state, pr.q, pr.qs, pr.qi, pr.q_max))
+    return state, None
 
-  o, lse = jax.lax.map(per_q, jnp.arange(nq))                      # [nq, B, K, G, cq, (E)]
-  o = jnp.moveaxis(o, 0, 3).reshape(B, K, G, nq * cq, E)[:, :, :, :Tq]
+  init = (jnp.full((nq, B, K, G, pr.cq), attn._MASK_VALUE, jnp.float32), jnp.zeros((nq, B, K, G, pr.cq), jnp.float32),
+          jnp.zeros((nq, B, K, G, pr.cq, E), jnp.float32))
+  (m, l, acc), _ = jax.lax.scan(per_key_chunk, init, jnp.arange(pr.lat.shape[0]))
+  ok = l > 0
+  o = acc / jnp.where(ok, l, 1.0)[..., None]                                   # [nq, B, K, G, cq, E]
+  lse = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), attn.NEG_INF)        # [nq, B, K, G, cq]
+  o = jnp.moveaxis(o, 0, 3).reshape(B, K, G, nq * pr.cq, E)[:, :, :, :Tq]
   o = jnp.moveaxis(o, 3, 1).reshape(B, Tq, H, E)
-  lse = jnp.moveaxis(lse, 0, 3).reshape(B, H, nq * cq)[:, :, :Tq]
   return o, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def cross_attention(q, k, v, qs, qi, ks, ki, scale, chunk):
-  """Causal attention of queries (global indices qi) to keys (indices ki), same document only -> o_BTHE."""
-  return _cross_fwd_impl(q, k, v, qs, qi, ks, ki, scale, chunk)[0].astype(q.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def latent_attention(q, lat, w, qs, qi, ks, ki, scale, chunk, ex: Expand):
+  """Causal attention of queries q_BTHD (global indices qi) to keys expanded from lat_BSF (indices ki) -> o_BTHE."""
+  return _latent_fwd_impl(q, lat, w, qs, qi, ks, ki, scale, chunk, ex)[0].astype(q.dtype)
 
 
-def _cross_fwd(q, k, v, qs, qi, ks, ki, scale, chunk):
-  o, lse = _cross_fwd_impl(q, k, v, qs, qi, ks, ki, scale, chunk)
+def _latent_fwd(q, lat, w, qs, qi, ks, ki, scale, chunk, ex):
+  o, lse = _latent_fwd_impl(q, lat, w, qs, qi, ks, ki, scale, chunk, ex)
   o = o.astype(q.dtype)
-  return o, (q, k, v, qs, qi, ks, ki, o, lse)
+  return o, (q, lat, w, qs, qi, ks, ki, o, lse)
 
 
-def _cross_bwd(scale, chunk, res, do):
-  q, k, v, qs, qi, ks, ki, o, lse = res
+def _latent_bwd(scale, chunk, ex, res, do):
+  q, lat, w, qs, qi, ks, ki, o, lse = res
   B, Tq, H, D = q.shape
-  S, K, E = k.shape[1], k.shape[2], v.shape[3]
-  G = H // K
+  K, G, Dn = ex.kv_heads, H // ex.kv_heads, ex.nope_dim
+  Cl, S = w.shape[0], lat.shape[1]
   f32 = jnp.float32
-  cq, ck, qc, kc, vc, qsc, qic, ksc, kic = _cross_prep(q, k, v, qs, qi, ks, ki, chunk)
-  nq, nk = qc.shape[1], kc.shape[1]
-  doc = _blocks(do.astype(f32).reshape(B, Tq, K, G, E), cq)
-  delta = jnp.einsum("bnqkge,bnqkge->bkgnq", doc, _blocks(o.astype(f32).reshape(B, Tq, K, G, E), cq))
-  lse_p = _blocks(lse.reshape(B, K, G, Tq), cq, axis=3)
-  lse_safe = jnp.where(jnp.isfinite(lse_p), lse_p, 0.0)
-  q_max = jnp.max(qic, axis=(0, 2))                                 # [nq]
+  pr = _prep(q, lat, qs, qi, ks, ki, K, chunk)
+  nq = pr.q.shape[0]
+  lead = lambda x: jnp.moveaxis(x, 1, 0)
+  doc = lead(_blocks(do.astype(f32).reshape(B, Tq, K, G, -1), pr.cq))                     # [nq, B, cq, K, G, E]
+  delta = jnp.einsum("nbqkge,nbqkge->nbkgq", doc, lead(_blocks(o.astype(f32).reshape(B, Tq, K, G, -1), pr.cq)))
+  lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
 
-  def probs(i, j):
-    s, mask = _pair(qc[:, i], kc[:, j], qsc[:, i], qic[:, i], ksc[:, j], kic[j], scale)
-    p = jnp.where(mask, jnp.exp(s - lse_safe[:, :, :, i, :, None]), 0.0)
-    dp = jnp.einsum("bqkge,bske->bkgqs", doc[:, i], vc[:, j])
-    return p, p * (dp - delta[:, :, :, i, :, None])
+  def per_key_chunk(carry, j):
+    dq, dw = carry
+    k, v = expand_chunk(pr.lat[j], w, ex)
 
-  def dq_chunk(i):
-    def body(acc, j):
-      add = lambda a: a + jnp.einsum("bkgqs,bskd->bqkgd", probs(i, j)[1], kc[:, j]) * scale
-      return jax.lax.cond(kic[j, 0] <= q_max[i], add, lambda a: a, acc), None
-    return jax.lax.scan(body, jnp.zeros((B, cq, K, G, D), f32), jnp.arange(nk))[0]
+    def per_q(c, xs):
+      q_i, do_i, lse_i, delta_i, dq_i, qs_i, qi_i, q_max = xs
 
-  def dkv_chunk(j):
-    def body(carry, i):
-      def add(carry):
-        dk, dv = carry
-        p, ds = probs(i, j)
-        return (dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, qc[:, i]) * scale,
-                dv + jnp.einsum("bkgqs,bqkge->bske", p, doc[:, i]))
-      return jax.lax.cond(kic[j, 0] <= q_max[i], add, lambda c: c, carry), None
-    init = (jnp.zeros((B, ck, K, D), f32), jnp.zeros((B, ck, K, E), f32))
-    return jax.lax.scan(body, init, jnp.arange(nq))[0]
+      def step(c_dq):
+        (dk, dv), dq_i = c_dq
+        s, mask = _pair(q_i, k, qs_i, qi_i, pr.ks[j], pr.ki[j], scale)
+        p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
+        ds = p * (jnp.einsum("bqkge,bske->bkgqs", do_i, v) - delta_i[..., None])
+        return ((dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, q_i) * scale, dv + jnp.einsum("bkgqs,bqkge->bske", p, do_i)),
+                dq_i + jnp.einsum("bkgqs,bskd->bqkgd", ds, k) * scale)
+      c, dq_i = jax.lax.cond(pr.ki[j, 0] <= q_max, step, lambda x: x, (c, dq_i))
+      return c, dq_i
 
-  dq = jnp.moveaxis(jax.lax.map(dq_chunk, jnp.arange(nq)), 0, 1).reshape(B, nq * cq, H, D)[:, :Tq]
-  dk, dv = jax.lax.map(dkv_chunk, jnp.arange(nk))
-  dk = jnp.moveaxis(dk, 0, 1).reshape(B, nk * ck, K, D)[:, :S]
-  dv = jnp.moveaxis(dv, 0, 1).reshape(B, nk * ck, K, E)[:, :S]
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
+    zeros = (jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32))
+    (dk, dv), dq = jax.lax.scan(per_q, zeros, (pr.q, doc, lse_safe, delta, dq, pr.qs, pr.qi, pr.q_max))
+    dkv = jnp.concatenate([dk[..., :Dn], dv], axis=-1).reshape(B, pr.ck, -1)           # [B, ck, K·(Dn+E)]
+    lat_j = pr.lat[j]
+    dlat_j = jnp.concatenate([dkv @ w.astype(f32).T, jnp.sum(dk[..., Dn:], axis=2)], axis=-1)
+    dw = dw + jnp.einsum("bcl,bcx->lx", lat_j[..., :Cl].astype(f32), dkv)
+    return (dq, dw), dlat_j
+
+  init = (jnp.zeros(pr.q.shape, f32), jnp.zeros(w.shape, f32))
+  (dq, dw), dlat = jax.lax.scan(per_key_chunk, init, jnp.arange(pr.lat.shape[0]))
+  dq = jnp.moveaxis(dq, 0, 1).reshape(B, nq * pr.cq, H, D)[:, :Tq]
+  dlat = jnp.moveaxis(dlat, 0, 1).reshape(B, -1, lat.shape[2])[:, :S]
+  return dq.astype(q.dtype), dlat.astype(lat.dtype), dw.astype(w.dtype), None, None, None, None
 
 
-cross_attention.defvjp(_cross_fwd, _cross_bwd)
+latent_attention.defvjp(_latent_fwd, _latent_bwd)
 
 
 # ----------------------------------------------------------------------------------------
@@ -428,30 +464,29 @@ def ssa_attention(q_BTHD, k_BXKD, v_BXKE, seg_BX, layout: Layout, pattern: attn.
       q_BTHD, k_BXKD, v_BXKE, seg_BX)
 
 
-def full_attention(q_BTHD, lat_BTF, seg_BT, w, expand: Callable, kv_heads: int, layout: Layout, scale: float,
-                   chunk: int = 512):
-  """Causal Full attention of the local queries to every token's keys -> o_BTHE (context-sharded).
+def full_attention(q_BTHD, lat_BTF, seg_BT, w_CX, ex: Expand, layout: Layout, scale: float, chunk: int = 512):
+  """Causal Full attention of the local queries to every token -> o_BTHE (context-sharded).
 
-  The latents lat_BTF (kv_lora_rank + rope values per token) are all-gathered and expanded on each
-  device by expand(lat_BSF, w) -> (k_BSKD, v_BSKE); w (the kv_b kernel [Cl, K·(Dn+E)]) is an argument
-  so that the gradient leaves the device as a latent reduce-scatter, not as expanded per-head keys.
+  The latents lat_BTF (kv_lora_rank + rope values per token) are all-gathered and expanded chunk by
+  chunk inside the attention loop with w_CX (the kv_b kernel), so the backward returns a latent
+  reduce-scatter and no device holds per-head keys and values for the whole sequence.
   """
   bs = batch_spec(q_BTHD.shape[0])
-  hs = heads_spec(q_BTHD.shape[2], kv_heads)
-  inv = [layout.order().index(v) for v in range(layout.n)]
-  gather = lambda x: _from_slots(jax.lax.all_gather(_to_slots(x, layout.P), AXIS, axis=1, tiled=True)[:, jnp.asarray(inv)])
+  hs = heads_spec(q_BTHD.shape[2], ex.kv_heads)
+  inv = jnp.asarray([layout.order().index(v) for v in range(layout.n)])
+  gather = lambda x: _from_slots(jax.lax.all_gather(_to_slots(x, layout.P), AXIS, axis=1, tiled=True)[:, inv])
 
   def local(q, lat, seg, w):
     Tc = q.shape[1] // layout.P
     qi = (_chunk_ids(layout)[:, None] * Tc + jnp.arange(Tc)[None, :]).reshape(-1)
-    k, v = expand(gather(lat), w)
-    seg_all = gather(seg)
-    return cross_attention(q, k, v, seg, jnp.broadcast_to(qi, seg.shape), seg_all, jnp.arange(k.shape[1]),
-                           float(scale), chunk)
+    lat_all, seg_all = gather(lat), gather(seg)
+    ex_local = ex._replace(kv_heads=q.shape[2] * ex.kv_heads // q_BTHD.shape[2])
+    return latent_attention(q, lat_all, w, seg, jnp.broadcast_to(qi, seg.shape), seg_all,
+                            jnp.arange(lat_all.shape[1]), float(scale), chunk, ex_local)
 
   qspec = P(bs, AXIS, hs, None)
   return jax.shard_map(local, in_specs=(qspec, P(bs, AXIS, None), P(bs, AXIS), P(None, hs)), out_specs=qspec,
-                       check_vma=False)(q_BTHD, lat_BTF, seg_BT, w)
+                       check_vma=False)(q_BTHD, lat_BTF, seg_BT, w_CX)
 
 
 def relayout(x_BT, src: Layout, dst: Layout):

@@ -92,19 +92,20 @@ class MLA(nn.Module):
     B, T, H, _ = q_nope_BTHD.shape
     K, Cl, a = self.cfg.kv_heads, ckv_BTC.shape[-1], self.acfg
     layout = context.Layout(context.context_size(), context.current_layout_kind())
-    needs_ssa = self.layer_type in ("ssa", "blend")
-    context.check_split(T, layout, a.block_size if needs_ssa else None, a.sink_blocks * a.block_size if needs_ssa else 0)
+    if self.layer_type in ("ssa", "blend"):
+      context.check_split(T, layout, a.block_size, a.sink_blocks * a.block_size)
+    else:
+      context.check_split(T, layout)
     seg_BT = jnp.ones((B, T), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
-    q_BTHD = jnp.concatenate([q_nope_BTHD, q_rope_BTHR.astype(q_nope_BTHD.dtype)], axis=-1)
+    q_BTHD = jnp.concatenate([q_nope_BTHD, q_rope_BTHR], axis=-1)
     lat_BTF = jnp.concatenate([ckv_BTC, k_rope_BT1R[:, :, 0].astype(ckv_BTC.dtype)], axis=-1)
     expand = lambda lat: expand_kv(lat[..., :Cl], lat[..., None, Cl:], kv_b, K, q_nope_BTHD.shape[-1])
 
     def run(pattern):
       if isinstance(pattern, attn.Full):
-        w = nn.unbox(kv_b.variables["params"]["kernel"])
-        expand_w = lambda lat, w: expand_kv(lat[..., :Cl], lat[..., None, Cl:], lambda x: kv_b_apply(x, w, kv_b.dtype),
-                                            K, q_nope_BTHD.shape[-1])
-        return context.full_attention(q_BTHD, lat_BTF, seg_BT, w, expand_w, K, layout, scale)
+        w_CX = nn.unbox(kv_b.variables["params"]["kernel"])
+        ex = context.Expand(K, q_nope_BTHD.shape[-1], kv_b.dtype)
+        return context.full_attention(q_BTHD, lat_BTF, seg_BT, w_CX, ex, layout, scale)
       ext_BXF, seg_BX = context.ssa_exchange(lat_BTF, seg_BT, layout, pattern)
       k_BXKD, v_BXKE = expand(ext_BXF)
       return context.ssa_attention(q_BTHD, k_BXKD, v_BXKE, seg_BX, layout, pattern, scale, a.impl)
@@ -155,11 +156,6 @@ def expand_qkv(q_nope_BTHD, q_rope_BTHR, ckv_BTC, k_rope_BT1R, kv_b: Dense, K: i
   """Per-head (q, k, v) from the latent: k = [kv_b(ckv) key half, the shared RoPE key], v = value half."""
   q = jnp.concatenate([q_nope_BTHD, q_rope_BTHR], axis=-1)
   return (q,) + expand_kv(ckv_BTC, k_rope_BT1R, kv_b, K, q_nope_BTHD.shape[-1])
-
-
-def kv_b_apply(ckv_BTC, w_CX, dtype):
-  """kv_b_proj with an explicit kernel (as Dense computes it), for use inside shard_map."""
-  return jnp.dot(ckv_BTC.astype(dtype), w_CX.astype(dtype))
 
 
 def expand_kv(ckv_BTC, k_rope_BT1R, kv_b, K: int, Dn: int):

@@ -1,7 +1,8 @@
 """Device mesh, logical-axis rules and NamedSharding placement for params, optimizer state and batches.
 
 Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with sharded params and optimizer
-state), `tensor` (heads / MLP / vocab), `context` (sequence; reserved for context parallelism).
+state), `tensor` (heads / MLP / vocab), `context` (sequence: context parallelism, loza_jax/context.py; the
+model finds the axis on the active mesh, so placement here only shards rows' tokens over it).
 """
 from __future__ import annotations
 
