@@ -1,13 +1,14 @@
 """TPU attention for the registry (`pallas_tpu`): JAX's splash attention kernels run the causal
-window, XLA runs the per-document sink blocks, and the two are merged by log-sum-exp.
+window and the per-document sink blocks as two passes, merged by log-sum-exp.
 
-Full is causal splash attention with segment ids. SSA is splash with a static block-window mask
-(each query sees its own block and the `local_blocks - 1` blocks before it, causally), which is
-shift-invariant because documents start at multiples of the block, plus a gathered attention of
-each query block against its document's first `sink_blocks` blocks where they lie before the
-window. Splash's forward and its dQ / dK-dV kernels are wrapped in one custom VJP that also takes
-an lse cotangent. The splash mask tables are built here in vectorised numpy (splash's own builder
-visits every block pair) and cached per static shape. docs/tpu.md explains the choice.
+Full is causal splash attention with segment ids. SSA's window (each query sees its own block and
+the `local_blocks - 1` blocks before it, causally) is a static mask, shift-invariant because
+documents start at multiples of the block. Its sink blocks are not static when documents are
+packed: their keys are gathered per query block and run as a second splash pass with a static
+block-diagonal table (sink_impl="xla": a plain XLA attention instead). Splash's forward and its
+dQ / dK-dV kernels are wrapped in one custom VJP that also takes an lse cotangent. The splash
+tables are built here in vectorised numpy (splash's own builder visits every tile pair) and
+cached per static shape. docs/tpu.md explains the choice.
 
 Nothing here imports loza_jax: patterns are read duck-typed (`block_size`, `sink_blocks`,
 `local_blocks`; Full has none). Positions are derived from the segment ids (register with

@@ -142,6 +142,25 @@ def test_mask_tables_match_splash_builder(n_tokens, block, local):
     assert ours.mask_next is None and ours.partial_mask_blocks is None
 
 
+@pytest.mark.parametrize("n_tokens, block, sink", [(512, 128, 1), (512, 128, 2), (1024, 256, 2)])
+def test_sink_tables_match_splash_builder(n_tokens, block, sink):
+  """The sink pass's block-diagonal tables equal splash's builder run on the dense mask they stand for."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as splash_info
+  q_blk = np.arange(n_tokens)[:, None] // block
+  kv_run = np.arange(n_tokens * sink)[None, :] // (sink * block)
+  mask = splash_mask.MultiHeadMask((splash_mask.NumpyMask(q_blk == kv_run),))
+  fwd, _ = splash_info.process_mask(mask, (TA.TILE, TA.TILE), head_shards=1, q_seq_shards=1)
+  dkv, _ = splash_info.process_mask_dkv(mask, (TA.TILE, TA.TILE), head_shards=1, q_seq_shards=1)
+  ours_fwd, _, ours_dkv = TA.sink_mask_infos(n_tokens, block, sink)
+  for ours, theirs in ((ours_fwd, fwd), (ours_dkv, dkv)):
+    for name in ("data_next", "block_mask"):
+      a, b = getattr(ours, name), getattr(theirs, name)
+      assert a.dtype == b.dtype and a.shape == b.shape and (a == b).all(), name
+    for name in ("mask_next", "partial_mask_blocks", "q_sequence"):
+      assert getattr(ours, name) is None and getattr(theirs, name) is None, name
+
+
 def test_mask_tables_cheap_at_256k():
   """T = 262144, block 128, window 7 blocks: the tables take milliseconds and are cached."""
   t0 = time.perf_counter()
