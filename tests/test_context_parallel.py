@@ -44,6 +44,13 @@ def test_context8_matches_context1(eight, name):
   _check(eight[name])
 
 
+def test_trainer_step_with_context(eight):
+  r = eight["trainer_c4_data2"]
+  assert r["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1, "context": 4}
+  np.testing.assert_allclose(r["loss"], r["loss_ref"], rtol=1e-5)
+  np.testing.assert_allclose(r["gnorm"], r["gnorm_ref"], rtol=1e-4)
+
+
 def test_context4_matches_context1(four):
   _check(four["mixed_c4"])
 
@@ -67,6 +74,33 @@ def test_check_split_messages():
   with pytest.raises(ValueError, match=r"sink \(32 tokens\) is longer than a chunk of 16"):
     context.check_split(256, context.Layout(8, "zigzag"), block_size=16, sink_tokens=32)
   assert context.check_split(256, context.Layout(8, "zigzag"), block_size=16) == 16
+
+
+def test_latent_attention_matches_dense(rng):
+  """Full attention from latents (chunked, causal chunk skipping, custom VJP) equals xla_dense on expanded K/V."""
+  import jax
+  import jax.numpy as jnp
+  from loza_jax import attention as attn
+  from loza_jax import context
+  B, T, H, K, Cl, R, Dn, E, chunk = 2, 48, 4, 2, 8, 4, 6, 5, 16
+  ex = context.Expand(K, Dn, jnp.float32)
+  q = jnp.asarray(rng.normal(size=(B, T, H, Dn + R)), jnp.float32)
+  lat = jnp.asarray(rng.normal(size=(B, T, Cl + R)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(Cl, K * (Dn + E))) / 3, jnp.float32)
+  seg = jnp.asarray(np.repeat([[1] * 20 + [2] * 20 + [0] * 8, [3] * 30 + [4] * 18], 1, axis=0), jnp.int32)
+  idx = jnp.broadcast_to(jnp.arange(T), (B, T))
+
+  def ours(q, lat, w):
+    return context.latent_attention(q, lat, w, seg, idx, seg, jnp.arange(T), 0.3, chunk, ex)
+
+  def ref(q, lat, w):
+    k, v = context.expand_chunk(lat, w, ex)
+    return attn.attention(q, k, v, pattern=attn.Full(), segment_ids=seg, scale=0.3, impl="xla_dense")
+
+  np.testing.assert_allclose(ours(q, lat, w), ref(q, lat, w), rtol=1e-5, atol=1e-5)
+  f = lambda fn: jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=(0, 1, 2))(q, lat, w)
+  for a, b in zip(f(ours), f(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_layouts():
@@ -103,12 +137,13 @@ def _worker(devices: int) -> dict:
   from loza_jax.config import MeshConfig, load_config
   from loza_jax.model import build_model
 
-  def cfg_for(types, impl="xla", block=16):
+  def cfg_for(types, impl="xla", block=16, sink=1):
     return load_config(str(ROOT / "configs/demo_cpu.yaml"), [
         f"model.num_hidden_layers={len(types)}", "model.hidden_size=32", "model.intermediate_size=64",
         "model.num_attention_heads=2", "model.kv_lora_rank=16", "model.qk_nope_head_dim=16",
         "model.qk_rope_head_dim=16", "model.v_head_dim=16", f"attention.block_size={block}",
-        "attention.local_blocks=3", f"attention.impl={impl}", f"attention.layer_types=[{', '.join(types)}]"])
+        "attention.local_blocks=3", f"attention.sink_blocks={sink}", f"attention.impl={impl}",
+        f"attention.layer_types=[{', '.join(types)}]"])
 
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(0, 256, (4, T)), jnp.int32)
@@ -134,13 +169,33 @@ def _worker(devices: int) -> dict:
       out[name] = {"loss_ref": float(l1), "loss": float(ln), "grad_rel_err": err}
 
   out = {}
-  if devices == 4:   # a mixed LoZA model (Full, SSA and blend sublayers) on context=4
-    loss_and_grad(cfg_for(["full", "ssa", "blend"]), {"mixed_c4": MeshConfig(data=1, context=4)})
+  if devices == 4:   # Full, SSA and blend sublayers on context=4; two sink blocks (sinks cross chunk ends)
+    loss_and_grad(cfg_for(["full", "ssa", "blend"], sink=2), {"mixed_c4": MeshConfig(data=1, context=4)})
     return out
   loss_and_grad(cfg_for(["full", "ssa"]), {"mixed_c8": MeshConfig(data=1, context=8),
                                            "mixed_c4_fsdp2": MeshConfig(data=1, fsdp=2, context=4),
                                            "mixed_c4_data2": MeshConfig(data=2, context=4)})
   loss_and_grad(cfg_for(["ssa"], "pallas_triton_interpret"), {"ssa_pallas_c8": MeshConfig(data=1, context=8)}, B=1)
+
+  # The trainer (every stage's loop) on a data=2 x context=4 mesh vs one device, on packed real batches.
+  import tempfile
+  from train import data
+  from train.trainer import Trainer
+  from tests.trainer_utils import tiny_cfg
+  with tempfile.TemporaryDirectory() as run_dir:
+    over = ["data.seq_len=256", "model.max_position_embeddings=256", "attention.layer_types=[full, ssa]",
+            "train.eps=1e-5"]
+    cfg = tiny_cfg(run_dir, over + ["mesh.data=2", "mesh.context=4"])
+    batch = next(iter(data.build_dataset(cfg, cfg.train.batch_size)))
+    one = Trainer(cfg, mesh=shd.make_mesh(MeshConfig(data=1), jax.devices()[:1]))
+    one.state = one.init_state()
+    params0 = jax.device_get(one.state.params)
+    m1 = jax.device_get(one.step(batch))
+    cp = Trainer(cfg, init_params=params0)
+    m8 = jax.device_get(cp.step(batch))
+    out["trainer_c4_data2"] = {"loss_ref": float(m1["loss"]), "loss": float(m8["loss"]),
+                               "gnorm_ref": float(m1["grad_norm"]), "gnorm": float(m8["grad_norm"]),
+                               "mesh": dict(cp.mesh.shape)}
 
   # Bytes through collectives of one SSA sublayer's attention (exchange + attention, forward + backward).
   pattern = attn.SSA(16, 1, 3)
