@@ -295,7 +295,7 @@ def attention_with_lse(q_BTHD, k_BSKD, v_BSKE, *, pattern: Pattern, segment_ids=
 
 def attention(q_BTHD, k_BSKD, v_BSKE, *, pattern: Pattern, segment_ids=None, positions=None,
               scale: float | None = None, impl: str = "auto"):
-  """Attention (the README's "Attention API"). segment_ids: int [B,T], 0 = padding; positions: document-relative.
+  """Attention (the contract: docs/design.md). segment_ids: int [B,T], 0 = padding; positions: document-relative.
 
   `impl`: "auto" | "xla_dense" | "xla" | "pallas_triton" | "pallas_mosaic" | "tokamax" | any
   registered name, or "<name>_interpret" for an interpretable one (e.g. "pallas_triton_interpret").
