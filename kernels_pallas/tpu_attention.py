@@ -32,6 +32,7 @@ TILE = 128                      # splash query / key tile: the TPU lane width, s
 DTYPES = ("bfloat16", "float32")
 _NEG = -1e30                    # finite stand-in for -inf in the XLA sink softmax (NaN-free gradients)
 SINK_IMPL = "splash"            # the sink blocks: a second splash pass ("splash") or plain XLA ("xla")
+WINDOW_BLOCK_Q = 512            # window / causal pass: query tile of forward and dQ (whole blocks); docs/tpu.md
 
 
 # ----------------------------------------------------------------------------------------
@@ -86,22 +87,6 @@ class WindowMask:
     return causal & (kv_ids // self.block >= q_ids // self.block - (self.local - 1))
 
 
-def _first_key_tile(n_tiles: int, tiles_per_block: int, local: int | None) -> np.ndarray:
-  """Per query tile, the first key tile its window reaches (0 for Full)."""
-  i = np.arange(n_tiles)
-  if local is None:
-    return np.zeros(n_tiles, np.int64)
-  return np.maximum(0, (i // tiles_per_block - (local - 1)) * tiles_per_block)
-
-
-def _last_query_tile(n_tiles: int, tiles_per_block: int, local: int | None) -> np.ndarray:
-  """Per key tile, the last query tile whose window reaches it."""
-  j = np.arange(n_tiles)
-  if local is None:
-    return np.full(n_tiles, n_tiles - 1)
-  return np.minimum(n_tiles, (j // tiles_per_block + local) * tiles_per_block) - 1
-
-
 def _downcast(x: np.ndarray) -> np.ndarray:
   """Smallest of int8/int16/int32 holding x (splash keeps these tables in scalar memory)."""
   top = int(x.max()) if x.size else 0
@@ -117,37 +102,61 @@ def _info(block_mask, data_next, n_tokens) -> splash_info.MaskInfo:
                               q_sequence=np.arange(n_tokens, dtype=np.int32))
 
 
-def window_mask_info(n_tokens: int, block: int, local: int | None) -> splash_info.MaskInfo:
-  """Forward / dQ table: row i lists the key tiles of query tile i (diagonal partial = 1, full = 2)."""
-  n, m = n_tokens // TILE, block // TILE
-  i = np.arange(n)
-  lo = _first_key_tile(n, m, local)
-  count = i - lo + 1
+def _window_pairs(n_tokens: int, block: int, local: int | None, block_q: int):
+  """Tile geometry of the window: per query tile i (block_q tokens) the key tiles (TILE tokens) lo_i..hi_i it
+  reaches, and for key tile j the query tiles first_j..last_j reaching it (both ranges are contiguous)."""
+  n_q, n_k = n_tokens // block_q, n_tokens // TILE
+  q0 = np.arange(n_q) * block_q
+  k0 = np.arange(n_k) * TILE
+  hi = (q0 + block_q - 1) // TILE
+  first = k0 // block_q
+  if local is None:
+    return np.zeros(n_q, np.int64), hi, first, np.full(n_k, n_q - 1)
+  lo = np.maximum(0, (q0 // block - (local - 1)) * block // TILE)
+  last = np.minimum(n_q - 1, (((k0 + TILE - 1) // block + local) * block - 1) // block_q)
+  return lo, hi, first, last
+
+
+def _pair_kind(q_tile, k_tile, block: int, local: int | None, block_q: int):
+  """2 where every query of the tile pair sees every key of it, else 1 (the pairs given are all visible)."""
+  q0, q1 = q_tile * block_q, q_tile * block_q + block_q - 1
+  k0, k1 = k_tile * TILE, k_tile * TILE + TILE - 1
+  full = k1 <= q0
+  if local is not None:
+    full &= k0 // block >= q1 // block - (local - 1)
+  return np.where(full, 2, 1)
+
+
+def window_mask_info(n_tokens: int, block: int, local: int | None, block_q: int = TILE) -> splash_info.MaskInfo:
+  """Forward / dQ table: row i lists the key tiles of query tile i (1 = partly visible, 2 = all visible)."""
+  lo, hi, _, _ = _window_pairs(n_tokens, block, local, block_q)
+  count = hi - lo + 1
   j = np.arange(count.max())[None, :]
   cols = lo[:, None] + j
   valid = j < count[:, None]
-  block_mask = np.where(valid, np.where(cols == i[:, None], 1, 2), 0).astype(np.int32)
+  rows = np.arange(len(lo))[:, None]
+  block_mask = np.where(valid, _pair_kind(rows, cols, block, local, block_q), 0).astype(np.int32)
   return _info(block_mask, np.where(valid, cols, 0).astype(np.int32), n_tokens)
 
 
-def window_mask_info_dkv(n_tokens: int, block: int, local: int | None) -> splash_info.MaskInfo:
+def window_mask_info_dkv(n_tokens: int, block: int, local: int | None, block_q: int = TILE) -> splash_info.MaskInfo:
   """dK/dV table: column j lists the query tiles that see key tile j, padded at the top."""
-  n, m = n_tokens // TILE, block // TILE
-  j = np.arange(n)
-  count = _last_query_tile(n, m, local) - j + 1
+  _, _, first, last = _window_pairs(n_tokens, block, local, block_q)
+  count = last - first + 1
   width = count.max()
   p = np.arange(width)[:, None]
-  rows = j[None, :] + p - (width - count[None, :])
+  rows = first[None, :] + p - (width - count[None, :])
   valid = p >= width - count[None, :]
-  block_mask = np.where(valid, np.where(rows == j[None, :], 1, 2), 0).astype(np.int32)
+  cols = np.arange(len(first))[None, :]
+  block_mask = np.where(valid, _pair_kind(rows, cols, block, local, block_q), 0).astype(np.int32)
   return _info(block_mask, np.where(valid, rows, 0).astype(np.int32), n_tokens)
 
 
 @functools.lru_cache(maxsize=64)
-def mask_infos(n_tokens: int, block: int, local: int | None):
+def mask_infos(n_tokens: int, block: int, local: int | None, block_q: int = TILE):
   """(forward, dQ, dK/dV) splash tables for one static shape; built once, then cached."""
-  fwd = window_mask_info(n_tokens, block, local)
-  return fwd, fwd, window_mask_info_dkv(n_tokens, block, local)
+  fwd = window_mask_info(n_tokens, block, local, block_q)
+  return fwd, fwd, window_mask_info_dkv(n_tokens, block, local, block_q)
 
 
 class SplashWindowMask(splash_mask._ComputableMask):
@@ -164,11 +173,11 @@ class SplashWindowMask(splash_mask._ComputableMask):
     return hash(self.key)
 
 
-def splash_built_infos(n_tokens: int, block: int, local: int | None):
+def splash_built_infos(n_tokens: int, block: int, local: int | None, block_q: int = TILE):
   """(forward, dK/dV) tables from splash's own builder (loops over all tile pairs: small T only)."""
   mask = splash_mask.MultiHeadMask((SplashWindowMask(n_tokens, block, local),))
-  fwd, _ = splash_info.process_mask(mask, (TILE, TILE), head_shards=1, q_seq_shards=1)
-  dkv, _ = splash_info.process_mask_dkv(mask, (TILE, TILE), head_shards=1, q_seq_shards=1)
+  fwd, _ = splash_info.process_mask(mask, (block_q, TILE), head_shards=1, q_seq_shards=1)
+  dkv, _ = splash_info.process_mask_dkv(mask, (block_q, TILE), head_shards=1, q_seq_shards=1)
   return fwd, dkv
 
 
@@ -212,19 +221,26 @@ class _Config:
   local: int | None
   sink: int
   interpret: bool
+  block_q: int = TILE          # query tile of the forward and dQ kernels
+  block_q_dkv: int = TILE      # query tile of the dK/dV kernel (it streams queries: small tiles read less)
 
   @property
   def block_sizes(self) -> splash.BlockSizes:
-    return splash.BlockSizes(block_q=TILE, block_kv=TILE, block_kv_compute=TILE, block_q_dkv=TILE,
-                             block_kv_dkv=TILE, block_kv_dkv_compute=TILE, block_q_dq=TILE, block_kv_dq=TILE)
+    bq = self.block_q
+    return splash.BlockSizes(block_q=bq, block_kv=TILE, block_kv_compute=TILE, block_q_dkv=self.block_q_dkv,
+                             block_kv_dkv=TILE, block_kv_dkv_compute=TILE, block_q_dq=bq, block_kv_dq=TILE)
 
   @property
   def mask_function(self):
     return None if self.sink else WindowMask(self.block, self.local)
 
   def tables(self):
-    infos = (sink_mask_infos(self.n_tokens, self.block, self.sink) if self.sink
-             else mask_infos(self.n_tokens, self.block, self.local))
+    """(forward, dQ, dK/dV) tables as arrays."""
+    if self.sink:
+      infos = sink_mask_infos(self.n_tokens, self.block, self.sink)
+    else:
+      fwd, dq, _ = mask_infos(self.n_tokens, self.block, self.local, self.block_q)
+      infos = (fwd, dq, mask_infos(self.n_tokens, self.block, self.local, self.block_q_dkv)[2])
     return [jax.tree.map(jnp.asarray, info) for info in infos]
 
 
@@ -259,11 +275,11 @@ def _splash_row_bwd(cfg, res, cot):
   common = dict(is_mqa=False, mask_value=splash.DEFAULT_MASK_VALUE, attn_logits_soft_cap=None,
                 q_layout=splash.QKVLayout.HEAD_DIM_MINOR, k_layout=splash.QKVLayout.HEAD_DIM_MINOR,
                 v_layout=splash.QKVLayout.HEAD_DIM_MINOR, mask_function=cfg.mask_function, interpret=cfg.interpret)
-  _, dk, dv = splash._splash_attention_bwd_dkv(q, k, v, ids, None, lse, do, delta, bq=TILE, bkv=TILE,
+  _, dk, dv = splash._splash_attention_bwd_dkv(q, k, v, ids, None, lse, do, delta, bq=cfg.block_q_dkv, bkv=TILE,
                                                bkv_compute=TILE, mask_info=dkv_info, use_fused_bwd_kernel=False,
                                                **common)
-  dq = splash._splash_attention_bwd_dq(q, k, v, ids, None, lse, do, delta, bq=TILE, bkv=TILE, mask_info=dq_info,
-                                       **common)
+  dq = splash._splash_attention_bwd_dq(q, k, v, ids, None, lse, do, delta, bq=cfg.block_q, bkv=TILE,
+                                       mask_info=dq_info, **common)
   return dq, dk, dv, None, None
 
 
@@ -278,9 +294,16 @@ def splash_pass(q_BTHD, k_BSKD, v_BSKE, qseg_BT, kvseg_BS, cfg: _Config):
   return to_heads(o), lse
 
 
-def window_attention(q_BTHD, k_BTKD, v_BTKE, seg_BT, block: int, local: int | None, interpret: bool):
-  """Window (local set) or causal (local None) part: (o_BTHE, lse_BHT), padding rows not yet cleaned."""
-  cfg = _Config(q_BTHD.shape[1], block, local, 0, interpret)
+def window_block_q(block: int, block_q: int = WINDOW_BLOCK_Q) -> int:
+  """Query tile of the window pass's forward and dQ kernels: block_q rounded down to whole blocks (at least one)."""
+  return block * max(1, block_q // block)
+
+
+def window_attention(q_BTHD, k_BTKD, v_BTKE, seg_BT, block: int, local: int | None, interpret: bool,
+                     block_q: int = TILE):
+  """Window (local set) or causal (local None) part: (o_BTHE, lse_BHT), padding rows not yet cleaned.
+  T must be a multiple of block_q, and block_q of the block; the dK/dV kernel runs on TILE query tiles."""
+  cfg = _Config(q_BTHD.shape[1], block, local, 0, interpret, block_q)
   return splash_pass(q_BTHD, k_BTKD, v_BTKE, seg_BT, seg_BT, cfg)
 
 
@@ -371,7 +394,7 @@ def _pad_tokens(x, n: int, axis: int = 1):
 
 
 def attention_impl(q, k, v, *, pattern, segment_ids, positions, scale, interpret: bool = False,
-                   sink_impl: str = SINK_IMPL):
+                   sink_impl: str = SINK_IMPL, block_q: int = WINDOW_BLOCK_Q):
   """(o_BTHE, lse_BHT): splash window (or causal) attention, plus the sink blocks for SSA (a second
   splash pass, or sink_impl="xla"), merged by log-sum-exp.
 
@@ -387,10 +410,11 @@ def attention_impl(q, k, v, *, pattern, segment_ids, positions, scale, interpret
   B, T, H, _ = q.shape
   seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
   _check_layout(seg, 1 if local is None else block)
-  Tp = -(-T // block) * block
+  bq = window_block_q(block, block_q)
+  Tp = -(-T // bq) * bq
   q_s = (q.astype(jnp.float32) * scale).astype(q.dtype)
   q_s, k_p, v_p, seg_p = _pad_tokens(q_s, Tp), _pad_tokens(k, Tp), _pad_tokens(v, Tp), _pad_tokens(seg, Tp)
-  o, lse = window_attention(q_s, k_p, v_p, seg_p, block, local, interpret)
+  o, lse = window_attention(q_s, k_p, v_p, seg_p, block, local, interpret, bq)
   if local is not None and sink > 0:
     if sink_impl == "splash":
       part = sink_attention_splash(q_s, k_p, v_p, seg_p, block, sink, local, interpret)

@@ -84,9 +84,10 @@ def test_padding_rows_and_keys(rng):
   assert (np.asarray(dk)[0, pad] == 0).all() and (np.asarray(dv)[0, pad] == 0).all()
 
 
-@pytest.mark.parametrize("sink_impl", ["splash", "xla"])
-def test_sink_implementations(rng, sink_impl):
-  """Both ways of running the sink blocks (second splash pass; plain XLA) give the oracle's o, lse and grads."""
+@pytest.mark.parametrize("sink_impl, block_q", [("splash", 128), ("xla", 256)])
+def test_sink_implementations_and_query_tiles(rng, sink_impl, block_q):
+  """Both ways of running the sink blocks (second splash pass; plain XLA), and window query tiles other than
+  the default, give the oracle's o, lse and grads."""
   B, T, H, K, D, E = 1, 512, 2, 1, 48, 32
   seg = jnp.asarray(aligned_segments(rng, B, T, 128, 2))
   q, k, v, w_o, w_lse = random_inputs(rng, B, T, H, K, D, E, jnp.float32)
@@ -99,7 +100,8 @@ def test_sink_implementations(rng, sink_impl):
 
   pattern = A.SSA(128, 2, 1)
   (_, (o, lse)), grads = run(lambda q, k, v: TA.attention_impl(
-      q, k, v, pattern=pattern, segment_ids=seg, positions=None, scale=0.3, interpret=True, sink_impl=sink_impl))
+      q, k, v, pattern=pattern, segment_ids=seg, positions=None, scale=0.3, interpret=True, sink_impl=sink_impl,
+      block_q=block_q))
   with jax.default_matmul_precision("highest"):
     (_, (o_r, lse_r)), grads_r = run(lambda q, k, v: A.attention_with_lse(
         q, k, v, pattern=pattern, segment_ids=seg, scale=0.3, impl="xla_dense"))
@@ -129,12 +131,15 @@ def test_without_sink_the_result_differs(rng):
 # Splash mask tables.
 
 
-@pytest.mark.parametrize("n_tokens, block, local", [(1024, 128, 3), (1024, 256, 2), (1536, 256, 1),
-                                                    (768, 128, None), (512, 128, 7)])
-def test_mask_tables_match_splash_builder(n_tokens, block, local):
-  """Our directly built tables equal what splash's own (all-tile-pairs) builder makes."""
-  fwd, dkv = TA.splash_built_infos(n_tokens, block, local)
-  ours_fwd, ours_dq, ours_dkv = TA.mask_infos(n_tokens, block, local)
+@pytest.mark.parametrize("n_tokens, block, local, block_q", [
+    (1024, 128, 3, 128), (1024, 256, 2, 128), (1536, 256, 1, 128), (768, 128, None, 128), (512, 128, 7, 128),
+    (2048, 128, 7, 512), (2048, 128, 1, 512), (2048, 256, 2, 512), (2048, 512, 3, 1024), (1024, 128, None, 512),
+    (1024, 128, 2, 256)])
+def test_mask_tables_match_splash_builder(n_tokens, block, local, block_q):
+  """Our directly built tables equal what splash's own (all-tile-pairs) builder makes, for query tiles of
+  one or more blocks."""
+  fwd, dkv = TA.splash_built_infos(n_tokens, block, local, block_q)
+  ours_fwd, ours_dq, ours_dkv = TA.mask_infos(n_tokens, block, local, block_q)
   for ours, theirs in ((ours_fwd, fwd), (ours_dq, fwd), (ours_dkv, dkv)):
     for name in ("data_next", "block_mask", "q_sequence"):
       a, b = getattr(ours, name), getattr(theirs, name)
@@ -164,12 +169,14 @@ def test_sink_tables_match_splash_builder(n_tokens, block, sink):
 def test_mask_tables_cheap_at_256k():
   """T = 262144, block 128, window 7 blocks: the tables take milliseconds and are cached."""
   t0 = time.perf_counter()
-  fwd = TA.window_mask_info(262144, 128, 7)
+  fwd = TA.window_mask_info(262144, 128, 7, 512)
   dkv = TA.window_mask_info_dkv(262144, 128, 7)
+  sink = TA.sink_mask_info(262144, 128, 1), TA.sink_mask_info_dkv(262144, 128, 1)
   took = time.perf_counter() - t0
-  assert fwd.data_next.shape == (1, 2048, 7) and dkv.data_next.shape == (1, 7, 2048)
+  assert fwd.data_next.shape == (1, 512, 10) and dkv.data_next.shape == (1, 7, 2048)
+  assert sink[0].data_next.shape == (1, 2048, 1) and sink[1].data_next.shape == (1, 1, 2048)
   assert took < 1.0, f"mask tables took {took:.3f} s"
-  assert TA.mask_infos(262144, 128, 7) is TA.mask_infos(262144, 128, 7)
+  assert TA.mask_infos(262144, 128, 7, 512) is TA.mask_infos(262144, 128, 7, 512)
 
 
 @pytest.mark.parametrize("device_kind", ["TPU v5p", "TPU v6 lite"])
@@ -179,7 +186,8 @@ def test_lowers_for_tpu(monkeypatch, device_kind, pattern):
   Mosaic TPU lowering (the TPU compiler itself does not run here). D 192 / E 128, bf16, packed rows."""
   from jax._src import mesh as mesh_lib
   original = TA.unsupported_reason
-  monkeypatch.setattr(TA, "unsupported_reason", lambda p, q, k, v, interpret=False: original(p, q, k, v, interpret=True))
+  monkeypatch.setattr(TA, "unsupported_reason",
+                      lambda p, q, k, v, interpret=False: original(p, q, k, v, interpret=True))
   B, T, H, K, D, E = 1, 2048, 4, 2, 192, 128
   seg = np.ones((B, T), np.int32)
   seg[:, 1024:] = 2
