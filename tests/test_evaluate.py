@@ -9,7 +9,7 @@ from train import data as data_lib
 from train.evaluate import (Answer, accuracy_table, evaluate_logits_fn, greedy_answer, markdown, perplexity,
                             retrieval_cases, score_cases)
 
-CFG = ["evaluate.lengths=[256, 400]", "evaluate.depths=[0.0, 0.5, 1.0]", "evaluate.samples=2",
+CFG = ["evaluate.tasks=[passkey, multikey, multivalue, vartrack]", "evaluate.lengths=[256, 400]", "evaluate.depths=[0.0, 0.5, 1.0]", "evaluate.samples=2",
        "evaluate.ppl_rows=2", "evaluate.ppl_buckets=4", "evaluate.ppl_lengths=[]", "attention.block_size=16"]
 
 
