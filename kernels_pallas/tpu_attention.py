@@ -308,7 +308,7 @@ def window_attention(q_BTHD, k_BTKD, v_BTKE, seg_BT, block: int, local: int | No
 
 
 # ----------------------------------------------------------------------------------------
-# The sink part (XLA) and the merge.
+# The sink part (a second splash pass, or plain XLA) and the merge.
 
 
 def sink_layout(seg_BT, block: int, sink: int, local: int):
