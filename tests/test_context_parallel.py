@@ -39,7 +39,8 @@ def _check(case):
   assert case["grad_rel_err"] < 1e-4, case
 
 
-@pytest.mark.parametrize("name", ["mixed_c8", "mixed_c4_fsdp2", "mixed_c4_data2", "ssa_pallas_c8"])
+@pytest.mark.parametrize("name", ["mixed_c8", "mixed_c4_fsdp2", "mixed_c4_data2", "mixed_c4_tensor2",
+                                  "ssa_pallas_c8"])
 def test_context8_matches_context1(eight, name):
   _check(eight[name])
 
@@ -174,7 +175,8 @@ def _worker(devices: int) -> dict:
     return out
   loss_and_grad(cfg_for(["full", "ssa"]), {"mixed_c8": MeshConfig(data=1, context=8),
                                            "mixed_c4_fsdp2": MeshConfig(data=1, fsdp=2, context=4),
-                                           "mixed_c4_data2": MeshConfig(data=2, context=4)})
+                                           "mixed_c4_data2": MeshConfig(data=2, context=4),
+                                           "mixed_c4_tensor2": MeshConfig(data=1, tensor=2, context=4)})
   loss_and_grad(cfg_for(["ssa"], "pallas_triton_interpret"), {"ssa_pallas_c8": MeshConfig(data=1, context=8)}, B=1)
 
   # The trainer (every stage's loop) on a data=2 x context=4 mesh vs one device, on packed real batches.
