@@ -445,18 +445,24 @@ class Config:
       raise ValueError(f"attention.layer_types has {len(lt)} entries but the model has {n} attention "
                        f"sublayers ({self.model.num_hidden_layers} layers x "
                        f"{self.model.attention_sublayers_per_layer})")
-    for i, stage in enumerate(self.pipeline.pretrain_stages):
-      try:
-        pretrain_stage_data(self.data, stage)
-      except ValueError as e:
-        raise ValueError(f"pipeline.pretrain_stages[{i}]: {e}") from None
-      if stage.seq_len % self.attention.block_size:
-        raise ValueError(f"pipeline.pretrain_stages[{i}].seq_len={stage.seq_len} must be a multiple of "
-                         f"attention.block_size={self.attention.block_size}")
 
   @property
   def layer_types(self) -> tuple[str, ...]:
     return self.attention.types_for(self.model.num_attention_sublayers)
+
+
+def check_pretrain_stages(cfg: Config) -> None:
+  """ValueError unless every pipeline.pretrain_stages entry's data fits its seq_len, a multiple of the block size.
+
+  Checked when a config is loaded (not in Config itself: stages such as calibrate replace data.seq_len)."""
+  for i, stage in enumerate(cfg.pipeline.pretrain_stages):
+    try:
+      pretrain_stage_data(cfg.data, stage)
+    except ValueError as e:
+      raise ValueError(f"pipeline.pretrain_stages[{i}]: {e}") from None
+    if stage.seq_len % cfg.attention.block_size:
+      raise ValueError(f"pipeline.pretrain_stages[{i}].seq_len={stage.seq_len} must be a multiple of "
+                       f"attention.block_size={cfg.attention.block_size}")
 
 
 def pretrain_stage_data(data: DataConfig, stage: PretrainStage) -> DataConfig:
@@ -604,7 +610,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
       raise ValueError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
   try:
     data = apply_overrides(data, overrides)
-    return from_dict(Config, data)
+    cfg = from_dict(Config, data)
+    check_pretrain_stages(cfg)
+    return cfg
   except ValueError as e:
     raise ValueError(f"{source}: {e}") from None
 

@@ -66,6 +66,12 @@ def test_pretrain_stages_end_at_the_training_length():
   import pytest
   with pytest.raises(ValueError, match=r"last stage's seq_len \(128\) must be data.seq_len \(256\)"):
     pipeline.check_pretrain_stages(cfg)
+  from loza_jax.config import replace
+  demo = load_config("configs/demo_cpu.yaml")   # stages inherit data.retrieval_lengths; calibrate raises seq_len
+  calib = replace(demo, **{"data.seq_len": 512, "data.retrieval_lengths": (512,)})
+  assert calib.pipeline.pretrain_stages == demo.pipeline.pretrain_stages
+  with pytest.raises(ValueError, match=r"pretrain_stages\[1\]: data.retrieval_lengths: 512"):
+    pipeline.check_pretrain_stages(calib)
   staged = pipeline.pretrain_stage_cfg(load_config("configs/demo_cpu.yaml", STAGED),
                                        load_config("configs/demo_cpu.yaml", STAGED).pipeline.pretrain_stages[0], 0,
                                        tmp := __import__("pathlib").Path("x"))

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from loza_jax import config as config_lib
 from loza_jax.config import Config, MidtrainStage, PretrainStage, pretrain_stage_data, replace, save_config
 from loza_jax.sparsity import select_layers
 from train import cli
@@ -255,7 +256,9 @@ def midtrain_dir(run_dir: Path, name: str) -> Path:
 
 
 def check_pretrain_stages(cfg: Config) -> None:
-  """The curriculum must end at data.seq_len, the training length the report leads with (ValueError if not)."""
+  """Each stage's data must fit its seq_len and the curriculum must end at data.seq_len, the training length the
+  report leads with (ValueError if not)."""
+  config_lib.check_pretrain_stages(cfg)
   stages = cfg.pipeline.pretrain_stages
   if stages and stages[-1].seq_len != cfg.data.seq_len:
     raise ValueError(f"pipeline.pretrain_stages: the last stage's seq_len ({stages[-1].seq_len}) must be "
