@@ -527,9 +527,11 @@ def make_retrieval_example(kind: str, length: int, depth: float, rng: np.random.
   return RetrievalExample(kind, prompt, answer, depth, tuple(offsets), starts, ends, ntok(body), ntok(prompt))
 
 
-def encode_example(example: RetrievalExample, tokenizer: Tokenizer, loss: str = "answer") -> dict[str, np.ndarray]:
-  """Tokens of prompt + answer; loss_mask on the answer tokens only (`answer`) or on every token (`all`)."""
-  prompt, answer = tokenizer.encode(example.prompt), tokenizer.encode(example.answer)
+def encode_example(example: RetrievalExample, tokenizer: Tokenizer, loss: str = "answer",
+                   end: str = "") -> dict[str, np.ndarray]:
+  """Tokens of prompt + answer + `end`; loss_mask on the answer and `end` tokens only (`answer`) or on every
+  token (`all`). Training passes end="\n", so a model learns where an answer stops (as generation does)."""
+  prompt, answer = tokenizer.encode(example.prompt), tokenizer.encode(example.answer + end)
   mask = np.concatenate([np.full(len(prompt), 1 if loss == "all" else 0), np.ones(len(answer))]).astype(np.int32)
   return {"tokens": np.concatenate([prompt, answer]).astype(np.int32), "loss_mask": mask}
 
@@ -578,9 +580,11 @@ class RetrievalSource:
     length = self.lengths[int(rng.integers(len(self.lengths)))]
     lo, hi = self.passkey_digits(length)
     digits = lo if lo == hi or kind != "passkey" else int(rng.integers(lo, hi + 1))
-    example = make_retrieval_example(kind, length, float(rng.uniform()), rng, self.corpus, self.tokenizer,
-                                     docs=self.docs, bytes_per_token=self.bytes_per_token, digits=digits)
-    return encode_example(example, self.tokenizer, self.cfg.retrieval_loss)
+    end = "\n"   # the answer's line ends: a model learns to stop where generation stops
+    example = make_retrieval_example(kind, length - len(self.tokenizer.encode(end)), float(rng.uniform()), rng,
+                                     self.corpus, self.tokenizer, docs=self.docs,
+                                     bytes_per_token=self.bytes_per_token, digits=digits)
+    return encode_example(example, self.tokenizer, self.cfg.retrieval_loss, end=end)
 
 
 # ----------------------------------------------------------------------------------------
