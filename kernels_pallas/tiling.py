@@ -49,6 +49,17 @@ def tile_layout(segment_ids_BT: jax.Array, tile: int) -> tuple[jax.Array, jax.Ar
   return jnp.where(real, start, -1).astype(jnp.int32), jnp.where(real, end, -1).astype(jnp.int32)
 
 
+def misaligned_starts(segment_ids_BT, tile: int, xp=jnp):
+  """(misaligned_B, starts_BT): per row the first token index of a document that does not start at
+  a multiple of `tile` (-1 if none), and where documents start. xp: numpy or jax.numpy."""
+  seg = segment_ids_BT.astype(xp.int32)
+  idx = xp.arange(seg.shape[1], dtype=xp.int32)
+  prev = xp.concatenate([xp.zeros_like(seg[:, :1]), seg[:, :-1]], axis=1)
+  starts = (seg != 0) & (seg != prev)
+  bad = starts & (idx % tile != 0)
+  return xp.where(bad.any(1), xp.argmax(bad, axis=1), -1).astype(xp.int32), starts
+
+
 def layout_violations(segment_ids_BT, tile: int, xp=jnp):
   """(misaligned_B, repeated_B): per row, the first token index of a document that does not
   start at a multiple of `tile` (-1 if none), and the first token index of a run whose segment
@@ -56,10 +67,7 @@ def layout_violations(segment_ids_BT, tile: int, xp=jnp):
   seg = segment_ids_BT.astype(xp.int32)
   B, T = seg.shape
   idx = xp.arange(T, dtype=xp.int32)
-  prev = xp.concatenate([xp.zeros_like(seg[:, :1]), seg[:, :-1]], axis=1)
-  starts = (seg != 0) & (seg != prev)
-  bad = starts & (idx % tile != 0)
-  misaligned = xp.where(bad.any(1), xp.argmax(bad, axis=1), -1)
+  misaligned, starts = misaligned_starts(seg, tile, xp)
   # A run start whose id equals an earlier run start's id: sort (id, position) pairs of starts.
   key = xp.where(starts, seg, -1)
   order = xp.lexsort((xp.broadcast_to(idx, (B, T)), key), axis=1)

@@ -21,13 +21,16 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import logging
 import math
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from kernels_pallas import tiling
 from loza_jax import attention as attn
 
 AXIS = "context"
@@ -104,6 +107,36 @@ def check_split(T: int, layout: Layout, block_size: int | None = None, sink_toke
     raise ValueError(f"context parallelism: the SSA sink ({sink_tokens} tokens) is longer than a chunk of {Tc} "
                      f"tokens (T={T}, {layout.n} chunks); use fewer context shards or a longer sequence")
   return Tc
+
+
+def documents_aligned(segment_ids_BT, block_size: int) -> jax.Array:
+  """SSA's halo and sink exchange assume every document starts at a multiple of the block (as the
+  packer lays them out). Concrete ids that break this raise ValueError; traced ones log the error
+  and return False, which the model turns into NaN outputs (a raising callback would hang the other
+  devices of the step)."""
+  misaligned_B, _ = tiling.misaligned_starts(segment_ids_BT, block_size)
+
+  def message(misaligned_B) -> str | None:
+    for b, t in enumerate(np.asarray(misaligned_B).tolist()):
+      if t >= 0:
+        return (f"context parallelism: row {b} has a document starting at token {t}, not a multiple of "
+                f"attention.block_size={block_size}; SSA under mesh.context > 1 needs block-aligned documents "
+                "(the packer aligns them) or mesh.context=1")
+    return None
+
+  if not isinstance(misaligned_B, jax.core.Tracer):
+    msg = message(misaligned_B)
+    if msg:
+      raise ValueError(msg)
+    return jnp.asarray(True)
+
+  def log(misaligned_B):
+    msg = message(misaligned_B)
+    if msg:
+      logging.getLogger(__name__).error(msg + " (outputs set to NaN)")
+
+  jax.debug.callback(log, misaligned_B)
+  return jnp.all(misaligned_B < 0)
 
 
 # ----------------------------------------------------------------------------------------

@@ -65,11 +65,16 @@ class Transformer(nn.Module):
                                        prompt_lengths_B)
     positions_BT = document_positions(tokens_BT, segment_ids_BT, positions_BT)
     zigzag = _zigzag_layout(tokens_BT.shape[1]) if cache is None and not self.is_initializing() else None
+    aligned = None
     if zigzag:   # context parallelism: every layer sees the balanced zig-zag order, undone before the head
+      if segment_ids_BT is not None and any(t in ("ssa", "blend") for t in cfg.layer_types):
+        aligned = context.documents_aligned(segment_ids_BT, cfg.attention.block_size)
       to_zz = lambda x: None if x is None else context.relayout(x, context.Layout(zigzag.C), zigzag)
       tokens_BT, segment_ids_BT, positions_BT = to_zz(tokens_BT), to_zz(segment_ids_BT), to_zz(positions_BT)
     embed = embed_tokens(c)
     x_BTM = constrain(embed(tokens_BT), ("batch", "length", "act_embed"))
+    if aligned is not None:
+      x_BTM = jnp.where(aligned, x_BTM, jnp.nan)
     if c.remat and cache is None:
       layer_cls = nn.remat(layer_cls)
     n = c.attention_sublayers_per_layer

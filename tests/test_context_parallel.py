@@ -66,6 +66,27 @@ def test_unsplittable_sequences_raise_naming_sizes(eight):
   assert "block_size=32" in eight["error_blocks"] and "T=256" in eight["error_blocks"]
 
 
+def test_misaligned_documents_are_refused(eight):
+  """Eagerly a ValueError naming the token; under jit on 8 devices the outputs are NaN (and an error is logged)."""
+  assert "row 0 has a document starting at token 21" in eight["error_misaligned"]
+  assert eight["misaligned_all_nan"]
+
+
+def test_documents_aligned_without_a_mesh(caplog):
+  import jax
+  import jax.numpy as jnp
+
+  from loza_jax import context
+  good, bad = jnp.asarray([[1] * 16 + [2] * 16 + [0] * 8] * 2), jnp.asarray([[1] * 40, [1] * 3 + [2] * 37])
+  assert bool(context.documents_aligned(good, 16))
+  with pytest.raises(ValueError, match="row 1 has a document starting at token 3"):
+    context.documents_aligned(bad, 16)
+  traced = jax.jit(lambda s: context.documents_aligned(s, 16))
+  assert bool(traced(good)) and not bool(jax.block_until_ready(traced(bad)))
+  jax.effects_barrier()
+  assert "row 1 has a document starting at token 3" in caplog.text
+
+
 def test_check_split_messages():
   from loza_jax import context
   with pytest.raises(ValueError, match=r"T=100 is not divisible into 8 chunks \(mesh.context=8"):
@@ -229,6 +250,20 @@ def _worker(devices: int) -> dict:
       out[key] = "no error"
     except ValueError as e:
       out[key] = str(e)
+
+  # A document starting inside a block: SSA's exchange would be wrong, so the model refuses it at run time.
+  cfg = cfg_for(["ssa"])
+  model = build_model(cfg)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), tokens[:1, :32])["params"])
+  bad_seg = jnp.ones((1, T), jnp.int32).at[:, 21:].set(2)
+  with jax.set_mesh(shd.make_mesh(MeshConfig(data=1, context=8))):
+    logits = jax.jit(model.apply)({"params": params}, tokens[:1], bad_seg)
+    out["misaligned_all_nan"] = bool(jnp.all(jnp.isnan(logits)))
+    try:
+      model.apply({"params": params}, tokens[:1], bad_seg)          # concrete ids: checked eagerly
+      out["error_misaligned"] = "no error"
+    except ValueError as e:
+      out["error_misaligned"] = str(e)
   return out
 
 
