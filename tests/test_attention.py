@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from loza_jax import attention as A
-from loza_jax import attention_xla as X
+from loza_jax import attention as A, attention_xla as X
 
 
 def brute_force_visible(t_pos, s_pos, B, sink, local):

@@ -8,16 +8,25 @@ from flax import traverse_util
 
 from loza_jax.config import load_config, replace
 from loza_jax.model import build_model
-from train.calibrate import (alpha_separation, calibrate, calibration_config, clipped_alphas, make_calibration_loss,
-                             markdown, summarise, with_alphas)
 from loza_jax.model_dir import save_model
+from train.calibrate import (
+  alpha_separation,
+  calibrate,
+  calibration_config,
+  clipped_alphas,
+  make_calibration_loss,
+  markdown,
+  summarise,
+  with_alphas,
+)
 from train.sparsify import read_calibration
 
 SMALL = ["model.num_hidden_layers=4", "model.hidden_size=64", "model.intermediate_size=96",
          "model.num_attention_heads=2", "model.kv_lora_rank=32", "model.qk_nope_head_dim=16",
          "model.qk_rope_head_dim=8", "model.v_head_dim=16", "model.initializer_range=0.2",
          "attention.layer_types=null", "attention.block_size=8", "attention.local_blocks=2", "attention.impl=xla",
-         "data.seq_len=128", "data.retrieval_fraction=0.0", "data.retrieval_lengths=[]", "train.batch_size=2", "train.progress=false",
+         "data.seq_len=128", "data.retrieval_fraction=0.0", "data.retrieval_lengths=[]", "train.batch_size=2",
+         "train.progress=false",
          "train.log_every=5", "train.checkpoint_every=0",
          "calibrate.learning_rate=0.05", "calibrate.alpha_l1=0.05"]
 PLANTED = (1, 3)
@@ -93,7 +102,8 @@ def test_clipped_alphas_follow_sublayer_order_after_a_pytree_round_trip():
 
 
 def test_clipped_alphas_order_and_clip():
-  params = {"layers_0": {"self_attn": {"alpha": np.float32(1.7)}}, "layers_1": {"self_attn": {"alpha": np.float32(-0.5)}},
+  params = {"layers_0": {"self_attn": {"alpha": np.float32(1.7)}},
+            "layers_1": {"self_attn": {"alpha": np.float32(-0.5)}},
             "layers_2": {"self_attn": {"alpha": np.float32(0.25)}}}
   np.testing.assert_allclose(np.asarray(clipped_alphas(params)), [1.0, 0.0, 0.25])
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from train import data
 from loza_jax.model_dir import CheckpointMismatchError, load_model, save_model
+from tests.trainer_utils import tiny_cfg
+from train import data
 from train.checkpoint import Checkpointer
 from train.trainer import Trainer
-from tests.trainer_utils import tiny_cfg
 
 
 def _flat(tree):

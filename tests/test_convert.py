@@ -9,12 +9,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import traverse_util
+from hf_fixtures import FIXTURES, NAMES, TOLERANCE, load, logits, rel_err
 from safetensors.numpy import load_file, save_file
 
-from hf_fixtures import FIXTURES, NAMES, TOLERANCE, load, logits, rel_err
 from loza_jax.config import to_dict
-from loza_jax.convert import (config_from_hf, config_to_hf, export_hf, import_hf, load_model, read_hf_params,
-                              write_hf)
+from loza_jax.convert import config_from_hf, config_to_hf, export_hf, import_hf, load_model, read_hf_params, write_hf
 from loza_jax.convert.__main__ import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,13 +76,14 @@ def test_exported_config_is_the_one_transformers_accepted(name, tmp_path):
   cfg, params, _, _ = load(name)
   extra = ["--zero-expert-weights", "zeros"] if cfg.model.architecture == "longcat_flash" else []
   import_hf(FIXTURES / name, tmp_path / "full")
-  import_hf(FIXTURES / name, tmp_path / "sparse", overrides=tuple(_sparse_sets(cfg.model.num_attention_sublayers)[1::2]))
+  sparse_sets = tuple(_sparse_sets(cfg.model.num_attention_sublayers)[1::2])
+  import_hf(FIXTURES / name, tmp_path / "sparse", overrides=sparse_sets)
   assert cli(["export", "--ckpt", str(tmp_path / "full"), "--out", str(tmp_path / "hf_full"), *extra]) == 0
   assert cli(["export", "--ckpt", str(tmp_path / "sparse"), "--out", str(tmp_path / "hf_sparse")]) == 0
   for variant in ("hf_full", "hf_sparse"):
     ours = json.loads((tmp_path / variant / "config.json").read_text())
     recorded = json.loads((FIXTURES / name / f"exported_{variant}_config.json").read_text())
-    assert ours == recorded, f"exporter output changed since the transformers check; rerun tools/make_hf_fixtures.py"
+    assert ours == recorded, "exporter output changed since the transformers check; rerun tools/make_hf_fixtures.py"
 
 
 def test_zigzag_sparsity_block():
@@ -177,7 +177,8 @@ def test_wrong_shape_is_named(tmp_path):
   def edit(t):
     t["model.layers.1.self_attn.1.kv_b_proj.weight"] = t["model.layers.1.self_attn.1.kv_b_proj.weight"][:, :-1].copy()
   msg = _import_error(_broken_copy("longcat_flash_tiny", tmp_path, edit), tmp_path)
-  assert "wrong shapes (1)" in msg and "model.layers.1.self_attn.1.kv_b_proj.weight [128, 23] (expected [128, 24])" in msg
+  assert "wrong shapes (1)" in msg
+  assert "model.layers.1.self_attn.1.kv_b_proj.weight [128, 23] (expected [128, 24])" in msg
 
 
 def test_all_problems_reported_together(tmp_path):

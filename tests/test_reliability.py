@@ -15,18 +15,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-
 from hf_fixtures import FIXTURES
+
 from loza_jax import attention as A
 from loza_jax.config import load_config
 from loza_jax.convert import export_hf, import_hf
-from train import data, rundir
 from loza_jax.model_dir import export_model
-from train.checkpoint import Checkpointer, steps_to_delete
-from train.sparsify import calibration_alphas, read_calibration, sparsify
-from train.metrics import MetricsLogger, read_jsonl
-from train.trainer import Trainer
 from tests.trainer_utils import tiny_cfg, write_tiny_yaml
+from train import data, rundir
+from train.checkpoint import Checkpointer, steps_to_delete
+from train.metrics import MetricsLogger, read_jsonl
+from train.sparsify import calibration_alphas, read_calibration, sparsify
+from train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,7 +145,8 @@ def test_unreadable_checkpoint_prints_one_line_and_logs_the_rest(trained, tmp_pa
 # ----------------------------------------------------------------------------------------
 # 4. One writer per run directory.
 
-HOLD = "import sys, time; from train import rundir; rundir.acquire(sys.argv[1]); print('held', flush=True); time.sleep(60)"
+HOLD = ("import sys, time; from train import rundir; rundir.acquire(sys.argv[1]); print('held', flush=True); "
+        "time.sleep(60)")
 
 
 def test_second_writer_on_a_run_directory_is_refused(tmp_path, capsys):

@@ -21,7 +21,8 @@ SMALL = ["model.num_hidden_layers=4", "model.hidden_size=32", "model.intermediat
          "model.num_attention_heads=2", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8",
          "model.qk_rope_head_dim=8", "model.v_head_dim=8", "attention.layer_types=null",
          "attention.block_size=8", "attention.local_blocks=2", "attention.impl=xla",
-         "data.seq_len=64", "data.retrieval_fraction=0.0", "data.retrieval_lengths=[]", "train.batch_size=2", "train.progress=false",
+         "data.seq_len=64", "data.retrieval_fraction=0.0", "data.retrieval_lengths=[]", "train.batch_size=2",
+         "train.progress=false",
          "train.log_every=1", "train.tensorboard=false", "train.async_checkpointing=false"]
 
 
@@ -94,16 +95,19 @@ def test_sparsify_errors(tmp_path):
     load_config("configs/demo_cpu.yaml", SMALL + ["sparsify.ratio=1.5"])
   write_calibration(tmp_path / "cal.json", cfg, [0.5] * 4)
   with pytest.raises(ValueError, match="calibration used SSA"):
-    sparsify(load_config("configs/demo_cpu.yaml", base + [f"sparsify.calibration={tmp_path / 'cal.json'}",
-                                                          "attention.block_size=16"]), tmp_path / "model", tmp_path / "x")
+    cfg = load_config("configs/demo_cpu.yaml", base + [f"sparsify.calibration={tmp_path / 'cal.json'}",
+                                                       "attention.block_size=16"])
+    sparsify(cfg, tmp_path / "model", tmp_path / "x")
 
 
-STAGES = "midtrain.stages=[{seq_len: 32, steps: 3, learning_rate: 0.003}, " \
-         "{seq_len: 64, steps: 3, learning_rate: 0.002, rope_scaling: {factor: 2.0, original_max_position_embeddings: 32}}]"
+STAGES = ("midtrain.stages=[{seq_len: 32, steps: 3, learning_rate: 0.003}, "
+          "{seq_len: 64, steps: 3, learning_rate: 0.002, "
+          "rope_scaling: {factor: 2.0, original_max_position_embeddings: 32}}]")
 
 
 def _run_midtrain(tmp_path, run_dir, kill_at=None):
-  args = [sys.executable, str(ROOT / "tests" / "resume_helper.py"), "--stage", "midtrain", "--config", "configs/demo_cpu.yaml",
+  args = [sys.executable, str(ROOT / "tests" / "resume_helper.py"), "--stage", "midtrain",
+          "--config", "configs/demo_cpu.yaml",
           "--init", str(tmp_path / "sparse"), "--set", f"train.run_dir={run_dir}", "--set", STAGES,
           "--set", "train.checkpoint_every=2"]
   for s in SMALL:
@@ -138,9 +142,9 @@ def test_midtrain_resume_across_stage_boundary_after_sigkill(tmp_path):
 def test_midtrain_rejects_a_stage_whose_data_cannot_be_built_before_training(tmp_path):
   from train.midtrain import midtrain
   make_model(tmp_path)
-  cfg = load_config("configs/demo_cpu.yaml", SMALL + ["data.retrieval_fraction=0.5", "data.retrieval_tasks=[multikey]",
-                                                      f"train.run_dir={tmp_path / 'run'}",
-                                                      "midtrain.stages=[{seq_len: 256, steps: 1}, {seq_len: 64, steps: 1}]"])
+  cfg = load_config("configs/demo_cpu.yaml", SMALL + [
+      "data.retrieval_fraction=0.5", "data.retrieval_tasks=[multikey]", f"train.run_dir={tmp_path / 'run'}",
+      "midtrain.stages=[{seq_len: 256, steps: 1}, {seq_len: 64, steps: 1}]"])
   with pytest.raises(ValueError, match=r"midtrain.stages\[1\] \(seq_len 64\).*multikey"):
     midtrain(cfg, tmp_path / "model")
   assert not (tmp_path / "run" / "checkpoints").exists()

@@ -14,14 +14,14 @@ from flax import traverse_util
 from loza_jax import config as config_lib
 from loza_jax.attention import default_positions
 from loza_jax.model import build_model
-from train import data
 from loza_jax.model_dir import load_model
+from tests.trainer_utils import read_metrics, tiny_cfg, write_tiny_yaml
+from train import data
 from train.checkpoint import Checkpointer
 from train.hooks import Callback
 from train.iterators import train_iterator
 from train.losses import lm_loss_terms, make_distill_loss, make_lm_loss
 from train.trainer import Trainer
-from tests.trainer_utils import read_metrics, tiny_cfg, write_tiny_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 

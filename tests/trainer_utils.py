@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from loza_jax.config import apply_overrides, from_dict, Config
+from loza_jax.config import Config, apply_overrides, from_dict
 
 TINY = {
     "model": {"vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

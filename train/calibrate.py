@@ -26,10 +26,9 @@ from tqdm.auto import tqdm
 
 from loza_jax.config import Config, replace
 from loza_jax.model import alpha_paths, build_model
-from loza_jax.sparsity import select_layers
-from train import cli
-from train import data as data_lib
 from loza_jax.model_dir import check_compatible, load_model
+from loza_jax.sparsity import select_layers
+from train import cli, data as data_lib
 from train.iterators import train_iterator
 from train.losses import lm_loss_terms
 from train.partition import without
@@ -230,7 +229,8 @@ def markdown(summary: dict) -> str:
     rows.append(f"| {r['sublayer']} | {r['alpha']:.3f} | {r['rank']} | {'yes' if r['sublayer'] in chosen else ''} |")
   sep = summary.get("separation") or {}
   gap = ("-" if sep.get("gap") is None else
-         f"{sep['gap']:.3f} (highest SSA α {sep['highest_ssa_alpha']:.3f}, lowest full α {sep['lowest_full_alpha']:.3f})")
+         f"{sep['gap']:.3f} (highest SSA α {sep['highest_ssa_alpha']:.3f}, "
+         f"lowest full α {sep['lowest_full_alpha']:.3f})")
   return (f"## Calibration ({summary['objective']} on {summary.get('loss_mask', 'all')} tokens, "
           f"λ={summary['alpha_l1']}, {summary['steps']} steps, seq_len {summary['seq_len']})\n\n" + "\n".join(rows) +
           f"\n\nSSA at ratio {summary['ratio']}: sublayers {summary['selected_ssa']}\n"

@@ -21,10 +21,16 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from loza_jax.config import Config, to_dict
-# Model-directory I/O lives in loza_jax.model_dir; re-exported for callers that import it from here.
-from loza_jax.model_dir import (  # noqa: F401
-    CheckpointMismatchError, check_compatible, check_distinct, check_replaceable, export_model, load_config_file,
-    load_model, save_model)
+from loza_jax.model_dir import (  # noqa: F401  (model-directory I/O, re-exported for callers that import it here)
+  CheckpointMismatchError,
+  check_compatible,
+  check_distinct,
+  check_replaceable,
+  export_model,
+  load_config_file,
+  load_model,
+  save_model,
+)
 
 log = logging.getLogger(__name__)
 

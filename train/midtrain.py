@@ -19,9 +19,8 @@ import jax
 from tqdm.auto import tqdm
 
 from loza_jax.config import Config, MidtrainStage, replace
-from train import cli
-from train import data as data_lib
 from loza_jax.model_dir import export_model, load_model
+from train import cli, data as data_lib
 from train.checkpoint import Checkpointer
 from train.iterators import train_iterator
 from train.optimizer import make_schedule

@@ -17,8 +17,7 @@ from tqdm.auto import tqdm
 from loza_jax.config import Config
 from loza_jax.model_dir import export_model
 from loza_jax.sharding import maybe_initialize_distributed
-from train import cli, rundir
-from train import data as data_lib
+from train import cli, data as data_lib, rundir
 from train.iterators import process_rows, train_iterator
 from train.trainer import Trainer
 

@@ -19,10 +19,10 @@ import flax.linen as nn
 import jax
 
 from loza_jax.config import Config, replace
+from loza_jax.model_dir import check_distinct, check_replaceable, export_model, load_model
 from loza_jax.sparsity import Selection, select_layers
 from train import cli
 from train.calibrate import is_alpha, model_fingerprint
-from loza_jax.model_dir import check_distinct, check_replaceable, export_model, load_model
 from train.partition import without
 
 

@@ -28,7 +28,7 @@ from loza_jax.config import Config, save_config
 from loza_jax.model import build_model
 from loza_jax.model_dir import check_compatible
 from train.checkpoint import Checkpointer
-from train.hooks import Hook, Loop, LogMetrics, ProgressBar, SaveCheckpoint, as_hook
+from train.hooks import Hook, LogMetrics, Loop, ProgressBar, SaveCheckpoint, as_hook
 from train.losses import Batch, LossFn, make_lm_loss
 from train.metrics import MetricsLogger, flops_per_token
 from train.optimizer import make_optimizer, make_schedule

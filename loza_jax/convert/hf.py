@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import numpy as np
 from flax import traverse_util
-import flax.linen as nn
 from safetensors import SafetensorError, safe_open
 
 from loza_jax.config import Config, apply_overrides, from_dict, to_dict

@@ -161,7 +161,8 @@ def config_from_hf(hf: dict, *, ignore_keys: tuple[str, ...] = (), block_size: i
     _require(hf, "scoring_func", ("sigmoid",), problems)
     _require(hf, "moe_layer_freq", (1,), problems)
     fields = dict(
-        architecture="deepseek_v3", num_hidden_layers=hf["num_hidden_layers"], intermediate_size=hf["intermediate_size"],
+        architecture="deepseek_v3", num_hidden_layers=hf["num_hidden_layers"],
+        intermediate_size=hf["intermediate_size"],
         moe_intermediate_size=hf["moe_intermediate_size"], n_shared_experts=hf.get("n_shared_experts") or 0,
         n_group=hf.get("n_group") or 1, topk_group=hf.get("topk_group") or 1,
         num_experts_per_tok=hf["num_experts_per_tok"], first_k_dense_replace=hf.get("first_k_dense_replace") or 0,

@@ -66,8 +66,8 @@ def tensor_specs(cfg: Config) -> list[TensorSpec]:
         specs += _mlp(f"{hf}.mlp", us + ("mlp",))
       else:
         specs += [TensorSpec(f"{hf}.mlp.gate.weight", us + ("mlp", "router", "kernel"), "linear"),
-                  TensorSpec(f"{hf}.mlp.gate.e_score_correction_bias", us + ("mlp", "router", "e_score_correction_bias"),
-                             "copy")]
+                  TensorSpec(f"{hf}.mlp.gate.e_score_correction_bias",
+                             us + ("mlp", "router", "e_score_correction_bias"), "copy")]
         specs += _experts(f"{hf}.mlp.experts", us + ("mlp", "experts"), c)
         if c.n_shared_experts:
           specs += _mlp(f"{hf}.mlp.shared_experts", us + ("mlp", "shared_experts"))
@@ -78,8 +78,8 @@ def tensor_specs(cfg: Config) -> list[TensorSpec]:
         specs += [_norm(f"{hf}.post_attention_layernorm.{j}", us + (f"post_attention_layernorm_{j}",))]
         specs += _mlp(f"{hf}.mlps.{j}", us + (f"mlps_{j}",))
       specs += [TensorSpec(f"{hf}.mlp.router.classifier.weight", us + ("mlp", "router", "kernel"), "linear"),
-                TensorSpec(f"{hf}.mlp.router.e_score_correction_bias", us + ("mlp", "router", "e_score_correction_bias"),
-                           "copy")]
+                TensorSpec(f"{hf}.mlp.router.e_score_correction_bias",
+                           us + ("mlp", "router", "e_score_correction_bias"), "copy")]
       specs += _experts(f"{hf}.mlp.experts", us + ("mlp", "experts"), c)
     else:
       raise ValueError(f"model.architecture {c.architecture!r} has no HuggingFace tensor layout "
