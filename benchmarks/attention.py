@@ -3,7 +3,7 @@
     python -m benchmarks.attention [--seqs 8192,32768,131072,262144] [--out DIR] [--quick]
 
 B=1, H=16, D=192, E=128, bf16, random normal inputs. "ours" runs what impl="pallas_mosaic"
-runs: the Mosaic GPU forward and the backward named by mosaic_attention.BACKWARD; "(triton)"
+runs: the Mosaic GPU forward and the backward named by attention_pallas.BACKWARD; "(triton)"
 rows run the Triton forward and backward. Each row: median ms per call (calls
 issued back to back within a trial, warm-up and compilation excluded), effective TFLOP/s
 counting only unmasked (query, key) pairs (fwd+bwd counted as 3.5x the forward, the anchors'
@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loza_jax import attention as A
-from kernels_pallas import flash_attention, mosaic_attention
+from kernels_pallas import flash_attention
+from loza_jax import attention as A, attention_pallas
 
 B, H, D, E = 1, 16, 192, 128
 SSA_ARGS = dict(block_size=128, sink_blocks=1, local_blocks=7)
@@ -81,9 +81,9 @@ def _fwd_bwd(attn):
 
 def our_impls(scale):
   """Our kernels as pallas_mosaic runs them ("ours ssa", "ours full": Mosaic GPU forward and
-  mosaic_attention.BACKWARD, what impl='auto' runs on Hopper) and all on Triton ("(triton)")."""
+  attention_pallas.BACKWARD, what impl='auto' runs on Hopper) and all on Triton ("(triton)")."""
   out = {}
-  for fwd, bwd, tag in (("mosaic", mosaic_attention.BACKWARD, ""), ("triton", "triton", " (triton)")):
+  for fwd, bwd, tag in (("mosaic", attention_pallas.BACKWARD, ""), ("triton", "triton", " (triton)")):
     ssa = lambda q, k, v, fwd=fwd, bwd=bwd: flash_attention(q, k, v, scale=scale, forward=fwd, backward=bwd,
                                                             **SSA_ARGS)[0]
     full = lambda q, k, v, fwd=fwd, bwd=bwd: flash_attention(q, k, v, scale=scale, block_size=128, local_blocks=None,
@@ -205,7 +205,7 @@ def report(rows, rat, cmd, seconds) -> str:
            "- timing: median ms per call over trials of back-to-back calls (warm-up excluded); "
            "TFLOP/s counts unmasked pairs only, fwd+bwd as 3.5x fwd",
            f"- wall time of the run: {seconds:.0f} s",
-           f"- ours: Mosaic GPU forward, backward={mosaic_attention.BACKWARD!r}; (triton): Triton forward and backward",
+           f"- ours: Mosaic GPU forward, backward={attention_pallas.BACKWARD!r}; (triton): Triton forward and backward",
            f"- {auto_choices()}", "",
            "| impl | T | mode | ms | TFLOP/s |", "|---|---|---|---|---|"]
   lines += [f"| {n} | {T} | {m} | {fmt(ms)} | {fmt(tf, '.1f')} |" for n, T, m, ms, tf in rows]

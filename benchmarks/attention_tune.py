@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.attention import time_call
-from kernels_pallas import flash
-from kernels_pallas import ssa_bwd, ssa_fwd
+from kernels_pallas import flash, ssa_bwd, ssa_fwd
 from kernels_pallas.tile_io import Tiles
 
 B, H, D, E = 1, 16, 192, 128

@@ -14,7 +14,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks.e2e import ceilings, timed
 from kernels_pallas import decode

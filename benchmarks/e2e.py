@@ -25,7 +25,6 @@ import argparse
 import datetime
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -36,12 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.attention import device_slug, pattern_pairs, version
-from loza_jax import cache as kc
-from loza_jax import generate as gen
+from loza_jax import cache as kc, generate as gen
 from loza_jax.attention import SSA, Full
 from loza_jax.config import Config, from_dict, replace
 from loza_jax.model import build_model
-
 
 SLICE = dict(architecture="longcat_flash", vocab_size=131072, hidden_size=6144, num_attention_heads=64,
              q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
@@ -205,7 +202,6 @@ def bench_decode_attention(cfg: Config, ctx: int, batch: int, bw: float) -> dict
     for label, impl in (("xla_s", "xla"), ("s", a.impl)):
       fn = jax.jit(lambda *xs, impl=impl: kc.latent_attention(*xs, pattern, 0.1, impl=impl)[0])
       out[name][label] = timed(lambda: fn(q_lat, q_rope, ckv, krope, q_pos, k_pos).block_until_ready(), 10)
-    del ckv, krope
   out["ratio"] = out["full"]["s"] / out["ssa"]["s"]
   return out
 

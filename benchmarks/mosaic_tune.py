@@ -19,7 +19,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks.attention import WINDOW, _fwd_bwd, cudnn_impls, time_call, tokamax_impls
 from kernels_pallas import flash, mosaic_bwd, mosaic_fwd, ssa_bwd, ssa_fwd

@@ -21,11 +21,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas.ssa_fwd import key_tile_loops, query_row_tile
-from kernels_pallas.tile_io import (
-    LOG2E, KernelConfig, causal_mask, dot, load, load_parts, row_mask, store, store_parts)
+from kernels_pallas.tile_io import LOG2E, KernelConfig, causal_mask, dot, load, load_parts, row_mask, store, store_parts
 
 INF = float("inf")
 

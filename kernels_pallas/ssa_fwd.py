@@ -12,11 +12,22 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas.tile_io import (
-    LN2, LOG2E, MASK, NEG_INF, KernelConfig, causal_mask, dot, load, load_parts, row_mask, store,
-    store_parts, visit_ranges)
+  LN2,
+  LOG2E,
+  MASK,
+  NEG_INF,
+  KernelConfig,
+  causal_mask,
+  dot,
+  load,
+  load_parts,
+  row_mask,
+  store,
+  store_parts,
+  visit_ranges,
+)
 
 
 def query_row_tile(cfg: KernelConfig, rows: int):

@@ -7,9 +7,9 @@ whole tiles counted from its first tile.
 """
 from __future__ import annotations
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def head_parts(dim: int) -> tuple[tuple[int, int], ...]:

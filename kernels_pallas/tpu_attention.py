@@ -22,9 +22,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as splash_info
+from jax.experimental.pallas.ops.tpu.splash_attention import (
+  splash_attention_kernel as splash,
+  splash_attention_mask as splash_mask,
+  splash_attention_mask_info as splash_info,
+)
 
 from kernels_pallas import tiling
 

@@ -214,6 +214,8 @@ register(Impl("pallas_triton", "loza_jax.attention_pallas:triton_impl", platform
               check="loza_jax.attention_pallas:triton_reason", custom_positions=False, interpretable=True))
 register(Impl("pallas_mosaic", "loza_jax.attention_pallas:mosaic_impl", platforms=("gpu",), priority=15,
               check="loza_jax.attention_pallas:mosaic_reason", custom_positions=False, interpretable=True))
+register(Impl("pallas_tpu", "kernels_pallas.tpu_attention:attention_impl", platforms=("tpu",), priority=30,
+              check="kernels_pallas.tpu_attention:unsupported_reason", custom_positions=False, interpretable=True))
 register(Impl("tokamax", "loza_jax.attention_tokamax:attention_impl", platforms=("gpu",), priority=20,
               check="loza_jax.attention_tokamax:unsupported_reason", returns_lse=False, packed_documents=False,
               custom_positions=False))

@@ -4,10 +4,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from loza_jax import attention as attn
-from loza_jax import cache as kv_cache
-from loza_jax import context
-from loza_jax import rope
+from loza_jax import attention as attn, cache as kv_cache, context, rope
 from loza_jax.config import AttentionConfig, ModelConfig
 from loza_jax.layers import Dense, RMSNorm, constrain, dtype_of
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import re
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from loza_jax import context
 from loza_jax.attention import document_positions

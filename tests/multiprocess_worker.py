@@ -14,9 +14,9 @@ import jax.numpy as jnp  # noqa: E402
 
 from loza_jax import sharding as shd  # noqa: E402
 from loza_jax.config import MeshConfig  # noqa: E402
+from tests.trainer_utils import read_metrics, tiny_cfg  # noqa: E402
 from train import data  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
-from tests.trainer_utils import read_metrics, tiny_cfg  # noqa: E402
 
 
 def checksum(params) -> float:
@@ -24,7 +24,7 @@ def checksum(params) -> float:
 
 
 def main(port: int, pid: int, run_dir: str):
-  dist = [f"mesh.distributed=true", f"mesh.coordinator_address=localhost:{port}", "mesh.num_processes=2",
+  dist = ["mesh.distributed=true", f"mesh.coordinator_address=localhost:{port}", "mesh.num_processes=2",
           f"mesh.process_id={pid}"]
   cfg = tiny_cfg(run_dir, dist + ["mesh.data=2", "mesh.fsdp=2", "train.steps=2"])
   shd.maybe_initialize_distributed(cfg.mesh)

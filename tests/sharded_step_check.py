@@ -14,10 +14,10 @@ from flax import traverse_util  # noqa: E402
 
 from loza_jax import sharding as shd  # noqa: E402
 from loza_jax.config import MeshConfig  # noqa: E402
+from tests.trainer_utils import tiny_cfg  # noqa: E402
 from train import data  # noqa: E402
 from train.checkpoint import Checkpointer  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
-from tests.trainer_utils import tiny_cfg  # noqa: E402
 
 
 def flat(tree):

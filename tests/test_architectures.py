@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-
 from hf_fixtures import NAMES, TOLERANCE, load, logits, rel_err
+
 from loza_jax.config import replace
 from loza_jax.model import build_model
 

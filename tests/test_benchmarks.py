@@ -22,6 +22,7 @@ def test_e2e_flop_model():
   """The pair counts behind the FLOP models equal a count of the attention mask itself; LoZA's ideal
   prefill ratio for the LongCat slice at 256K is the ~1.7x the paper geometry implies."""
   import numpy as np
+
   from benchmarks import e2e
   from benchmarks.attention import pattern_pairs
   from loza_jax.attention import SSA, Full, pattern_allows

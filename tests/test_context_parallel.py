@@ -102,8 +102,8 @@ def test_latent_attention_matches_dense(rng):
   """Full attention from latents (chunked, causal chunk skipping, custom VJP) equals xla_dense on expanded K/V."""
   import jax
   import jax.numpy as jnp
-  from loza_jax import attention as attn
-  from loza_jax import context
+
+  from loza_jax import attention as attn, context
   B, T, H, K, Cl, R, Dn, E, chunk = 2, 48, 4, 2, 8, 4, 6, 5, 16
   ex = context.Expand(K, Dn, jnp.float32)
   q = jnp.asarray(rng.normal(size=(B, T, H, Dn + R)), jnp.float32)
@@ -153,9 +153,7 @@ def _worker(devices: int) -> dict:
   import jax.numpy as jnp
 
   from benchmarks.context_parallel import collective_bytes
-  from loza_jax import attention as attn
-  from loza_jax import context
-  from loza_jax import sharding as shd
+  from loza_jax import attention as attn, context, sharding as shd
   from loza_jax.config import MeshConfig, load_config
   from loza_jax.model import build_model
 
@@ -202,9 +200,10 @@ def _worker(devices: int) -> dict:
 
   # The trainer (every stage's loop) on a data=2 x context=4 mesh vs one device, on packed real batches.
   import tempfile
+
+  from tests.trainer_utils import tiny_cfg
   from train import data
   from train.trainer import Trainer
-  from tests.trainer_utils import tiny_cfg
   with tempfile.TemporaryDirectory() as run_dir:
     over = ["data.seq_len=256", "model.max_position_embeddings=256", "attention.layer_types=[full, ssa]",
             "train.eps=1e-5"]

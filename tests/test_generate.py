@@ -4,10 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from hf_fixtures import NAMES, load
-from loza_jax import cache as kc
-from loza_jax import generate as g
+
+from loza_jax import cache as kc, generate as g
 from loza_jax.config import Config, RopeScaling, from_dict, replace
 from loza_jax.model import build_model
 
@@ -185,7 +184,7 @@ def test_bad_input():
 
 
 def test_cli(tmp_path, capsys):
-  from loza_jax.convert.checkpoint import save_model
+  from loza_jax.model_dir import save_model
   cfg = replace(tiny_cfg(), **{"model.vocab_size": 256})
   params = init(cfg)
   save_model(tmp_path / "m", params, cfg)

@@ -9,11 +9,9 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from kernels_pallas import mosaic_attention
-from loza_jax import attention as A
-
 from attention_checks import compare_to_reference
+
+from loza_jax import attention as A, attention_pallas
 
 pytestmark = pytest.mark.gpu
 KERNEL = "pallas_triton"
@@ -84,10 +82,10 @@ MOSAIC_CASES = {
 
 # Mosaic forward with the Mosaic backward choice that pallas_mosaic does not run (its own runs in
 # test_mosaic_forward_real_size).
-OTHER_MOSAIC_BACKWARD = "mosaic_dq" if mosaic_attention.BACKWARD == "mosaic" else "mosaic"
-A.register(A.Impl("test_mosaic_backward", functools.partial(mosaic_attention.run, interpret=False,
+OTHER_MOSAIC_BACKWARD = "mosaic_dq" if attention_pallas.BACKWARD == "mosaic" else "mosaic"
+A.register(A.Impl("test_mosaic_backward", functools.partial(attention_pallas.mosaic_impl, interpret=False,
                                                              backward=OTHER_MOSAIC_BACKWARD),
-                  platforms=("gpu",), priority=-30, check=mosaic_attention.unsupported_reason))
+                  platforms=("gpu",), priority=-30, check=attention_pallas.mosaic_reason))
 
 
 @pytest.mark.parametrize("case", ["mosaic_ssa_32k_one_doc", "mosaic_ssa_16k_packed_gqa", "mosaic_full_4k_packed"])
@@ -101,7 +99,7 @@ def test_mosaic_backward_real_size(rng, case):
 
 @pytest.mark.parametrize("case", list(MOSAIC_CASES))
 def test_mosaic_forward_real_size(rng, case):
-  """pallas_mosaic (Mosaic GPU forward, mosaic_attention.BACKWARD backward), MLA head dims, bf16, vs XLA in fp32."""
+  """pallas_mosaic (Mosaic GPU forward, attention_pallas.BACKWARD backward), MLA head dims, bf16, vs XLA in fp32."""
   pattern, B, T, K, max_docs, block = MOSAIC_CASES[case]
   _, _, errs = compare_to_reference(rng, "pallas_mosaic", pattern, B, T, MLA["H"], K, MLA["D"], MLA["E"],
                                     jnp.bfloat16, max_docs, lse_cot=True, ref_impl="xla", block=block)

@@ -1,7 +1,7 @@
 """Mosaic GPU kernels (kernels_pallas/mosaic_fwd.py, mosaic_bwd.py) in the GPU interpreter (CPU).
 
 Forward values and lse come from the Mosaic kernel; gradients from pallas_mosaic's backward
-(mosaic_attention.BACKWARD) or from the other backward choices, all interpreted, against the
+(attention_pallas.BACKWARD) or from the other backward choices, all interpreted, against the
 dense XLA oracle with fresh random inputs per case. The
 interpreter starts buffers as NaN and raises on out-of-bounds reads, so unwritten outputs and
 bad tile addressing fail; it also checks that every barrier phase is observed.
@@ -15,21 +15,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from kernels_pallas import flash, flash_attention, mosaic_attention, mosaic_bwd, mosaic_fwd, ssa_bwd, tiling
-from kernels_pallas.mosaic_attention import unsupported_reason, unsupported_reason_interpret
-from loza_jax import attention as A
-
 from attention_checks import TOL, assert_close, assert_lse_close, compare_to_reference, random_inputs
+
+from kernels_pallas import flash, flash_attention, mosaic_bwd, mosaic_fwd, ssa_bwd, tiling
+from loza_jax import attention as A, attention_pallas
+
+unsupported_reason = attention_pallas.mosaic_reason
+unsupported_reason_interpret = functools.partial(attention_pallas.mosaic_reason, interpret=True)
 
 KERNEL = "pallas_mosaic_interpret"
 BACKWARD_IMPL = "test_mosaic_backward_interpret_{}"
 
 # Mosaic forward with the backward choices that pallas_mosaic (KERNEL, whose gradients the
 # forward test checks) does not run, interpreted.
-OTHER_BACKWARDS = [b for b in flash.BACKWARDS if b != mosaic_attention.BACKWARD]
+OTHER_BACKWARDS = [b for b in flash.BACKWARDS if b != attention_pallas.BACKWARD]
 for _bwd in OTHER_BACKWARDS:
-  A.register(A.Impl(BACKWARD_IMPL.format(_bwd), functools.partial(mosaic_attention.run, interpret=True, backward=_bwd),
+  A.register(A.Impl(BACKWARD_IMPL.format(_bwd),
+                    functools.partial(attention_pallas.mosaic_impl, interpret=True, backward=_bwd),
                     platforms=("cpu", "gpu"), priority=-30, check=unsupported_reason_interpret))
 
 CASES = {

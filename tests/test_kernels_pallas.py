@@ -9,14 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_checks import aligned_segments, assert_close, assert_lse_close, compare_to_reference, random_inputs
 
-from kernels_pallas import flash_attention
-from kernels_pallas import tiling
+from kernels_pallas import flash_attention, tiling
 from kernels_pallas.tile_io import Tiles
-from kernels_pallas.triton_attention import unsupported_reason
 from loza_jax import attention as A
-
-from attention_checks import assert_close, assert_lse_close, compare_to_reference, random_inputs, aligned_segments
+from loza_jax.attention_pallas import triton_reason as unsupported_reason
 
 KERNEL = "pallas_triton_interpret"
 

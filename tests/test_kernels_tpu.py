@@ -1,8 +1,7 @@
 """pallas_tpu (splash attention + XLA sink blocks) in Pallas interpret mode on CPU against the XLA oracle.
 
 Every case draws fresh random inputs seeded from its test id and compares o, lse, dq, dk, dv.
-The impl is registered here for the duration of the module (unless already registered) with the
-registration line docs/tpu.md gives, so calls go through the attention API's dispatch and checks.
+Calls go through the attention API's dispatch and checks (`pallas_tpu_interpret`).
 """
 from __future__ import annotations
 
@@ -16,26 +15,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_checks import aligned_segments, assert_close, assert_lse_close, compare_to_reference, random_inputs
 
 from kernels_pallas import tpu_attention as TA
 from loza_jax import attention as A
 
-from attention_checks import aligned_segments, assert_close, assert_lse_close, compare_to_reference, random_inputs
-
 KERNEL = "pallas_tpu_interpret"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def registered_impl():
-  """Register pallas_tpu as the lead will (if it is not yet), and remove it again afterwards."""
-  added = "pallas_tpu" not in A.registered()
-  if added:
-    A.register(A.Impl("pallas_tpu", "kernels_pallas.tpu_attention:attention_impl", platforms=("tpu",), priority=30,
-                      check="kernels_pallas.tpu_attention:unsupported_reason", custom_positions=False,
-                      interpretable=True))
-  yield
-  if added:
-    A._REGISTRY.pop("pallas_tpu")
+def test_registered_for_tpu():
+  """impl="auto" picks pallas_tpu on TPU (highest priority there); its interpret twin runs on CPU."""
+  impl = A.registered()["pallas_tpu"]
+  assert impl.platforms == ("tpu",) and impl.interpretable and not impl.custom_positions
+  others = [i.priority for n, i in A.registered().items() if "tpu" in i.platforms and n != "pallas_tpu"]
+  assert impl.priority > max(others)
 
 
 def _block(pattern):
@@ -150,8 +143,10 @@ def test_mask_tables_match_splash_builder(n_tokens, block, local, block_q):
 @pytest.mark.parametrize("n_tokens, block, sink", [(512, 128, 1), (512, 128, 2), (1024, 256, 2)])
 def test_sink_tables_match_splash_builder(n_tokens, block, sink):
   """The sink pass's block-diagonal tables equal splash's builder run on the dense mask they stand for."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as splash_info
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_mask as splash_mask,
+    splash_attention_mask_info as splash_info,
+  )
   q_blk = np.arange(n_tokens)[:, None] // block
   kv_run = np.arange(n_tokens * sink)[None, :] // (sink * block)
   mask = splash_mask.MultiHeadMask((splash_mask.NumpyMask(q_blk == kv_run),))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from loza_jax.config import load_config, replace
+from loza_jax.config import load_config
 from loza_jax.model import alpha_paths, build_model
 
 SMALL = ["model.num_hidden_layers=2", "model.hidden_size=64", "model.intermediate_size=96",

@@ -171,6 +171,7 @@ def test_unknown_router_and_impl_raise():
 def test_token_chunks_change_nothing(impl):
   """model.moe_token_chunk runs the experts on token chunks (ragged tail included): same output and grads."""
   import dataclasses
+
   from loza_jax.config import ModelConfig
   from loza_jax.moe import MoE
   c = ModelConfig(architecture="longcat_flash", hidden_size=16, q_lora_rank=8, n_routed_experts=4,

@@ -3,7 +3,6 @@ import os
 from pathlib import Path
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 NB = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"

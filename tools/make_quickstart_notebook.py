@@ -1,5 +1,6 @@
 """Regenerate notebooks/quickstart.ipynb (run from the repo root): python tools/make_quickstart_notebook.py"""
 import nbformat as nbf
+
 nb = nbf.v4.new_notebook()
 md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
 nb.cells = [
@@ -17,7 +18,7 @@ import jax
 from loza_jax.config import load_config, replace
 from train.trainer import Trainer
 from train import data as data_lib
-from train.checkpoint import save_model
+from loza_jax.model_dir import save_model
 
 QUICK = os.environ.get("LOZA_NOTEBOOK_QUICK", "1") == "1"   # tests set 1; set 0 for a longer, better run
 work = Path(tempfile.mkdtemp(prefix="loza_quickstart_"))

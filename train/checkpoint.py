@@ -21,16 +21,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from loza_jax.config import Config, to_dict
-from loza_jax.model_dir import (  # noqa: F401  (model-directory I/O, re-exported for callers that import it here)
-  CheckpointMismatchError,
-  check_compatible,
-  check_distinct,
-  check_replaceable,
-  export_model,
-  load_config_file,
-  load_model,
-  save_model,
-)
+from loza_jax.model_dir import CheckpointMismatchError, check_compatible
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from loza_jax.config import Config
 from loza_jax.model import build_model
 from train import cli
 from train import data as data_lib
-from train.checkpoint import load_model
+from loza_jax.model_dir import load_model
 
 LogitsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """(tokens [B, T], segment_ids [B, T]) -> logits [B, T, V]."""

@@ -26,7 +26,7 @@ from loza_jax.sparsity import select_layers
 from train import cli
 from train import pretrain as pretrain_lib
 from train.calibrate import calibrate, markdown as calibration_markdown
-from train.checkpoint import load_config_file
+from loza_jax.model_dir import load_config_file
 from train.evaluate import evaluate
 from train.midtrain import midtrain
 from train.sparsify import sparsify
