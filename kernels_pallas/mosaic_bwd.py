@@ -16,7 +16,7 @@ TMA into a ring of shared-memory slots.
   layout of the Triton sink kernel, which the caller sums (ssa_bwd.add_sink_partials).
   Warpgroup 0 computes Sᵀ, dPᵀ, Pᵀ, dSᵀ and dV; warpgroup 1 accumulates dK from dSᵀ, which
   it receives through shared memory. (Versions that kept all of dK and dV in each warpgroup, or
-  exchanged Pᵀ and dSᵀ both ways, ran at 8.4 and 5.4–6.8 ms on an H100 at T=128K: NOTES.md.)
+  exchanged Pᵀ and dSᵀ both ways, were slower: kernels_pallas/NOTES.md has the times.)
 
 delta = rowsum(dO·O) − dlse is computed by the dQ kernel (from its resident O and dO tiles)
 and returned for the dK/dV kernels. lse is fp32, natural log, +inf on rows

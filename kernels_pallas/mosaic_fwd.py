@@ -264,8 +264,8 @@ def _kernel(start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, cfg: Mosa
 
 
 def _ctas(cfg: MosaicConfig, items: int) -> int:
-  """Grid size. On an H100 at T=128K: SSA persistent 2.49 ms vs 2.54 ms one CTA per item;
-  causal Full at 32K: 9.26 vs 8.43 ms (benchmarks/mosaic_tune.py)."""
+  """Grid size: persistent CTAs (one per SM) for SSA, one CTA per item for Full, as measured faster
+  by benchmarks/mosaic_tune.py (numbers in kernels_pallas/NOTES.md)."""
   if cfg.ctas:
     return min(cfg.ctas, items)
   if cfg.local is None:
