@@ -42,7 +42,8 @@ def latent_parts(dim: int, widest: int = 128) -> tuple[tuple[int, int], ...]:
   """Split a latent width into equal power-of-two slices of at most `widest` (16 or more)."""
   size = min(widest, dim)
   if dim % 16 or size & (size - 1) or dim % size:
-    raise ValueError(f"latent width {dim} must be a multiple of 16 that splits into power-of-two slices")
+    raise ValueError(f"latent width C={dim} must be a multiple of 16 that splits into power-of-two slices "
+                     f"of at most {widest}")
   return tuple((off, size) for off in range(0, dim, size))
 
 
@@ -60,8 +61,10 @@ def input_problem(q_lat_BTHC, q_rope_BTHR, ckv_BSC, krope_BSR) -> str | None:
   for x in (q_lat_BTHC, q_rope_BTHR, ckv_BSC, krope_BSR):
     if jnp.dtype(x.dtype) not in {jnp.dtype(d) for d in SUPPORTED_DTYPES}:
       return f"dtype {x.dtype} is not one of bfloat16, float16, float32"
-  if C % 16 or (min(C, 128) & (min(C, 128) - 1)) or C % min(C, 128):
-    return f"latent width C={C} must split into power-of-two slices of at most 128"
+  try:
+    latent_parts(C)
+  except ValueError as e:
+    return str(e)
   if R % 16 or R & (R - 1) or R > 256:
     return f"RoPE width R={R} must be a power of two in [16, 256]"
   return None
