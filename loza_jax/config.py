@@ -413,15 +413,21 @@ class PretrainStage:
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-  """train/pipeline.py: the pretraining curriculum and the baselines compared with the α-selected sparse model."""
+  """train/pipeline.py: the pretraining curriculum, the α-selection ratios and the baselines they are compared with."""
   random_seeds: int = 3             # random selections (seeds from sparsify.seed on, each a different selection)
   alternating: bool = True          # also the alternating selection
   pretrain_stages: tuple[PretrainStage, ...] = ()   # () = one train.pretrain run with the train and data sections;
                                     # else stage 0 pretrains from scratch and each later stage continues the model
+  ratios: tuple[float, ...] = ()    # α-selected sparse models at each of these ratios; () = sparsify.ratio only
+                                    # (random and alternating baselines stay at sparsify.ratio)
+  eval_rope_scaling: RopeScaling | None = None   # also evaluate the full model with this YaRN ("full+yarn"), for
+                                    # lengths past its training
 
   def __post_init__(self):
     if self.random_seeds < 0:
       raise ValueError(f"pipeline.random_seeds must be >= 0, got {self.random_seeds}")
+    if not all(0.0 < r <= 1.0 for r in self.ratios) or len(set(self.ratios)) != len(self.ratios):
+      raise ValueError(f"pipeline.ratios: need distinct ratios in (0, 1], got {list(self.ratios)}")
 
 
 @dataclasses.dataclass(frozen=True)
