@@ -6,25 +6,65 @@ Every error names the offending key (dotted path) and, when loaded from disk, th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-LAYER_TYPES = ("full", "ssa", "blend")
-ARCHITECTURES = ("loza", "longcat_flash", "deepseek_v3")
-DTYPES = ("float32", "bfloat16", "float16")
+# The allowed values of each string-choice field: the Literal on the field is their one list (check_choices).
+LayerType = Literal["full", "ssa", "blend"]
+Architecture = Literal["loza", "longcat_flash", "deepseek_v3"]
+DType = Literal["float32", "bfloat16", "float16"]
+MoeImpl = Literal["ragged", "dense"]                  # sorted grouped matmul | every expert on every token
+Granularity = Literal["layer", "head"]                # one blend alpha per layer | per head
+DataSource = Literal["stdlib", "files"]
+RetrievalTask = Literal["passkey", "multikey", "multivalue", "vartrack"]
+LossSpan = Literal["answer", "all"]                   # loss on answer tokens only | on every token
+Objective = Literal["distill", "lm"]
+Strategy = Literal["alpha", "random", "alternating", "manual"]
+Answers = Literal["generate", "teacher_forced"]
+
+DTYPES = typing.get_args(DType)
+RETRIEVAL_TASKS = typing.get_args(RetrievalTask)
 MESH_AXES = ("data", "fsdp", "tensor", "context")
+
+
+@functools.cache
+def _hints(cls) -> dict[str, Any]:
+  return typing.get_type_hints(cls)
+
+
+def _check_choice(value: Any, tp: Any, key: str) -> None:
+  """ValueError naming `key` when `value` (or an element of a tuple value) is not in its Literal type."""
+  origin = typing.get_origin(tp)
+  if origin is Literal:
+    if value not in typing.get_args(tp):
+      raise ValueError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+  elif origin in (typing.Union, types.UnionType) and value is not None:
+    inner = [a for a in typing.get_args(tp) if a is not type(None)]
+    if len(inner) == 1:
+      _check_choice(value, inner[0], key)
+  elif origin is tuple and isinstance(value, tuple):
+    (elem,) = [a for a in typing.get_args(tp) if a is not Ellipsis]
+    for i, v in enumerate(value):
+      _check_choice(v, elem, f"{key}[{i}]")
+
+
+def check_choices(cfg, section: str) -> None:
+  """Check every Literal-typed field of dataclass `cfg` (errors name `section.field`): also configs built in code."""
+  for name, tp in _hints(type(cfg)).items():
+    _check_choice(getattr(cfg, name), tp, f"{section}.{name}")
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
   """YaRN RoPE scaling with DeepSeek-V3 / HuggingFace semantics."""
-  type: str = "yarn"
+  type: Literal["yarn"] = "yarn"
   factor: float = 1.0
   original_max_position_embeddings: int = 4096
   beta_fast: float = 32.0
@@ -35,8 +75,7 @@ class RopeScaling:
   truncate: bool = True                   # round the correction range to whole dims
 
   def __post_init__(self):
-    if self.type != "yarn":
-      raise ValueError(f"rope_scaling.type: only 'yarn' is supported, got {self.type!r}")
+    check_choices(self, "rope_scaling")
     if self.factor < 1.0:
       raise ValueError(f"rope_scaling.factor must be >= 1, got {self.factor}")
     if self.original_max_position_embeddings < 1:
@@ -46,7 +85,7 @@ class RopeScaling:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Decoder-only MLA transformer (DeepSeek-V3 / LongCat-Flash naming)."""
-  architecture: str = "loza"
+  architecture: Architecture = "loza"
   vocab_size: int = 256
   hidden_size: int = 128
   intermediate_size: int = 384
@@ -65,8 +104,8 @@ class ModelConfig:
   rms_norm_eps: float = 1e-6
   tie_word_embeddings: bool = False
   initializer_range: float = 0.02
-  dtype: str = "float32"                   # compute dtype
-  param_dtype: str = "float32"
+  dtype: DType = "float32"                 # compute dtype
+  param_dtype: DType = "float32"
   remat: bool = False                      # rematerialise each decoder layer in the backward pass
   # Real architectures (HF names). MoE: DeepSeek-V3 and LongCat-Flash; 0 routed experts = dense MLPs only.
   n_routed_experts: int = 0
@@ -79,15 +118,14 @@ class ModelConfig:
   routed_scaling_factor: float = 1.0
   norm_topk_prob: bool = False
   zero_expert_num: int = 0                 # LongCat-Flash identity ("zero-computation") experts
-  moe_impl: str = "ragged"                 # ragged (sorted grouped matmul) | dense (every expert on every token)
+  moe_impl: MoeImpl = "ragged"             # ragged (sorted grouped matmul) | dense (every expert on every token)
   moe_token_chunk: int = 0                 # route and run experts on this many tokens at a time; 0 = all at once
   mla_scale_q_lora: bool = False           # LongCat-Flash: scale the q latent by sqrt(hidden/q_lora_rank)
   mla_scale_kv_lora: bool = False          # ... and the kv latent by sqrt(hidden/kv_lora_rank)
   latent_norm_eps: float | None = None     # eps of q_a/kv_a_layernorm; None = rms_norm_eps (HF uses 1e-6)
 
   def __post_init__(self):
-    if self.architecture not in ARCHITECTURES:
-      raise ValueError(f"model.architecture: unknown {self.architecture!r}; choose one of {ARCHITECTURES}")
+    check_choices(self, "model")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
       if getattr(self, name) < 1:
@@ -99,9 +137,6 @@ class ModelConfig:
     if self.num_attention_heads % self.kv_heads:
       raise ValueError(f"model.num_key_value_heads={self.kv_heads} must divide "
                        f"model.num_attention_heads={self.num_attention_heads}")
-    for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in DTYPES:
-        raise ValueError(f"model.{name}: unknown dtype {getattr(self, name)!r}; choose one of {DTYPES}")
     if self.moe_token_chunk < 0:
       raise ValueError(f"model.moe_token_chunk must be >= 0 (0 = all tokens at once), got {self.moe_token_chunk}")
     if self.architecture != "loza":
@@ -126,8 +161,6 @@ class ModelConfig:
 
 def _check_moe(c: "ModelConfig") -> None:
   """Validate the MoE fields of a deepseek_v3 / longcat_flash model."""
-  if c.moe_impl not in ("ragged", "dense"):
-    raise ValueError(f"model.moe_impl: {c.moe_impl!r} is not 'ragged' or 'dense'")
   if c.n_routed_experts < 1 or c.moe_intermediate_size < 1:
     raise ValueError(f"model.architecture={c.architecture!r} needs model.n_routed_experts >= 1 and "
                      f"model.moe_intermediate_size >= 1, got {c.n_routed_experts}, {c.moe_intermediate_size}")
@@ -151,40 +184,30 @@ def _check_moe(c: "ModelConfig") -> None:
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
   """Per-sublayer attention layout and the SSA pattern (README, "Attention API")."""
-  layer_types: tuple[str, ...] | None = None   # one of full|ssa|blend per attention sublayer; None = all full
+  layer_types: tuple[LayerType, ...] | None = None   # one per attention sublayer; None = all full
   block_size: int = 128
   sink_blocks: int = 1
   local_blocks: int = 7
-  granularity: str = "layer"                   # blend alpha: one per layer, or one per head
+  granularity: Granularity = "layer"           # blend alpha: one per layer, or one per head
   impl: str = "auto"                           # attention implementation (loza_jax.attention registry)
 
   def __post_init__(self):
-    if self.layer_types is not None:
-      bad = [(i, t) for i, t in enumerate(self.layer_types) if t not in LAYER_TYPES]
-      if bad:
-        i, t = bad[0]
-        raise ValueError(f"attention.layer_types[{i}]: {t!r} is not one of {LAYER_TYPES}")
+    check_choices(self, "attention")
     if self.block_size < 1 or self.local_blocks < 1 or self.sink_blocks < 0:
       raise ValueError("attention: need block_size >= 1, local_blocks >= 1, sink_blocks >= 0; got "
                        f"{self.block_size}, {self.local_blocks}, {self.sink_blocks}")
-    if self.granularity not in ("layer", "head"):
-      raise ValueError(f"attention.granularity: {self.granularity!r} is not 'layer' or 'head'")
 
   def types_for(self, n_sublayers: int) -> tuple[str, ...]:
     return self.layer_types if self.layer_types is not None else ("full",) * n_sublayers
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshConfig:
-  """Device mesh shape (-1 in one axis takes the remaining devices) and multi-host start-up."""
+class MeshAxes:
+  """Device mesh shape: one size per axis, -1 in at most one axis for the remaining devices."""
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
   context: int = 1
-  distributed: bool = False       # call jax.distributed.initialize() (also when LOZA_DISTRIBUTED=1)
-  coordinator_address: str = ""   # host:port; empty = let JAX detect the cluster
-  num_processes: int = 0          # 0 = detect
-  process_id: int = -1            # -1 = detect
 
   def __post_init__(self):
     sizes = {a: getattr(self, a) for a in MESH_AXES}
@@ -195,14 +218,19 @@ class MeshConfig:
       raise ValueError(f"mesh: at most one axis may be -1, got {sizes}")
 
 
-DATA_SOURCES = ("stdlib", "files")
-RETRIEVAL_TASKS = ("passkey", "multikey", "multivalue", "vartrack")
+@dataclasses.dataclass(frozen=True)
+class MeshConfig(MeshAxes):
+  """The run's mesh: its shape (MeshAxes) and multi-host start-up."""
+  distributed: bool = False       # call jax.distributed.initialize() (also when LOZA_DISTRIBUTED=1)
+  coordinator_address: str = ""   # host:port; empty = let JAX detect the cluster
+  num_processes: int = 0          # 0 = detect
+  process_id: int = -1            # -1 = detect
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Document source, tokenizer, packing and the synthetic retrieval mix (train/data.py)."""
-  source: str = "stdlib"            # stdlib (the interpreter's own .py files) | files
+  source: DataSource = "stdlib"     # stdlib (the interpreter's own .py files) | files
   paths: tuple[str, ...] = ()       # .jsonl / .txt / .parquet files or directories (source: files)
   text_key: str = "text"            # JSONL / Parquet field holding the document text
   tokenizer: str = "byte"           # byte | path to a HuggingFace tokenizer.json
@@ -210,9 +238,9 @@ class DataConfig:
   chunk_bytes: int = 0              # split documents into pieces of this many bytes; 0 = seq_len tokens at the
                                     # tokenizer's bytes/token measured on training text
   retrieval_fraction: float = 0.0   # share of documents that are synthetic retrieval tasks
-  retrieval_tasks: tuple[str, ...] = RETRIEVAL_TASKS
+  retrieval_tasks: tuple[RetrievalTask, ...] = RETRIEVAL_TASKS
   retrieval_lengths: tuple[int, ...] = ()   # task lengths in tokens; () = seq_len
-  retrieval_loss: str = "answer"    # answer: loss only on the answer span | all: on the whole task text
+  retrieval_loss: LossSpan = "answer"   # answer: loss only on the answer span | all: on the whole task text
   passkey_digits: tuple[int, ...] = (7, 7)  # [min, max] digits of training passkeys (uniform, the top capped to
                                     # fit the task length); evaluation always asks for 7
   shuffle: bool = True
@@ -221,8 +249,7 @@ class DataConfig:
   seed: int = 0
 
   def __post_init__(self):
-    if self.source not in DATA_SOURCES:
-      raise ValueError(f"data.source: unknown {self.source!r}; choose one of {DATA_SOURCES}")
+    check_choices(self, "data")
     if self.source == "files" and not self.paths:
       raise ValueError("data.paths: source 'files' needs at least one path (.jsonl, .txt, .parquet or a directory)")
     if self.seq_len < 2:
@@ -233,14 +260,11 @@ class DataConfig:
       raise ValueError(f"data.chunk_bytes must be >= 0, got {self.chunk_bytes}")
     if not 0.0 <= self.retrieval_fraction <= 1.0:
       raise ValueError(f"data.retrieval_fraction must be in [0, 1], got {self.retrieval_fraction}")
-    bad = [t for t in self.retrieval_tasks if t not in RETRIEVAL_TASKS]
-    if bad or not self.retrieval_tasks:
-      raise ValueError(f"data.retrieval_tasks: {bad or 'empty'}; choose from {RETRIEVAL_TASKS}")
+    if not self.retrieval_tasks:
+      raise ValueError(f"data.retrieval_tasks: empty; choose from {list(RETRIEVAL_TASKS)}")
     too_long = [n for n in self.retrieval_lengths if not 1 <= n <= self.seq_len]
     if too_long:
       raise ValueError(f"data.retrieval_lengths: {too_long[0]} is not in [1, data.seq_len={self.seq_len}]")
-    if self.retrieval_loss not in ("answer", "all"):
-      raise ValueError(f"data.retrieval_loss: {self.retrieval_loss!r} is not 'answer' or 'all'")
     if len(self.passkey_digits) != 2 or not 1 <= self.passkey_digits[0] <= self.passkey_digits[1]:
       raise ValueError(f"data.passkey_digits: need [min, max] with 1 <= min <= max, got {list(self.passkey_digits)}")
 
@@ -293,7 +317,7 @@ class TrainConfig:
 class CalibrateConfig:
   """Stage 1 (train/calibrate.py): train only the blend alphas of a frozen model."""
   init: str = ""                    # model directory to calibrate (the pipeline fills it in)
-  objective: str = "distill"        # distill: MSE to the frozen full model's final hidden states | lm
+  objective: Objective = "distill"  # distill: MSE to the frozen full model's final hidden states | lm
   alpha_l1: float = 0.05            # weight of mean(alpha), pushing towards sparsity
   learning_rate: float = 0.02
   steps: int = 100
@@ -301,15 +325,12 @@ class CalibrateConfig:
   seq_len: int = 0                  # 0 = data.seq_len
   batch_size: int = 0               # 0 = train.batch_size
   ratio: float = 0.5                # share of sublayers previewed as SSA in calibration.json / alpha.png
-  loss_mask: str = "answer"         # answer: fit only where the next token is a retrieval answer token | all:
+  loss_mask: LossSpan = "answer"    # answer: fit only where the next token is a retrieval answer token | all:
                                     # every non-padding token
   retrieval_fraction: float = 1.0   # share of calibration documents that are retrieval tasks (calibrate.seq_len long)
 
   def __post_init__(self):
-    if self.objective not in ("distill", "lm"):
-      raise ValueError(f"calibrate.objective: {self.objective!r} is not 'distill' or 'lm'")
-    if self.loss_mask not in ("answer", "all"):
-      raise ValueError(f"calibrate.loss_mask: {self.loss_mask!r} is not 'answer' or 'all'")
+    check_choices(self, "calibrate")
     if not 0.0 <= self.retrieval_fraction <= 1.0:
       raise ValueError(f"calibrate.retrieval_fraction must be in [0, 1], got {self.retrieval_fraction}")
     if self.loss_mask == "answer" and self.retrieval_fraction == 0:
@@ -327,15 +348,14 @@ class SparsifyConfig:
   """Stage 2 (train/sparsify.py): choose the SSA sublayers and write the sparse model."""
   init: str = ""                    # model directory (weights to keep)
   calibration: str = ""             # calibration.json (strategy alpha)
-  strategy: str = "alpha"           # alpha | random | alternating | manual
+  strategy: Strategy = "alpha"      # alpha | random | alternating | manual
   ratio: float = 0.5
   seed: int = 0                     # for strategy random
   layers: tuple[int, ...] = ()      # for strategy manual
   out: str = ""                     # output model directory; "" = <train.run_dir>/model
 
   def __post_init__(self):
-    if self.strategy not in ("alpha", "random", "alternating", "manual"):
-      raise ValueError(f"sparsify.strategy: unknown {self.strategy!r}; choose alpha|random|alternating|manual")
+    check_choices(self, "sparsify")
     if not 0.0 <= self.ratio <= 1.0:
       raise ValueError(f"sparsify.ratio must be in [0, 1], got {self.ratio}")
 
@@ -349,10 +369,17 @@ class MidtrainStage:
   warmup_steps: int = 0
   batch_size: int = 0                       # 0 = train.batch_size
   rope_scaling: RopeScaling | None = None   # e.g. YaRN factor growing with seq_len
+  mesh: MeshAxes | None = None              # None = the run's mesh; else this stage's axis sizes (all four:
+                                            # omitted axes take their defaults), e.g. context > 1 for long stages
 
   def __post_init__(self):
     if self.seq_len < 2 or self.steps < 1 or self.learning_rate <= 0 or self.batch_size < 0:
       raise ValueError(f"midtrain.stages: need seq_len >= 2, steps >= 1, learning_rate > 0; got {self}")
+
+
+def stage_mesh(run: MeshConfig, stage: MeshAxes | None) -> MeshConfig:
+  """The mesh a stage runs on: the stage's axis sizes, when it has them, with the run's multi-host start-up."""
+  return run if stage is None else dataclasses.replace(run, **dataclasses.asdict(stage))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,18 +396,17 @@ class EvalConfig:
   names: tuple[str, ...] = ()               # labels (default: directory names)
   lengths: tuple[int, ...] = (256,)         # retrieval context lengths in tokens
   depths: tuple[float, ...] = (0.1, 0.5, 0.9)
-  tasks: tuple[str, ...] = ("passkey", "multikey", "multivalue", "vartrack")
+  tasks: tuple[RetrievalTask, ...] = RETRIEVAL_TASKS
   samples: int = 4                          # examples per (task, length, depth) cell
   ppl_rows: int = 8                         # held-out rows per perplexity length
   ppl_lengths: tuple[int, ...] = ()         # perplexity on whole-length held-out pieces; () = evaluate.lengths
   ppl_buckets: int = 4                      # position buckets for perplexity
   batch_size: int = 8
   seed: int = 1234
-  answers: str = "generate"                 # generate: free greedy decoding through the KV cache | teacher_forced
+  answers: Answers = "generate"             # generate: free greedy decoding through the KV cache | teacher_forced
 
   def __post_init__(self):
-    if self.answers not in ("generate", "teacher_forced"):
-      raise ValueError(f"evaluate.answers: {self.answers!r} is not 'generate' or 'teacher_forced'")
+    check_choices(self, "evaluate")
     if self.names and len(self.names) != len(self.models):
       raise ValueError(f"evaluate.names has {len(self.names)} entries for {len(self.models)} evaluate.models")
     if any(n < 8 for n in self.lengths) or not all(0.0 <= d <= 1.0 for d in self.depths):
@@ -510,6 +536,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
       except ValueError as e:
         errors.append(str(e))
     raise ValueError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+  if origin is Literal:
+    _check_choice(value, tp, key)
+    return value
   if dataclasses.is_dataclass(tp):
     if isinstance(value, tp):
       return value
@@ -546,7 +575,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 def from_dict(cls, data: dict, prefix: str = ""):
   """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise ValueError."""
-  hints = typing.get_type_hints(cls)
+  hints = _hints(cls)
   fields = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(data) - fields)
   if unknown:
@@ -554,7 +583,18 @@ def from_dict(cls, data: dict, prefix: str = ""):
     raise ValueError(f"unknown key {where}{unknown[0]!r} (valid keys{' of ' + prefix if prefix else ''}: "
                      f"{sorted(fields)})")
   kwargs = {name: _convert(v, hints[name], f"{prefix}.{name}" if prefix else name) for name, v in data.items()}
-  return cls(**kwargs)
+  try:
+    return cls(**kwargs)
+  except ValueError as e:
+    raise ValueError(_where(str(e), prefix)) from None
+
+
+def _where(message: str, prefix: str) -> str:
+  """A nested section's own error ("mesh.context must ...") with its full key ("midtrain.stages[1].mesh.context")."""
+  head, _, last = prefix.rpartition(".")
+  if head and re.match(rf"{re.escape(last)}\b", message):
+    return f"{head}.{message}"
+  return message
 
 
 def to_dict(cfg) -> dict:
