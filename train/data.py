@@ -22,14 +22,15 @@ import json
 import logging
 import os
 import sysconfig
+import typing
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Literal, Protocol, Sequence
 
 import grain
 from grain import experimental as grain_exp
 import numpy as np
 
-from loza_jax.config import Config, DataConfig
+from loza_jax.config import RETRIEVAL_TASKS, Config, DataConfig, LossSpan
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+Split = Literal["train", "heldout"]   # training documents | held-out documents (data.heldout_fraction)
 _PACKED_KEYS = {"tokens": "tokens", "tokens_segment_ids": "segment_ids", "tokens_positions": "positions",
                 "loss_mask": "loss_mask"}
 
@@ -301,10 +303,10 @@ def split_documents(corpus: Corpus, heldout_fraction: float) -> tuple[np.ndarray
   return np.nonzero(~held)[0], np.nonzero(held)[0]
 
 
-def split_docs(corpus: Corpus, heldout_fraction: float, split: str) -> np.ndarray:
+def split_docs(corpus: Corpus, heldout_fraction: float, split: Split) -> np.ndarray:
   """Document indices of `split` (train | heldout)."""
-  if split not in ("train", "heldout"):
-    raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+  if split not in typing.get_args(Split):
+    raise ValueError(f"split: {split!r} is not one of {list(typing.get_args(Split))}")
   train, held = split_documents(corpus, heldout_fraction)
   if split == "heldout" and not len(held):
     raise ValueError("data.heldout_fraction=0 leaves no held-out text; set it to e.g. 0.02")
@@ -433,7 +435,7 @@ def _task(kind: str, rng, depth: float, digits: int = 7):
     needles += [f"VAR {other[0]} = {w}\n", f"VAR {other[1]} = {other[0]}\n"]
     depths = [depth] + later(2) + sorted(anywhere(2))
     return needles, depths, f"\nWhich variables equal {v}? Answer: ", " ".join(chain)
-  raise ValueError(f"retrieval task {kind!r} is not one of passkey|multikey|multivalue|vartrack")
+  raise ValueError(f"retrieval task {kind!r} is not one of {list(RETRIEVAL_TASKS)}")
 
 
 def _filler(corpus: Corpus, docs: Sequence[int], start: tuple[int, int], n_bytes: int) -> str:
@@ -527,7 +529,7 @@ def make_retrieval_example(kind: str, length: int, depth: float, rng: np.random.
   return RetrievalExample(kind, prompt, answer, depth, tuple(offsets), starts, ends, ntok(body), ntok(prompt))
 
 
-def encode_example(example: RetrievalExample, tokenizer: Tokenizer, loss: str = "answer",
+def encode_example(example: RetrievalExample, tokenizer: Tokenizer, loss: LossSpan = "answer",
                    end: str = "") -> dict[str, np.ndarray]:
   """Tokens of prompt + answer + `end`; loss_mask on the answer and `end` tokens only (`answer`) or on every
   token (`all`). Training passes end="\n", so a model learns where an answer stops (as generation does)."""
@@ -602,7 +604,7 @@ def default_chunk_bytes(cfg: DataConfig, bytes_per_token: float) -> int:
 
 def build_dataset(cfg: Config, rows: int, *, seed: int | None = None, process_index: int = 0, process_count: int = 1,
                   corpus: Corpus | None = None, tokenizer: Tokenizer | None = None,
-                  split: str = "train", text_loss: bool = True) -> grain.IterDataset:
+                  split: Split = "train", text_loss: bool = True) -> grain.IterDataset:
   """Infinite grain dataset of packed per-process batches of `rows` rows (this process's shard).
 
   split="train": chunks of training documents mixed with retrieval tasks whose haystack is training text;

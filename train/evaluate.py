@@ -32,9 +32,10 @@ from loza_jax import generate as gen
 from loza_jax.cache import check_cacheable
 from loza_jax.config import Config
 from loza_jax.model import build_model
+from loza_jax.model_dir import load_model
 from train import cli
 from train import data as data_lib
-from loza_jax.model_dir import load_model
+from train.iterators import train_iterator
 
 LogitsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """(tokens [B, T], segment_ids [B, T]) -> logits [B, T, V]."""
@@ -183,8 +184,8 @@ def heldout_rows(cfg: Config, n_rows: int, corpus=None, tokenizer=None) -> list[
   """n_rows packed rows of data.seq_len tokens of held-out documents (data.heldout_fraction), never trained on."""
   if n_rows == 0:
     return []
-  it = iter(data_lib.build_dataset(cfg, 1, seed=cfg.data.seed + HELDOUT_SEED, split="heldout", corpus=corpus,
-                                   tokenizer=tokenizer))
+  it = train_iterator(cfg, rows=1, seed=cfg.data.seed + HELDOUT_SEED, split="heldout", corpus=corpus,
+                      tokenizer=tokenizer, per_process=False)
   return [next(it) for _ in range(n_rows)]
 
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from loza_jax.config import Config
 from train import data as data_lib
+from train.data import Split
 
 
 def process_rows(cfg: Config) -> int:
@@ -18,12 +19,12 @@ def process_rows(cfg: Config) -> int:
   return cfg.train.batch_size // n
 
 
-def train_iterator(cfg: Config, *, rows: int | None = None, seed: int | None = None, split: str = "train",
+def train_iterator(cfg: Config, *, rows: int | None = None, seed: int | None = None, split: Split = "train",
                    corpus: data_lib.Corpus | None = None, tokenizer: data_lib.Tokenizer | None = None,
                    text_loss: bool = True, per_process: bool = True) -> Iterator[dict[str, np.ndarray]]:
   """Packed batches of `cfg.data` (see data.build_dataset): `rows` rows (default: this process's
-  share of train.batch_size), sharded over the processes unless per_process=False (every process
-  then sees the same rows)."""
+  share of train.batch_size) of the `split` documents, sharded over the processes unless
+  per_process=False (every process then sees the same rows, as evaluation's held-out rows do)."""
   rows = process_rows(cfg) if rows is None else rows
   shard = dict(process_index=jax.process_index(), process_count=jax.process_count()) if per_process else {}
   return iter(data_lib.build_dataset(cfg, rows, seed=seed, split=split, corpus=corpus, tokenizer=tokenizer,
