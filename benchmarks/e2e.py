@@ -111,6 +111,19 @@ def timed(fn, reps: int) -> float:
   return float(np.median(times))
 
 
+def chained_time(f, args, k: int = 16, reps: int = 5) -> float:
+  """Device seconds per call of f(*args) -> array: k calls chained in one executable, each one's first
+  argument nudged by the sum of the previous output (so no call can be hoisted, merged or sliced),
+  so the host's dispatch of a sub-millisecond call is not counted, as inside a decode step."""
+  def chain(x, *rest):
+    dep = jnp.zeros((), jnp.float32)
+    for _ in range(k):
+      dep = jnp.sum(f(x + (dep * 1e-30).astype(x.dtype), *rest).astype(jnp.float32))
+    return dep
+  fn = jax.jit(chain)
+  return timed(lambda: fn(*args).block_until_ready(), reps) / k
+
+
 def ceilings(tiny: bool) -> dict:
   """Copy bandwidth (bytes read + written per second) and bf16 matmul rate, measured here."""
   n = (1 << 20) if tiny else (1 << 30)
@@ -125,12 +138,15 @@ def ceilings(tiny: bool) -> dict:
 
 
 def random_cache(cfg: Config, batch: int, ctx: int, capacity: int, key) -> kc.Cache:
-  """A cache holding `ctx` tokens per row of random latents, SSA rings placed as decode would leave them."""
-  cache = kc.init_cache(cfg, batch, capacity, jnp.bfloat16)
+  """A cache holding `ctx` tokens per row of random latents, SSA rings placed as decode would leave them.
+
+  Built from the cache's shapes only, so an empty cache never sits beside the random one (at the
+  largest batch the two would not fit together)."""
+  shapes = jax.eval_shape(lambda: kc.init_cache(cfg, batch, capacity, jnp.bfloat16))
   a = cfg.attention
   sink, local = a.sink_blocks * a.block_size, a.local_blocks * a.block_size
   layers = []
-  for i, e in enumerate(cache.layers):
+  for i, e in enumerate(shapes.layers):
     k1, k2 = jax.random.split(jax.random.fold_in(key, i))
     new = {"ckv": jax.random.normal(k1, e["ckv"].shape, e["ckv"].dtype),
            "krope": jax.random.normal(k2, e["krope"].shape, e["krope"].dtype)}
@@ -163,6 +179,7 @@ def bench_decode(cfgs, params, ctx: int, batch: int, steps: int, bw: float) -> d
     row_bytes = kc.cache_bytes(cache)
     step = functools.partial(gen.decode_step, params, cfg)
     toks = jnp.zeros((batch,), jnp.int32) + 7
+    mem = gen.decode_step_memory(params, cfg, cache, toks)
     logits, cache = step(cache, toks)                                  # compile + warm-up
     jax.block_until_ready(logits)
     times = []
@@ -174,7 +191,8 @@ def bench_decode(cfgs, params, ctx: int, batch: int, steps: int, bw: float) -> d
     s = float(np.median(times))
     read = param_bytes(params) + batch * sum(
         x.size // batch * x.dtype.itemsize for e, t in zip(cache.layers, cfg.layer_types) for x in e.values())
-    out[name] = {"s": s, "cache_bytes_per_seq": row_bytes, "floor_s": read / bw, "tok_per_s": batch / s}
+    out[name] = {"s": s, "cache_bytes_per_seq": row_bytes, "floor_s": read / bw, "tok_per_s": batch / s,
+                 "step_temp_bytes": mem.temp_size_in_bytes}
     del cache
   out["ratio"] = out["full"]["s"] / out["loza"]["s"]
   out["bytes_saved"] = 1 - out["loza"]["cache_bytes_per_seq"] / out["full"]["cache_bytes_per_seq"]
@@ -200,17 +218,22 @@ def bench_decode_attention(cfg: Config, ctx: int, batch: int, bw: float) -> dict
                                        ctx - S + jnp.arange(S)), (batch, S))
     out[name] = {"floor_s": batch * S * (C + R) * 2 / bw}
     for label, impl in (("xla_s", "xla"), ("s", a.impl)):
-      fn = jax.jit(lambda *xs, impl=impl: kc.latent_attention(*xs, pattern, 0.1, impl=impl)[0])
-      out[name][label] = timed(lambda: fn(q_lat, q_rope, ckv, krope, q_pos, k_pos).block_until_ready(), 10)
+      fn = lambda *xs, impl=impl: kc.latent_attention(*xs, pattern, 0.1, impl=impl)[0]
+      out[name][label] = chained_time(fn, (q_lat, q_rope, ckv, krope, q_pos, k_pos))
   out["ratio"] = out["full"]["s"] / out["ssa"]["s"]
   return out
 
 
-def bench_train(cfgs, params, T: int, reps: int) -> dict:
-  out = {}
+REMAT = {"layer": {"model.remat": True},                        # every decoder layer recomputed
+         "none": {"model.remat": False, "model.moe_token_chunk": 0}}   # nothing recomputed (more memory)
+
+
+def bench_train(cfgs, params, T: int, reps: int, remat: str = "layer") -> dict:
+  """One fwd+bwd step per model; TFLOP/s counts model FLOPs (train_flops), never recomputation."""
+  out = {"remat": remat}
   tokens = jax.random.randint(jax.random.PRNGKey(T + 1), (1, T), 0, next(iter(cfgs.values())).model.vocab_size)
   for name, cfg in cfgs.items():
-    model = build_model(replace(cfg, **{"model.remat": True}))
+    model = build_model(replace(cfg, **REMAT[remat]))
     loss = lambda p: jnp.mean(jnp.square(model.apply({"params": p}, tokens, return_hidden=True).astype(jnp.float32)))
     step = jax.jit(jax.value_and_grad(loss))
     s = timed(lambda: jax.block_until_ready(step(params)), reps)
@@ -256,9 +279,10 @@ def report(res: dict, cmd: str, seconds: float) -> str:
        lambda k, r: [*k, f"{r['full']['s'] * 1e3:.3f}", f"{r['full']['xla_s'] * 1e3:.3f}",
                      f"{r['full']['floor_s'] * 1e3:.3f}", f"{r['ssa']['s'] * 1e3:.3f}", f"{r['ssa']['xla_s'] * 1e3:.3f}",
                      f"{r['ssa']['floor_s'] * 1e3:.3f}", f"{r['ratio']:.1f}x"]),
-      ("train", "Training step (fwd+bwd, batch 1, remat, LM head excluded)",
-       "T | full s | LoZA s | full tok/s | LoZA tok/s | full TFLOP/s | LoZA TFLOP/s | speed-up",
-       lambda k, r: [k, f(r["full"]["s"]), f(r["loza"]["s"]), f"{r['full']['tok_per_s']:.0f}",
+      ("train", "Training step (fwd+bwd, batch 1, LM head excluded; remat: `layer` recomputes each decoder "
+                "layer, `none` nothing; TFLOP/s counts model FLOPs only)",
+       "T | remat | full s | LoZA s | full tok/s | LoZA tok/s | full TFLOP/s | LoZA TFLOP/s | speed-up",
+       lambda k, r: [*k, f(r["full"]["s"]), f(r["loza"]["s"]), f"{r['full']['tok_per_s']:.0f}",
                      f"{r['loza']['tok_per_s']:.0f}", f"{r['full']['tflops']:.0f}", f"{r['loza']['tflops']:.0f}",
                      f"{r['ratio']:.2f}x"]),
   ]
@@ -278,6 +302,7 @@ def main(argv=None):
   p.add_argument("--prefill", default="32768,131072,262144")
   p.add_argument("--decode", default="32768,131072,262144")
   p.add_argument("--train", default="32768,131072")
+  p.add_argument("--remat", default="layer", help=f"training-step remat modes, comma-separated: {sorted(REMAT)}")
   p.add_argument("--reps", type=int, default=2)
   p.add_argument("--steps", type=int, default=10, help="decode steps timed per setting")
   p.add_argument("--cache-budget-gib", type=float, default=80.0,
@@ -286,6 +311,9 @@ def main(argv=None):
   p.add_argument("--results-dir", default="benchmarks/results")
   p.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke test of the script)")
   args = p.parse_args(argv)
+  bad = set(args.remat.split(",")) - set(REMAT)
+  if bad:
+    p.error(f"--remat: unknown mode(s) {sorted(bad)}; choose from {sorted(REMAT)}")
   t0 = time.time()
   cmd = "python -m benchmarks.e2e " + " ".join(argv if argv is not None else sys.argv[1:])
   ints = lambda s: [int(x) for x in s.split(",") if x]
@@ -333,9 +361,10 @@ def main(argv=None):
     print("prefill", T, res["prefill"][T], flush=True)
     write()
   for T in ints(args.train):
-    res["train"][T] = attempt(f"train {T}", bench_train, cfgs, params, T, args.reps)
-    print("train", T, res["train"][T], flush=True)
-    write()
+    for mode in args.remat.split(","):
+      res["train"][(T, mode)] = attempt(f"train {T} remat={mode}", bench_train, cfgs, params, T, args.reps, mode)
+      print("train", T, mode, res["train"][(T, mode)], flush=True)
+      write()
   print(write())
 
 

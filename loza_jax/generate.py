@@ -114,6 +114,13 @@ def decode_step(params, cfg: Config, cache: Cache, tokens_B):
   return _decode_step_jit(cfg)(params, cache, jnp.asarray(tokens_B, jnp.int32))
 
 
+def decode_step_memory(params, cfg: Config, cache: Cache, tokens_B):
+  """XLA's memory analysis of the compiled decode step (nothing runs): `temp_size_in_bytes` is what a
+  step needs beyond its arguments; with the cache updated in place it is far below the cache's size."""
+  step = _decode_step_jit(cfg).lower(params, cache, jnp.asarray(tokens_B, jnp.int32)).compile()
+  return step.memory_analysis()
+
+
 @functools.lru_cache(maxsize=16)
 def _decode_loop_fn(cfg: Config, max_new: int, sampling: Sampling, stop: tuple[int, ...], on_token):
   step = _decode_step_fn(cfg)

@@ -123,6 +123,18 @@ def test_ssa_cache_size_is_constant():
   assert kc.cache_bytes(sparse) == kc.cache_bytes(kc.init_cache(tiny_cfg(("ssa", "ssa")), 1, 10))
 
 
+@pytest.mark.parametrize("impl", ["xla", "auto"])
+def test_decode_step_updates_the_cache_in_place(impl):
+  """The donated cache is written in place: a step's temporaries stay far below one full sublayer's latent
+  (a copy of the cache is what limits the largest decode batch). On the GPU `auto` runs the kernel."""
+  cfg = tiny_cfg(("full", "ssa", "full"), impl=impl, num_attention_heads=2, num_key_value_heads=2,
+                 kv_lora_rank=128)      # scores (heads per key) are small beside the latent (C per key)
+  cache = kc.init_cache(cfg, 4, 16384, jnp.float32)
+  one_latent = cache.layers[0]["ckv"].nbytes
+  mem = g.decode_step_memory(init(cfg), cfg, cache, np.zeros(4, np.int32))
+  assert mem.temp_size_in_bytes < one_latent / 2, (mem.temp_size_in_bytes, one_latent)
+
+
 def is_greedy(params, cfg, prompt, new) -> bool:
   """Whether each new token is the forward's argmax after the tokens before it (one causal pass)."""
   seq = list(prompt) + list(new)
