@@ -13,7 +13,7 @@ from flax import traverse_util
 
 from loza_jax.config import load_config, replace
 from loza_jax.model import build_model
-from loza_jax.model_dir import load_model, save_model
+from loza_jax.model_dir import load_config_file, load_model, save_model
 from train.sparsify import sparsify, zigzag_layer_string
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,3 +148,48 @@ def test_midtrain_rejects_a_stage_whose_data_cannot_be_built_before_training(tmp
   with pytest.raises(ValueError, match=r"midtrain.stages\[1\] \(seq_len 64\).*multikey"):
     midtrain(cfg, tmp_path / "model")
   assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_midtrain_rejects_a_stage_mesh_that_does_not_fit_before_training(tmp_path):
+  from train.midtrain import midtrain
+  make_model(tmp_path, "attention.layer_types=[full, ssa, full, ssa]")
+  base = SMALL + [f"train.run_dir={tmp_path / 'run'}"]
+  cases = [(f"mesh: {{data: 1, context: {2 * jax.device_count()}}}", r"needs \d+ devices"),
+           ("batch_size: 3", r"batch_size=3 must be divisible by mesh data x fsdp")]
+  if jax.device_count() == 1:
+    cases = cases[:1]
+  for stage, match in cases:
+    cfg = load_config("configs/demo_cpu.yaml", base + [
+        f"midtrain.stages=[{{seq_len: 32, steps: 1}}, {{seq_len: 64, steps: 1, {stage}}}]"])
+    with pytest.raises(ValueError, match=rf"midtrain.stages\[1\] \(seq_len 64\): .*{match}"):
+      midtrain(cfg, tmp_path / "model")
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_check_stage_mesh_needs_whole_blocks_per_context_chunk():
+  from train.midtrain import check_stage_mesh
+  cfg = load_config("configs/demo_cpu.yaml", SMALL + ["attention.layer_types=[full, ssa, full, ssa]",
+                                                       "mesh.data=1", "mesh.context=2", "data.seq_len=48"])
+  with pytest.raises(ValueError, match=r"T=48 over 4 chunks \(mesh.context=2, zigzag\) gives chunks of 12 tokens"):
+    check_stage_mesh(cfg, 2)
+  check_stage_mesh(replace(cfg, **{"data.seq_len": 64}), 2)
+
+
+def test_midtrain_stage_with_its_own_context_mesh(tmp_path):
+  """Stage 0 on the run's mesh (data=2), stage 1 on its own (context=2), two simulated CPU devices."""
+  make_model(tmp_path, "attention.layer_types=[full, ssa, full, ssa]")
+  stages = ("midtrain.stages=[{seq_len: 32, steps: 2, learning_rate: 0.003}, "
+            "{seq_len: 64, steps: 2, learning_rate: 0.002, mesh: {data: 1, context: 2}}]")
+  args = [sys.executable, "-m", "train.midtrain", "--config", "configs/demo_cpu.yaml",
+          "--init", str(tmp_path / "model"), "--set", f"train.run_dir={tmp_path / 'run'}", "--set", stages]
+  for s in SMALL:
+    args += ["--set", s]
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}
+  proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  stages = json.loads((tmp_path / "run" / "stages.json").read_text())
+  assert [s["mesh"] for s in stages] == [{"data": 2, "fsdp": 1, "tensor": 1, "context": 1},
+                                         {"data": 1, "fsdp": 1, "tensor": 1, "context": 2}]
+  assert all(np.isfinite(s["final_loss"]) for s in stages)
+  assert load_config_file(tmp_path / "run" / "model").layer_types == ("full", "ssa", "full", "ssa")

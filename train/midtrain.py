@@ -3,9 +3,11 @@
 python -m train.midtrain --config configs/demo_cpu.yaml --set midtrain.init=runs/demo/sparse/model
 
 Each entry of midtrain.stages sets seq_len, steps, learning rate (warm-up then cosine within the
-stage) and optionally rope_scaling (e.g. a YaRN factor growing with seq_len). All stages share one
-checkpoint series in train.run_dir, so a killed run resumes at its last checkpoint, in whichever
-stage; stages.json records each transition. The final model goes to <train.run_dir>/model.
+stage) and optionally rope_scaling (e.g. a YaRN factor growing with seq_len) and mesh (the stage's
+axis sizes, e.g. context parallelism for long stages only; the run's mesh otherwise). All stages
+share one checkpoint series in train.run_dir, so a killed run resumes at its last checkpoint, in
+whichever stage, resharded onto that stage's mesh; stages.json records each transition. The final
+model goes to <train.run_dir>/model.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from typing import Callable, Sequence
 import jax
 from tqdm.auto import tqdm
 
-from loza_jax.config import Config, MidtrainStage, replace
+from loza_jax import context, sharding as shd
+from loza_jax.config import MESH_AXES, Config, MidtrainStage, replace, stage_mesh
 from loza_jax.model_dir import export_model, load_model
 from train import cli, data as data_lib
 from train.checkpoint import Checkpointer
@@ -30,11 +33,12 @@ STAGE_SEED_STRIDE = 7_919
 
 
 def stage_config(base: Config, model_cfg: Config, stage: MidtrainStage, index: int) -> Config:
-  """The run config of one stage: the sparse model (with the stage's RoPE scaling) and its schedule."""
+  """The run config of one stage: the sparse model (with the stage's RoPE scaling), its mesh and its schedule."""
   model = model_cfg.model if stage.rope_scaling is None else replace(model_cfg.model, rope_scaling=stage.rope_scaling)
   return replace(base, **{
       "model": model,
       "attention": model_cfg.attention,
+      "mesh": stage_mesh(base.mesh, stage.mesh),
       "data.seq_len": stage.seq_len,
       "data.seed": base.data.seed + STAGE_SEED_STRIDE * index,
       "train.batch_size": stage.batch_size or base.train.batch_size,
@@ -43,6 +47,19 @@ def stage_config(base: Config, model_cfg: Config, stage: MidtrainStage, index: i
       "train.warmup_steps": stage.warmup_steps,
       "train.decay_steps": stage.steps,
   })
+
+
+def check_stage_mesh(scfg: Config, n_devices: int) -> None:
+  """ValueError unless a stage's mesh fits `n_devices`, its batch splits over data x fsdp and its rows over
+  context (what the trainer and the model would find only when the stage starts)."""
+  sizes = dict(zip(MESH_AXES, shd.mesh_shape(scfg.mesh, n_devices)))
+  dp = sizes["data"] * sizes["fsdp"]
+  if scfg.train.batch_size % dp:
+    raise ValueError(f"batch_size={scfg.train.batch_size} must be divisible by mesh data x fsdp = {dp}")
+  if sizes["context"] > 1:
+    a, sparse = scfg.attention, any(t != "full" for t in scfg.layer_types)
+    context.check_split(scfg.data.seq_len, context.Layout(sizes["context"], "zigzag"),
+                        a.block_size if sparse else None, a.sink_blocks * a.block_size if sparse else 0)
 
 
 def stage_bounds(stages: Sequence[MidtrainStage]) -> list[tuple[int, int]]:
@@ -73,9 +90,11 @@ def midtrain(cfg: Config, init: str | Path, *, hooks: Sequence[Callable] = (), p
                        f"{model_cfg.attention.block_size}")
   tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
   corpus = data_lib.load_corpus(cfg.data)
-  for i, st in enumerate(stages):   # fail before any training if a later stage's data cannot be built
+  for i, st in enumerate(stages):   # fail before any training if a later stage's data or mesh does not fit
     try:
-      data_lib.build_dataset(stage_config(cfg, model_cfg, st, i), 1, corpus=corpus, tokenizer=tokenizer)
+      scfg = stage_config(cfg, model_cfg, st, i)
+      data_lib.build_dataset(scfg, 1, corpus=corpus, tokenizer=tokenizer)
+      check_stage_mesh(scfg, jax.device_count())
     except ValueError as e:
       raise ValueError(f"midtrain.stages[{i}] (seq_len {st.seq_len}): {e}") from None
   run_dir = Path(cfg.train.run_dir)
@@ -94,9 +113,10 @@ def midtrain(cfg: Config, init: str | Path, *, hooks: Sequence[Callable] = (), p
       say(f"stage {i} (seq_len {stage.seq_len}, steps {start}->{end}) already done")
       continue
     say(f"stage {i}: seq_len {stage.seq_len}, steps {start}->{end}, lr {stage.learning_rate}, rope_scaling "
-        f"{stage.rope_scaling}" + (f" (resuming at step {latest})" if latest > start else ""))
+        f"{stage.rope_scaling}, mesh {dict(trainer.mesh.shape)}" +
+        (f" (resuming at step {latest})" if latest > start else ""))
     entry = {"stage": i, "seq_len": stage.seq_len, "start_step": start, "end_step": end,
-             "learning_rate": stage.learning_rate,
+             "learning_rate": stage.learning_rate, "mesh": dict(trainer.mesh.shape),
              "rope_scaling": None if stage.rope_scaling is None else stage.rope_scaling.__dict__,
              "started_unix": time.time()}
     data_iter = train_iterator(scfg, corpus=corpus, tokenizer=tokenizer)
