@@ -3,8 +3,9 @@ choices vs the XLA absorbed form and the HBM floor (latent cache bytes ÷ copy b
 
     python -m benchmarks.decode_tune [--settings 131072x113,131072x1,262144x56] [--out DIR]
 
-Every candidate is checked against the XLA form before it is timed; prints one table, fastest first
-per setting, and writes it (plus JSON) under --out.
+Every candidate is checked against the XLA form before it is timed (as chained calls in one executable,
+`benchmarks.e2e.chained_time`); prints one table, fastest first per setting, and writes it (plus JSON)
+under --out.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from benchmarks.e2e import ceilings, timed
+from benchmarks.e2e import ceilings, chained_time
 from kernels_pallas import decode
 from loza_jax import cache as kc
 from loza_jax.attention import Full
@@ -47,14 +48,16 @@ def run_setting(S: int, B: int, bw: float, limit: int) -> list[dict]:
   q_pos = jnp.full((B, 1), S - 1, jnp.int32)
   k_pos = jnp.broadcast_to(jnp.arange(S), (B, S))
   floor = B * S * (C + R) * 2 / bw
-  ref_fn = jax.jit(lambda *a: kc.latent_attention(*a, Full(), 0.07, impl="xla")[0])
-  ref = ref_fn(q, qr, ckv, kr, q_pos, k_pos)
-  rows = [{"impl": "xla", "s": timed(lambda: ref_fn(q, qr, ckv, kr, q_pos, k_pos).block_until_ready(), 10)}]
+  args = (q, qr, ckv, kr, q_pos, k_pos)
+  ref_f = lambda *a: kc.latent_attention(*a, Full(), 0.07, impl="xla")[0]
+  ref = jax.jit(ref_f)(*args)
+  rows = [{"impl": "xla", "s": chained_time(ref_f, args)}]
   base = decode.default_config(B, H, S, C, 0.07, None, jnp.bfloat16, False)
   for i, cfg in enumerate(candidates(base)):
     if i >= limit:
       break
-    fn = jax.jit(lambda *a, cfg=cfg: decode.latent_attention(*a, scale=0.07, cfg=cfg)[0])
+    f = lambda *a, cfg=cfg: decode.latent_attention(*a, scale=0.07, cfg=cfg)[0]
+    fn = jax.jit(f)
     name = f"r{cfg.rows} c{cfg.cols} w{cfg.num_warps} st{cfg.num_stages} sp{cfg.splits}" + (" *" if i == 0 else "")
     try:
       out = fn(q, qr, ckv, kr, q_pos, k_pos)
@@ -62,8 +65,7 @@ def run_setting(S: int, B: int, bw: float, limit: int) -> list[dict]:
       if err > 2e-2:
         rows.append({"impl": name, "s": None, "error": f"rel err {err:.3g}"})
         continue
-      rows.append({"impl": name, "s": timed(lambda: fn(q, qr, ckv, kr, q_pos, k_pos).block_until_ready(), 10),
-                   "rel_err": err})
+      rows.append({"impl": name, "s": chained_time(f, args), "rel_err": err})
     except Exception as e:  # noqa: BLE001 - a tile that does not compile is reported, not fatal
       rows.append({"impl": name, "s": None, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
   for r in rows:

@@ -135,6 +135,11 @@ def test_decode_step_updates_the_cache_in_place(impl):
   assert mem.temp_size_in_bytes < one_latent / 2, (mem.temp_size_in_bytes, one_latent)
 
 
+@pytest.mark.gpu
+def test_gpu_decode_step_updates_the_cache_in_place():
+  test_decode_step_updates_the_cache_in_place("auto")      # on the GPU: through the Pallas decode kernel
+
+
 def is_greedy(params, cfg, prompt, new) -> bool:
   """Whether each new token is the forward's argmax after the tokens before it (one causal pass)."""
   seq = list(prompt) + list(new)
