@@ -12,10 +12,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
-from loza_jax import sharding as shd  # noqa: E402
-from loza_jax.config import MeshConfig  # noqa: E402
-from tests.trainer_utils import tiny_cfg  # noqa: E402
-from train import data  # noqa: E402
+from tests.trainer_utils import one_device_vs_sharded_step, tiny_cfg  # noqa: E402
 from train.checkpoint import Checkpointer  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
@@ -29,14 +26,7 @@ def main(run_dir):
   # parameter by ~g/eps instead of a full ±lr step whose sign the reduction order decides.
   over = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_attention_heads=4", "train.eps=1e-5"]
   cfg = tiny_cfg(run_dir, over + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
-  batch = next(iter(data.build_dataset(cfg, cfg.train.batch_size)))
-  one = Trainer(cfg, mesh=shd.make_mesh(MeshConfig(data=1), jax.devices()[:1]))
-  one.state = one.init_state()
-  params0 = jax.device_get(one.state.params)
-  m1 = jax.device_get(one.step(batch))
-
-  sharded = Trainer(cfg, init_params=params0)
-  m8 = jax.device_get(sharded.step(batch))
+  one, sharded, m1, m8, params0 = one_device_vs_sharded_step(cfg)
   p1, p8 = flat(one.state.params), flat(sharded.state.params)
   specs = {k: str(v.sharding.spec) for k, v in traverse_util.flatten_dict(sharded.state.params, sep="/").items()}
   mu = sharded.state.opt_state[1][0].mu

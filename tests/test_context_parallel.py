@@ -201,20 +201,12 @@ def _worker(devices: int) -> dict:
   # The trainer (every stage's loop) on a data=2 x context=4 mesh vs one device, on packed real batches.
   import tempfile
 
-  from tests.trainer_utils import tiny_cfg
-  from train import data
-  from train.trainer import Trainer
+  from tests.trainer_utils import one_device_vs_sharded_step, tiny_cfg
   with tempfile.TemporaryDirectory() as run_dir:
     over = ["data.seq_len=256", "model.max_position_embeddings=256", "attention.layer_types=[full, ssa]",
             "train.eps=1e-5"]
     cfg = tiny_cfg(run_dir, over + ["mesh.data=2", "mesh.context=4"])
-    batch = next(iter(data.build_dataset(cfg, cfg.train.batch_size)))
-    one = Trainer(cfg, mesh=shd.make_mesh(MeshConfig(data=1), jax.devices()[:1]))
-    one.state = one.init_state()
-    params0 = jax.device_get(one.state.params)
-    m1 = jax.device_get(one.step(batch))
-    cp = Trainer(cfg, init_params=params0)
-    m8 = jax.device_get(cp.step(batch))
+    _, cp, m1, m8, _ = one_device_vs_sharded_step(cfg)
     out["trainer_c4_data2"] = {"loss_ref": float(m1["loss"]), "loss": float(m8["loss"]),
                                "gnorm_ref": float(m1["grad_norm"]), "gnorm": float(m8["grad_norm"]),
                                "mesh": dict(cp.mesh.shape)}

@@ -1,13 +1,17 @@
-"""Tiny configs and helpers shared by the trainer, data, checkpoint and sharding tests."""
+"""Tiny configs and helpers shared by the trainer, data, checkpoint, sharding and context-parallel tests."""
 from __future__ import annotations
 
 import copy
 import json
 from pathlib import Path
 
+import jax
 import yaml
 
-from loza_jax.config import Config, apply_overrides, from_dict
+from loza_jax import sharding as shd
+from loza_jax.config import Config, MeshConfig, apply_overrides, from_dict
+from train import data
+from train.trainer import Trainer
 
 TINY = {
     "model": {"vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -42,3 +46,16 @@ def write_jsonl(path: Path, texts) -> Path:
 
 def read_metrics(run_dir: Path) -> list[dict]:
   return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def one_device_vs_sharded_step(cfg: Config):
+  """One step on the same global batch from the same initial params, on one device and on cfg.mesh (all
+  devices): (one-device trainer, sharded trainer, metrics of each on the host, the initial params)."""
+  batch = next(iter(data.build_dataset(cfg, cfg.train.batch_size)))
+  one = Trainer(cfg, mesh=shd.make_mesh(MeshConfig(data=1), jax.devices()[:1]))
+  one.state = one.init_state()
+  params0 = jax.device_get(one.state.params)
+  metrics_one = jax.device_get(one.step(batch))
+  sharded = Trainer(cfg, init_params=params0)
+  metrics_sharded = jax.device_get(sharded.step(batch))
+  return one, sharded, metrics_one, metrics_sharded, params0
