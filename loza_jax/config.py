@@ -379,7 +379,7 @@ class MidtrainStage:
 
 def stage_mesh(run: MeshConfig, stage: MeshAxes | None) -> MeshConfig:
   """The mesh a stage runs on: the stage's axis sizes, when it has them, with the run's multi-host start-up."""
-  return run if stage is None else dataclasses.replace(run, **dataclasses.asdict(stage))
+  return run if stage is None else dataclasses.replace(run, **{a: getattr(stage, a) for a in MESH_AXES})
 
 
 @dataclasses.dataclass(frozen=True)
