@@ -1,6 +1,9 @@
 """`make demo` smoke: the whole pipeline on the demo config, shortened, writes a complete report."""
 import json
 
+import pytest
+
+from loza_jax.config import load_config
 from train import pipeline
 
 SHORT = ["train.steps=4", "train.batch_size=2", "train.log_every=2", "train.progress=false",
@@ -112,3 +115,121 @@ def test_spread_of_seeds():
   assert pipeline.spread([0.5, None, 1.0]) == {"mean": 0.75, "min": 0.5, "max": 1.0, "std": 0.25, "n": 2}
   assert pipeline.spread([None]) is None
   assert pipeline._agg_cell(pipeline.spread([0.5, 1.0])) == "0.75 ± 0.25 (0.50–1.00)"
+
+
+PROXY_TINY = [   # configs/proxy_h200.yaml shrunk to seconds of CPU: same stages, ratios, baselines and YaRN views
+    "model.hidden_size=64", "model.intermediate_size=128", "model.num_attention_heads=2", "model.kv_lora_rank=32",
+    "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16", "model.num_hidden_layers=4",
+    "model.dtype=float32", "attention.block_size=16", "attention.local_blocks=3",
+    "data.seq_len=128", "data.retrieval_lengths=[96, 128]", "data.passkey_digits=[7, 12]",
+    "train.checkpoint_every=0", "train.log_every=1",
+    "calibrate.steps=2", "calibrate.seq_len=256", "calibrate.batch_size=2",
+    "midtrain.stages=[{seq_len: 128, steps: 2, batch_size: 2}, {seq_len: 256, steps: 1, batch_size: 1, "
+    "rope_scaling: {factor: 2.0, original_max_position_embeddings: 128}}]",
+    "evaluate.lengths=[128, 256]", "evaluate.ppl_lengths=[128, 256]", "evaluate.depths=[0.5]", "evaluate.samples=1",
+    "evaluate.ppl_rows=1", "evaluate.ppl_buckets=2", "evaluate.batch_size=2", "pipeline.random_seeds=2",
+    "pipeline.eval_rope_scaling={factor: 2.0, original_max_position_embeddings: 128}",
+    "pipeline.pretrain_stages=[{seq_len: 96, steps: 2, batch_size: 2, retrieval_lengths: [96]}, "
+    "{seq_len: 128, steps: 2, batch_size: 2}]"]
+
+
+def _proxy_argv(run_dir, *extra):
+  argv = ["--config", "configs/proxy_h200.yaml", "--run-dir", str(run_dir), *extra]
+  for s in PROXY_TINY:
+    argv += ["--set", s]
+  return argv
+
+
+def _refuse(monkeypatch, *names):
+  """Make the named stage functions of train.pipeline fail if called: a resumed run must skip them."""
+  for name in names:
+    monkeypatch.setattr(pipeline if name != "pretrain" else pipeline.pretrain_lib, name,
+                        lambda *a, name=name, **k: pytest.fail(f"{name} ran again"))
+
+
+def test_proxy_config_is_the_paper_geometry():
+  cfg = load_config("configs/proxy_h200.yaml")
+  pipeline.check_pipeline(cfg)
+  m, a = cfg.model, cfg.attention
+  assert (a.block_size, a.sink_blocks, a.local_blocks, m.qk_head_dim, m.v_head_dim, m.dtype, a.impl) == (
+      128, 1, 7, 192, 128, "bfloat16", "auto")
+  assert cfg.data.seq_len >= 8192 and cfg.pipeline.pretrain_stages[-1].seq_len == cfg.data.seq_len
+  assert (a.sink_blocks + a.local_blocks) * a.block_size <= cfg.data.seq_len // 8   # most needles are `beyond`
+  assert cfg.pipeline.ratios == (0.25, 0.5, 0.75) and cfg.pipeline.random_seeds == 3 and cfg.pipeline.alternating
+  assert cfg.evaluate.lengths == (4096, 8192, 16384, 32768) and m.max_position_embeddings > 32768
+  assert cfg.data.source == "stdlib" and cfg.data.tokenizer == "byte"   # nothing to download
+  with pytest.raises(ValueError, match="must include sparsify.ratio=0.5"):
+    pipeline.check_pipeline(load_config("configs/proxy_h200.yaml", ["pipeline.ratios=[0.25, 0.75]"]))
+
+
+def test_once_writes_its_marker_last(tmp_path):
+  calls = []
+
+  def work():
+    calls.append(1)
+    if len(calls) == 1:
+      raise RuntimeError("killed")
+    return {"model_dir": tmp_path / "m"}
+
+  with pytest.raises(RuntimeError):
+    pipeline.once(tmp_path, "step", work)
+  assert not pipeline.done_marker(tmp_path, "step").exists()        # a failed step leaves no marker
+  half = pipeline.done_marker(tmp_path, "step").with_suffix(".json.tmp")   # what a killed write leaves
+  half.parent.mkdir(parents=True, exist_ok=True)
+  half.write_text("{half")
+  first = pipeline.once(tmp_path, "step", work)
+  again = pipeline.once(tmp_path, "step", work)
+  assert len(calls) == 2 and first == again and again["model_dir"] == str(tmp_path / "m") and "wall_s" in again
+
+
+def test_a_run_directory_resumes_only_its_own_run(tmp_path):
+  cfg = load_config("configs/proxy_h200.yaml")
+  pipeline.check_same_run(tmp_path, cfg, None)
+  pipeline.check_same_run(tmp_path, cfg, None)
+  with pytest.raises(ValueError, match=r"another run \(midtrain.stages differs\)"):
+    pipeline.check_same_run(tmp_path, load_config("configs/proxy_h200.yaml", ["midtrain.stages=[{seq_len: 8192, "
+                                                                               "steps: 1}]"]), None)
+  with pytest.raises(ValueError, match=r"another run \(init differs\)"):
+    pipeline.check_same_run(tmp_path, cfg, "some/model")
+
+
+@pytest.mark.slow
+def test_proxy_experiment_end_to_end_in_calls(tmp_path, monkeypatch):
+  """The experiment command on a tiny proxy: --until stops after a stage, the next call skips what is done."""
+  assert pipeline.main(_proxy_argv(tmp_path, "--until", "calibrate")) == 0
+  done = {p.stem for p in (tmp_path / "done").glob("*.json")}
+  assert done == {"run", "pretrain-0", "pretrain-1", "calibrate"} and not (tmp_path / "report.md").exists()
+
+  with monkeypatch.context() as m:
+    _refuse(m, "pretrain", "calibrate")
+    assert pipeline.main(_proxy_argv(tmp_path)) == 0
+  summary = json.loads((tmp_path / "pipeline.json").read_text())
+  seeds = [r["seed"] for r in summary["random_selections"]]
+  names = ["full", "full+yarn", "loza-sparse", "loza-sparse+midtrain", "loza-25%+midtrain", "loza-75%+midtrain",
+           *[f"random-{s}+midtrain" for s in seeds], "alternating+midtrain"]
+  assert list(summary["evaluation"]) == names and len(seeds) == 2
+  assert {k: len(v["ssa_layers"]) for k, v in summary["alpha_selections"].items()} == {
+      "loza-25": 1, "loza": 2, "loza-75": 3}
+  assert [h["model"] for h in summary["headline"]] == names[:6] + ["random-sparse+midtrain (2 seeds)",
+                                                                   "alternating+midtrain"]
+  assert [h["sparsity"] for h in summary["headline"]] == [0, 0, 0.5, 0.5, 0.25, 0.75, 0.5, 0.5]
+  stages = {n: [(s["seq_len"], s["start_step"], s["end_step"]) for s in m["stages"]]
+            for n, m in summary["midtrain"].items()}
+  assert set(map(str, stages.values())) == {str([(128, 0, 2), (256, 2, 3)])} and len(stages) == 6
+  runs = {r["run"]: r for r in summary["throughput"]}
+  assert {"pretrain 0", "pretrain 1", "calibrate", "midtrain loza 0", "midtrain loza-75 1"} <= set(runs)
+  assert runs["pretrain 1"]["tflops_per_device"] > 0 and runs["calibrate"]["tokens_per_s"] > 0
+  assert len(summary["targets"]) == 4 and set(summary["timings"]) == set(pipeline.STAGES)
+  report = (tmp_path / "report.md").read_text()
+  for needle in ["### Targets", "## 6. Throughput", "| full+yarn |", "| loza-75%+midtrain |", "YaRN ×2",
+                 "![perplexity_by_length_position.png](eval/perplexity_by_length_position.png)",
+                 "![alpha](calibrate/alpha.png)", "| midtrain loza-25 1 | 256 | 1 |"]:
+    assert needle in report, needle
+  for plot in ["retrieval_heatmap.png", "perplexity_by_position.png", "perplexity_by_length_position.png"]:
+    assert (tmp_path / "eval" / plot).is_file()
+
+  with monkeypatch.context() as m:   # everything done: a third call only rewrites the report
+    _refuse(m, "pretrain", "calibrate", "sparsify", "midtrain", "evaluate")
+    (tmp_path / "report.md").unlink()
+    assert pipeline.main(_proxy_argv(tmp_path)) == 0
+  assert (tmp_path / "report.md").read_text() == report
