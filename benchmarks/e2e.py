@@ -157,18 +157,36 @@ def random_cache(cfg: Config, batch: int, ctx: int, capacity: int, key) -> kc.Ca
   return kc.Cache(jnp.full((batch,), ctx, jnp.int32), tuple(layers))
 
 
+def prefill_bytes(cfg: Config, params, T: int) -> int:
+  """Device bytes one T-token prefill chunk needs (XLA's memory analysis of the compiled call; nothing runs)."""
+  cache = jax.eval_shape(lambda: kc.init_cache(cfg, 1, T, jnp.bfloat16))
+  sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt)
+  ma = gen._prefill_fn(cfg, 0).lower(params, cache, sds((1, T), jnp.int32), sds((1,), jnp.int32),
+                                     sds((1, cfg.model.vocab_size), jnp.float32)).compile().memory_analysis()
+  return ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
+
+
 def bench_prefill(cfgs, params, T: int, reps: int) -> dict:
+  """Prefill of one T-token prompt in one chunk per model; a model whose call would not fit in device memory
+  raises MemoryError with the bytes it needs (recorded as not measured) before anything is allocated."""
   out = {}
   tokens = jax.random.randint(jax.random.PRNGKey(T), (1, T), 0, next(iter(cfgs.values())).model.vocab_size)
+  limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
   for name, cfg in cfgs.items():
+    need = prefill_bytes(cfg, params, T)
+    if limit and need > limit:
+      raise MemoryError(f"{name} prefill at {T} in one chunk needs {need / 2**30:.1f} GiB, the device has "
+                        f"{limit / 2**30:.1f} GiB")
+
     def run():
       cache = kc.init_cache(cfg, 1, T, jnp.bfloat16)
       last, cache = gen.prefill(params, cfg, cache, tokens, np.array([T]), chunk=T)
       jax.block_until_ready((last, cache))
     s = timed(run, reps)
-    out[name] = {"s": s, "tok_per_s": T / s, "tflops": prefill_flops(cfg, T) / s / 1e12}
-  out["ratio"] = out["full"]["s"] / out["loza"]["s"]
-  out["ideal"] = prefill_flops(cfgs["full"], T) / prefill_flops(cfgs["loza"], T)
+    out[name] = {"s": s, "tok_per_s": T / s, "tflops": prefill_flops(cfg, T) / s / 1e12, "need_bytes": need}
+  if len(out) == len(cfgs) == 2:
+    out["ratio"] = out["full"]["s"] / out["loza"]["s"]
+    out["ideal"] = prefill_flops(cfgs["full"], T) / prefill_flops(cfgs["loza"], T)
   return out
 
 
@@ -266,9 +284,10 @@ def report(res: dict, cmd: str, seconds: float) -> str:
   sections = [
       ("prefill", "Prefill (batch 1, one chunk)",
        "T | full s | LoZA s | full tok/s | LoZA tok/s | full TFLOP/s | LoZA TFLOP/s | speed-up | ideal (FLOPs)",
-       lambda k, r: [k, f(r["full"]["s"]), f(r["loza"]["s"]), f"{r['full']['tok_per_s']:.0f}",
-                     f"{r['loza']['tok_per_s']:.0f}", f"{r['full']['tflops']:.0f}", f"{r['loza']['tflops']:.0f}",
-                     f"{r['ratio']:.2f}x", f"{r['ideal']:.2f}x"]),
+       lambda k, r: [k, *(f"{r[m]['s']:.3f}" if m in r else "–" for m in ("full", "loza")),
+                     *(f"{r[m]['tok_per_s']:.0f}" if m in r else "–" for m in ("full", "loza")),
+                     *(f"{r[m]['tflops']:.0f}" if m in r else "–" for m in ("full", "loza")),
+                     f"{r['ratio']:.2f}x" if "ratio" in r else "–", f"{r['ideal']:.2f}x" if "ideal" in r else "–"]),
       ("decode", "Decode (one step, all rows at the context)",
        "ctx | batch | full ms | LoZA ms | speed-up | full floor ms | LoZA floor ms | KV bytes/seq full | LoZA | saved",
        lambda k, r: [*k, ms(r, "full"), ms(r, "loza"), f"{r['ratio']:.2f}x", f"{r['full']['floor_s'] * 1e3:.2f}",
@@ -300,6 +319,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--layers", type=int, default=2)
   p.add_argument("--prefill", default="32768,131072,262144")
+  p.add_argument("--prefill-models", default="full,loza", help="models to prefill (e.g. loza alone at 1M)")
   p.add_argument("--decode", default="32768,131072,262144")
   p.add_argument("--train", default="32768,131072")
   p.add_argument("--remat", default="layer", help=f"training-step remat modes, comma-separated: {sorted(REMAT)}")
@@ -314,6 +334,9 @@ def main(argv=None):
   bad = set(args.remat.split(",")) - set(REMAT)
   if bad:
     p.error(f"--remat: unknown mode(s) {sorted(bad)}; choose from {sorted(REMAT)}")
+  bad = set(args.prefill_models.split(",")) - {"full", "loza"}
+  if bad:
+    p.error(f"--prefill-models: unknown model(s) {sorted(bad)}; choose from full, loza")
   t0 = time.time()
   cmd = "python -m benchmarks.e2e " + " ".join(argv if argv is not None else sys.argv[1:])
   ints = lambda s: [int(x) for x in s.split(",") if x]
@@ -357,7 +380,8 @@ def main(argv=None):
       print("decode attention", ctx, b, res["decode_attention"][(ctx, b)], flush=True)
       write()
   for T in ints(args.prefill):
-    res["prefill"][T] = attempt(f"prefill {T}", bench_prefill, cfgs, params, T, args.reps)
+    chosen = {m: cfgs[m] for m in args.prefill_models.split(",")}
+    res["prefill"][T] = attempt(f"prefill {T}", bench_prefill, chosen, params, T, args.reps)
     print("prefill", T, res["prefill"][T], flush=True)
     write()
   for T in ints(args.train):

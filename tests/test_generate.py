@@ -128,7 +128,7 @@ def test_decode_step_updates_the_cache_in_place(impl):
   """The donated cache is written in place: a step's temporaries stay far below one full sublayer's latent
   (a copy of the cache is what limits the largest decode batch). On the GPU `auto` runs the kernel."""
   cfg = tiny_cfg(("full", "ssa", "full"), impl=impl, num_attention_heads=2, num_key_value_heads=2,
-                 kv_lora_rank=128)      # scores (heads per key) are small beside the latent (C per key)
+                 kv_lora_rank=128, qk_rope_head_dim=16)  # scores (heads per key) small beside the latent (C per key)
   cache = kc.init_cache(cfg, 4, 16384, jnp.float32)
   one_latent = cache.layers[0]["ckv"].nbytes
   mem = g.decode_step_memory(init(cfg), cfg, cache, np.zeros(4, np.int32))
