@@ -246,17 +246,34 @@ REMAT = {"layer": {"model.remat": True},                        # every decoder 
          "none": {"model.remat": False, "model.moe_token_chunk": 0}}   # nothing recomputed (more memory)
 
 
+def train_step(cfg: Config, remat: str):
+  """Jitted loss + grad of one row (the loss on the final hidden states: the LM head is excluded)."""
+  model = build_model(replace(cfg, **REMAT[remat]))
+  loss = lambda p, tokens: jnp.mean(jnp.square(model.apply({"params": p}, tokens,
+                                                           return_hidden=True).astype(jnp.float32)))
+  return jax.jit(jax.value_and_grad(loss))
+
+
 def bench_train(cfgs, params, T: int, reps: int, remat: str = "layer") -> dict:
   """One fwd+bwd step per model; TFLOP/s counts model FLOPs (train_flops), never recomputation."""
   out = {"remat": remat}
   tokens = jax.random.randint(jax.random.PRNGKey(T + 1), (1, T), 0, next(iter(cfgs.values())).model.vocab_size)
   for name, cfg in cfgs.items():
-    model = build_model(replace(cfg, **REMAT[remat]))
-    loss = lambda p: jnp.mean(jnp.square(model.apply({"params": p}, tokens, return_hidden=True).astype(jnp.float32)))
-    step = jax.jit(jax.value_and_grad(loss))
-    s = timed(lambda: jax.block_until_ready(step(params)), reps)
+    step = train_step(cfg, remat)
+    s = timed(lambda: jax.block_until_ready(step(params, tokens)), reps)
     out[name] = {"s": s, "tok_per_s": T / s, "tflops": train_flops(cfg, T) / s / 1e12}
   out["ratio"] = out["full"]["s"] / out["loza"]["s"]
+  return out
+
+
+def train_fit(cfgs, params, T: int, remat: str = "layer") -> dict:
+  """Device bytes a T-token training step needs per model (XLA's memory analysis; nothing runs)."""
+  limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+  out = {"remat": remat, "limit_bytes": limit}
+  for name, cfg in cfgs.items():
+    ma = train_step(cfg, remat).lower(params, jax.ShapeDtypeStruct((1, T), jnp.int32)).compile().memory_analysis()
+    need = ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
+    out[name] = {"need_bytes": need, "fits": None if limit is None else need <= limit}
   return out
 
 
@@ -298,6 +315,11 @@ def report(res: dict, cmd: str, seconds: float) -> str:
        lambda k, r: [*k, f"{r['full']['s'] * 1e3:.3f}", f"{r['full']['xla_s'] * 1e3:.3f}",
                      f"{r['full']['floor_s'] * 1e3:.3f}", f"{r['ssa']['s'] * 1e3:.3f}", f"{r['ssa']['xla_s'] * 1e3:.3f}",
                      f"{r['ssa']['floor_s'] * 1e3:.3f}", f"{r['ratio']:.1f}x"]),
+      ("fit", "Training-step memory (XLA's analysis of the compiled step, batch 1; nothing runs)",
+       "T | remat | full GiB | LoZA GiB | device GiB | full fits | LoZA fits",
+       lambda k, r: [*k, f"{r['full']['need_bytes'] / 2**30:.1f}", f"{r['loza']['need_bytes'] / 2**30:.1f}",
+                     "–" if r["limit_bytes"] is None else f"{r['limit_bytes'] / 2**30:.1f}",
+                     r["full"]["fits"], r["loza"]["fits"]]),
       ("train", "Training step (fwd+bwd, batch 1, LM head excluded; remat: `layer` recomputes each decoder "
                 "layer, `none` nothing; TFLOP/s counts model FLOPs only)",
        "T | remat | full s | LoZA s | full tok/s | LoZA tok/s | full TFLOP/s | LoZA TFLOP/s | speed-up",
@@ -322,6 +344,7 @@ def main(argv=None):
   p.add_argument("--prefill-models", default="full,loza", help="models to prefill (e.g. loza alone at 1M)")
   p.add_argument("--decode", default="32768,131072,262144")
   p.add_argument("--train", default="32768,131072")
+  p.add_argument("--fit", default="", help="training lengths whose step memory is only analysed (not run)")
   p.add_argument("--remat", default="layer", help=f"training-step remat modes, comma-separated: {sorted(REMAT)}")
   p.add_argument("--reps", type=int, default=2)
   p.add_argument("--steps", type=int, default=10, help="decode steps timed per setting")
@@ -344,7 +367,7 @@ def main(argv=None):
   model = build_model(cfgs["full"])
   params = jax.jit(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]))()
   res = {"slice": {k: v for k, v in cfgs["full"].model.__dict__.items() if k in SLICE} | {"layers": args.layers},
-         "ceilings": ceilings(args.tiny), "prefill": {}, "decode": {}, "decode_attention": {}, "train": {}}
+         "ceilings": ceilings(args.tiny), "prefill": {}, "decode": {}, "decode_attention": {}, "train": {}, "fit": {}}
   res["slice"]["weights_GB"] = round(param_bytes(params) / 1e9, 2)
   name = f"{datetime.date.today().isoformat()}-{'cpu-tiny' if args.tiny else device_slug(jax.devices()[0].device_kind)}-e2e"
 
@@ -378,6 +401,11 @@ def main(argv=None):
       res["decode_attention"][(ctx, b)] = attempt(f"decode attention {ctx} x{b}", bench_decode_attention,
                                                   cfgs["full"], ctx, b, bw)
       print("decode attention", ctx, b, res["decode_attention"][(ctx, b)], flush=True)
+      write()
+  for T in ints(args.fit):
+    for mode in args.remat.split(","):
+      res["fit"][(T, mode)] = attempt(f"fit {T} remat={mode}", train_fit, cfgs, params, T, mode)
+      print("fit", T, mode, res["fit"][(T, mode)], flush=True)
       write()
   for T in ints(args.prefill):
     chosen = {m: cfgs[m] for m in args.prefill_models.split(",")}

@@ -38,9 +38,11 @@ def test_e2e_flop_model():
 def test_e2e_runs_end_to_end_on_a_tiny_model(tmp_path):
   from benchmarks import e2e
   e2e.main(["--tiny", "--layers", "1", "--prefill", "64", "--decode", "64", "--train", "64", "--remat", "layer,none",
-            "--reps", "1", "--steps", "1", "--cache-budget-gib", "0.0001", "--results-dir", str(tmp_path)])
+            "--fit", "128", "--reps", "1", "--steps", "1", "--cache-budget-gib", "0.0001",
+            "--results-dir", str(tmp_path)])
   (md,) = tmp_path.glob("*-e2e.md")
   text = md.read_text()
-  for section in ("## Prefill", "## Decode (one step", "## Decode attention", "## Training step"):
+  for section in ("## Prefill", "## Decode (one step", "## Decode attention", "## Training-step memory",
+                  "## Training step"):
     assert section in text
   assert "Not measured" not in text
