@@ -45,6 +45,10 @@ def test_pipeline_smoke(tmp_path):
                                                        "random-sparse+midtrain (2 seeds)", "alternating+midtrain"]
   assert set(summary["headline"][3]["beyond_train"]) == {"mean", "min", "max", "std", "n"}
   assert (tmp_path / "eval" / "retrieval_heatmap.png").is_file()
+  assert "### Targets" in report and "## 6. Throughput" in report and len(summary["targets"]) == 4
+  assert (tmp_path / "eval" / "perplexity_by_length_position.png").is_file()
+  assert {"pretrain", "calibrate", "sparsify-loza", "midtrain-loza", "evaluate-full"} <= {
+      p.stem for p in (tmp_path / "done").glob("*.json")}
 
 
 def test_pipeline_pretrains_through_its_stages(tmp_path):

@@ -421,7 +421,8 @@ def report(run_dir: Path, cfg: Config, info: dict) -> str:
             f"Sparse models are chosen by α at sparsities {', '.join(f'{r:.2f}' for r in alpha_ratios(cfg))}; the "
             f"random and alternating baselines at {cfg.sparsify.ratio:.2f}. Every sparse model is mid-trained "
             "through the same stages (steps, seq_len, batch, learning rate, data order); random selection: "
-            "mean ± std (min–max) over seeds.", "", headline_markdown(info, seq_len), "### Targets", ""]
+            "mean ± std (min–max) over seeds.", "", headline_markdown(info, seq_len),
+            "### Targets (docs/experiment.md)", ""]
   lines += [f"- {c}" for c in target_checks(info, seq_len)] + [""]
   if "pretrain" in info and "stages" in info["pretrain"]:
     p = info["pretrain"]
