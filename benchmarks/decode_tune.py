@@ -24,14 +24,21 @@ from loza_jax.attention import Full
 H, C, R = 64, 512, 64
 
 
-def candidates(base: decode.DecodeConfig):
-  """The default, then tiles × warps/stages at the same programs per row, then fewer/more splits."""
+def candidates(base: decode.DecodeConfig, B: int, N: int, per_wave: int = 264):
+  """The default; then its tiles with splits giving whole waves of programs (`per_wave` resident at
+  once: 2 per SM of an H100/H200 at this tile's registers); then tiles × warps/stages at the same
+  programs per row; then fewer/more splits."""
   seen = {base}
-  grid = [(r, c, w, st, 1) for r in (16, 32, 64) for c in (32, 64) for w, st in ((4, 2), (8, 2), (4, 3))]
-  grid += [(base.rows, base.cols, base.num_warps, base.num_stages, m) for m in (0.25, 0.5, 2, 4)]
+  row_blocks = -(-N // base.rows)
+  waves = [(base.rows, base.cols, base.num_warps, base.num_stages, None, w) for w in (2, 4, 6, 8)]
+  grid = [(r, c, w, st, 1, None) for r in (16, 32, 64) for c in (32, 64) for w, st in ((4, 2), (8, 2), (4, 3))]
+  grid += [(base.rows, base.cols, base.num_warps, base.num_stages, m, None) for m in (0.25, 0.5, 2, 4)]
   yield base
-  for rows, cols, warps, stages, mult in grid:
-    splits = max(1, round(base.splits * mult * rows / base.rows))
+  for rows, cols, warps, stages, mult, n_waves in waves + grid:
+    if n_waves is None:
+      splits = max(1, round(base.splits * mult * rows / base.rows))
+    else:
+      splits = max(1, round(n_waves * per_wave / (B * row_blocks)))
     cfg = decode.DecodeConfig(base.scale, None, rows, cols, splits, base.c_parts, warps, stages)
     if cfg not in seen:
       seen.add(cfg)
@@ -53,7 +60,7 @@ def run_setting(S: int, B: int, bw: float, limit: int) -> list[dict]:
   ref = jax.jit(ref_f)(*args)
   rows = [{"impl": "xla", "s": chained_time(ref_f, args)}]
   base = decode.default_config(B, H, S, C, 0.07, None, jnp.bfloat16, False)
-  for i, cfg in enumerate(candidates(base)):
+  for i, cfg in enumerate(candidates(base, B, H)):
     if i >= limit:
       break
     f = lambda *a, cfg=cfg: decode.latent_attention(*a, scale=0.07, cfg=cfg)[0]
