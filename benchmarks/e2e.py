@@ -1,20 +1,25 @@
 """End-to-end speed of a LongCat-Flash-geometry slice, full attention vs LoZA (50% SSA sublayers).
 
-    python -m benchmarks.e2e [--layers 2] [--prefill 32768,131072,262144] [--decode 32768,131072,262144]
-                             [--train 32768,131072] [--out DIR] [--tiny]
+    python -m benchmarks.e2e [--layers 2] [--prefill 32768,131072,262144] [--prefill-models full,loza]
+                             [--decode 32768,131072,262144] [--train 32768,131072] [--remat layer,none]
+                             [--fit 262144,...] [--out DIR] [--tiny]
 
 The MoE keeps LongCat's per-token expert work (12 experts of width 2048) with 12 experts in all, so
 every token runs every expert and the dense dispatch does no wasted work.
 One process, one set of random bf16 weights shared by both layouts (full: every MLA sublayer full;
 LoZA: sublayers 1, 3, ... SSA with blocks of 128, 1 sink + 7 local blocks). Measures:
 - prefill (whole prompt in one chunk through the attention kernels, experts on token chunks):
-  time, tokens/s, the full/LoZA ratio and the ideal ratio from the FLOP model below;
+  time, tokens/s, the full/LoZA ratio and the ideal ratio from the FLOP model below; a prefill
+  whose compiled memory exceeds the device's is reported as not measured, with the bytes it needs;
 - decode: one on-device step (absorbed MLA over the latent cache, SSA over its ring) at batch 1 and
   at the largest batch whose full-model cache fits --cache-budget-gib; KV-cache bytes per sequence;
   the HBM floor of a step (weights + cache read once at the bandwidth measured in this run);
-- decode attention alone for one full vs one SSA sublayer (the cost SSA removes);
-- a training step (forward + backward of every weight, layers rematerialised; the loss is on the
-  final hidden states so the LM head is left out): tokens/s and model TFLOP/s per device.
+- decode attention alone for one full vs one SSA sublayer (the cost SSA removes), as device time
+  of calls chained in one executable (`chained_time`);
+- a training step (forward + backward of every weight; --remat `layer` recomputes each layer,
+  `none` nothing; the loss is on the final hidden states so the LM head is left out): tokens/s and
+  model TFLOP/s per device; --fit only analyses a step's memory (a step that does not fit can spend
+  minutes in XLA's rematerialization pass).
 FLOP model: 2·(weights touched per token) + 2·H·(D+E) per visible (query, key) pair; fwd+bwd as
 3× the matmuls and 3.5× the attention forward (no credit for rematerialisation).
 Writes benchmarks/results/<date>-<device>-e2e.md (and a copy under --out); prints the tables last.
