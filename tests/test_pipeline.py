@@ -202,7 +202,8 @@ def test_proxy_experiment_end_to_end_in_calls(tmp_path, monkeypatch):
   """The experiment command on a tiny proxy: --until stops after a stage, the next call skips what is done."""
   assert pipeline.main(_proxy_argv(tmp_path, "--until", "calibrate")) == 0
   done = {p.stem for p in (tmp_path / "done").glob("*.json")}
-  assert done == {"run", "pretrain-0", "pretrain-1", "calibrate"} and not (tmp_path / "report.md").exists()
+  assert done == {"run", "pretrain-0", "pretrain-1", "evaluate-full", "calibrate"}
+  assert not (tmp_path / "report.md").exists()
 
   with monkeypatch.context() as m:
     _refuse(m, "pretrain", "calibrate")

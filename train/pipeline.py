@@ -14,7 +14,9 @@ device of every training run, and plain checks of the targets.
 Resumable: each finished step (a pretraining stage, the calibration, each sparse model, each mid-training
 run, each model's evaluation) leaves a marker in <run_dir>/done/, written last, and a later call of the
 same command on the same run directory skips it; an unfinished training run resumes from its last
-checkpoint. --until STAGE stops after that stage, so a long run can be split over several calls.
+checkpoint. --until STAGE stops after that stage, so a long run can be split over several calls. The full model
+is evaluated right after pretraining (its line printed), so the first call already says whether there is
+retrieval to keep.
 """
 from __future__ import annotations
 
@@ -579,19 +581,24 @@ def _evaluate_one(cfg: Config, name: str, path: str, out: Path) -> dict:
   return {"eval_json": str(out / "eval.json")}
 
 
+def evaluate_model(cfg: Config, name: str, path: str, run_dir: Path, memo: Memo) -> tuple[dict, float]:
+  """Evaluate one model into eval/<name>/ (one step of `memo`); (its result, the seconds it took)."""
+  slug = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+  sub = run_dir / "eval" / slug
+  seconds = memo(f"evaluate-{slug}", lambda: _evaluate_one(cfg, name, path, sub))["wall_s"]
+  return json.loads((sub / "eval.json").read_text())["results"][name], seconds
+
+
 def evaluate_all(cfg: Config, models: dict[str, str], run_dir: Path, memo: Memo) -> dict:
-  """Evaluate each model into eval/<name>/ (one step of `memo` each), then the side-by-side tables and plots in
-  eval/: evaluate's eval.json, eval.md and plots, plus perplexity_by_length_position.png. wall_s: the models'
-  evaluation time, summed over the calls that ran them."""
+  """Evaluate each model (evaluate_model), then the side-by-side tables and plots in eval/: evaluate's eval.json,
+  eval.md and plots, plus perplexity_by_length_position.png. wall_s: the models' evaluation time, summed over
+  the calls that ran them."""
   out = run_dir / "eval"
   results = {}
   seconds = 0.0
   for name, path in models.items():
-    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-    sub = out / slug
-    seconds += memo(f"evaluate-{slug}", lambda name=name, path=path, sub=sub: _evaluate_one(cfg, name, path, sub))[
-        "wall_s"]
-    results[name] = json.loads((sub / "eval.json").read_text())["results"][name]
+    results[name], took = evaluate_model(cfg, name, path, run_dir, memo)
+    seconds += took
   stage_cfg = replace(cfg, **{"train.run_dir": str(out)})
   plots = plot_results(results, stage_cfg, out)
   a = cfg.attention
@@ -635,6 +642,11 @@ def run_pipeline(cfg: Config, config_path: str, init: str | None = None, until: 
     init, info["pretrain"] = run(cfg, run_dir / "pretrain", print_fn=say, memo=memo)
   pretrain_s = (sum(r["wall_s"] for r in info["pretrain"].get("stages", [info["pretrain"]]))
                 if "pretrain" in info else 0.0)
+  full, _ = evaluate_model(cfg, "full", init, run_dir, memo)   # early: is there retrieval to keep?
+  say(f"full model: exact match on beyond cases at {cfg.data.seq_len} "
+      f"{_cell(beyond_at(full['cases'], cfg.data.seq_len)['acc'])} "
+      f"(n={beyond_at(full['cases'], cfg.data.seq_len)['n']}), over all cases {_cell(full['retrieval']['overall'])}, "
+      f"answer-token acc {_cell(full['retrieval']['token_acc'])}")
   if finish("pretrain", pretrain_s):
     return None
 
