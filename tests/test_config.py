@@ -23,7 +23,7 @@ def test_every_shipped_config_loads(path):
 
 def test_shipped_configs_load():
   demo = load_config("configs/demo_cpu.yaml")
-  assert demo.model.hidden_size == 128 and demo.attention.block_size == 16
+  assert demo.model.hidden_size == 128 and demo.attention.block_size == 8 and demo.data.seq_len == 128
   big = load_config("configs/longcat_flash_attention.yaml")
   assert (big.model.qk_head_dim, big.model.v_head_dim, big.model.num_attention_heads) == (192, 128, 64)
   assert big.layer_types == ("full", "ssa")

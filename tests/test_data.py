@@ -236,14 +236,14 @@ def test_heldout_documents_never_reach_training_at_any_shipped_seq_len(tmp_path,
   path, texts = _marked_corpus(tmp_path, rng)
   n, total = len(texts), sum(len(t.encode()) for t in texts)
   seq_lens = shipped_seq_lens()
-  assert {256, 512, 32768, 131072, 262144} <= set(seq_lens)
+  assert {128, 32768, 131072, 262144} <= set(seq_lens)
   base = ["data.source=files", f"data.paths=[{path}]", "data.heldout_fraction=0.2", "data.retrieval_fraction=0.3",
           "model.max_position_embeddings=262144"]
   corpus = data.file_corpus([str(path)])
   train_docs, held_docs = (set(x.tolist()) for x in data.split_documents(corpus, 0.2))
   assert train_docs and held_docs and not train_docs & held_docs
   for seq_len in seq_lens:
-    short = seq_len < 256            # the demo's first pretraining stage: passkey tasks that fit 128 tokens
+    short = seq_len < 256            # the demo (128 tokens): passkey tasks that fit it
     cfg = tiny_cfg(tmp_path / "run", base + [f"data.seq_len={seq_len}", f"data.retrieval_lengths=[{min(256, seq_len)}]",
                                              f"data.retrieval_tasks=[{'passkey' if short else 'passkey, multikey'}]"])
     seen, n_tokens = set(), 0
