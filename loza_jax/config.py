@@ -448,12 +448,16 @@ class PipelineConfig:
                                     # (random and alternating baselines stay at sparsify.ratio)
   eval_rope_scaling: RopeScaling | None = None   # also evaluate the full model with this YaRN ("full+yarn"), for
                                     # lengths past its training
+  target_full_beyond: float = 0.95  # the report's bar for the full model's exact match on `beyond` cases at
+                                    # data.seq_len (the CPU demo's is 0.9)
 
   def __post_init__(self):
     if self.random_seeds < 0:
       raise ValueError(f"pipeline.random_seeds must be >= 0, got {self.random_seeds}")
     if not all(0.0 < r <= 1.0 for r in self.ratios) or len(set(self.ratios)) != len(self.ratios):
       raise ValueError(f"pipeline.ratios: need distinct ratios in (0, 1], got {list(self.ratios)}")
+    if not 0.0 <= self.target_full_beyond <= 1.0:
+      raise ValueError(f"pipeline.target_full_beyond must be in [0, 1], got {self.target_full_beyond}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,6 +77,7 @@ def test_overrides_and_roundtrip(tmp_path):
      r"pipeline.pretrain_stages\[0\]: data.retrieval_lengths: 256 is not in \[1, data.seq_len=128\]"),
     ("attention: {block_size: 16}\npipeline: {pretrain_stages: [{seq_len: 120, steps: 5, retrieval_lengths: [96]}]}",
      r"pipeline.pretrain_stages\[0\].seq_len=120 must be a multiple of attention.block_size=16"),
+    ("pipeline: {target_full_beyond: 1.5}", r"pipeline.target_full_beyond must be in \[0, 1\], got 1.5"),
 ])
 def test_validation_errors_name_key_and_file(tmp_path, text, match):
   p = write(tmp_path, text)

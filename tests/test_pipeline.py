@@ -20,7 +20,7 @@ STAGED = ["pipeline.pretrain_stages=[{seq_len: 128, steps: 3, batch_size: 2, ret
 
 def test_pipeline_smoke(tmp_path):
   argv = ["--config", "configs/demo_cpu.yaml", "--run-dir", str(tmp_path)]
-  for s in SHORT:
+  for s in SHORT + ["pipeline.target_full_beyond=0.85"]:
     argv += ["--set", s]
   assert pipeline.main(argv) == 0
   report = (tmp_path / "report.md").read_text()
@@ -46,6 +46,7 @@ def test_pipeline_smoke(tmp_path):
   assert set(summary["headline"][3]["beyond_train"]) == {"mean", "min", "max", "std", "n"}
   assert (tmp_path / "eval" / "retrieval_heatmap.png").is_file()
   assert "### Targets" in report and "## 6. Throughput" in report and len(summary["targets"]) == 4
+  assert "(target ≥ 0.85)" in summary["targets"][0]
   assert (tmp_path / "eval" / "perplexity_by_length_position.png").is_file()
   assert {"pretrain", "calibrate", "sparsify-loza", "midtrain-loza", "evaluate-full"} <= {
       p.stem for p in (tmp_path / "done").glob("*.json")}
