@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import Sequence
 
 import numpy as np
 
-STRATEGIES = ("alpha", "random", "alternating", "manual")
+from loza_jax.config import Strategy
+
+STRATEGIES = typing.get_args(Strategy)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,7 +57,7 @@ def test_calibration_moves_only_alpha_and_ranks_planted_lowest(tmp_path, objecti
          {"calibrate.loss_mask": "answer", "calibrate.retrieval_fraction": 1.0,
           "data.retrieval_tasks": ("passkey", "multikey")})
   stage = replace(cfg, **{"calibrate.steps": 40 if objective == "distill" else 20, "calibrate.objective": objective,
-                          "train.run_dir": str(tmp_path / f"cal_{objective}"), **mix})
+                          "calibrate.seq_len": 512, "train.run_dir": str(tmp_path / f"cal_{objective}"), **mix})
   summary, final = calibrate(stage, tmp_path / "model", return_params=True)
   flat0 = traverse_util.flatten_dict(params, sep="/")
   flat1 = traverse_util.flatten_dict(final, sep="/")

@@ -6,7 +6,9 @@ import pytest
 from loza_jax.config import load_config
 from train import pipeline
 
-SHORT = ["train.steps=4", "train.batch_size=2", "train.log_every=2", "train.progress=false",
+# The demo config at 256 tokens with blocks of 16 (an SSA window of 64 keys), whatever the shipped demo uses.
+AT_256 = ["data.seq_len=256", "attention.block_size=16", "data.retrieval_lengths=[128, 192, 256]"]
+SHORT = AT_256 + ["train.steps=4", "train.batch_size=2", "train.log_every=2", "train.progress=false",
          "train.checkpoint_every=0", "calibrate.steps=3", "calibrate.seq_len=256",
          "calibrate.batch_size=2",
          "midtrain.stages=[{seq_len: 256, steps: 2}, {seq_len: 512, steps: 1, batch_size: 2, "
@@ -69,15 +71,15 @@ def test_pipeline_pretrains_through_its_stages(tmp_path):
 
 def test_pretrain_stages_end_at_the_training_length():
   from loza_jax.config import load_config
-  cfg = load_config("configs/demo_cpu.yaml", ["pipeline.pretrain_stages=[{seq_len: 128, steps: 2, "
-                                              "retrieval_lengths: [128]}]"])
+  cfg = load_config("configs/demo_cpu.yaml", AT_256 + ["pipeline.pretrain_stages=[{seq_len: 128, steps: 2, "
+                                                       "retrieval_lengths: [128]}]"])
   import pytest
   with pytest.raises(ValueError, match=r"last stage's seq_len \(128\) must be data.seq_len \(256\)"):
     pipeline.check_pretrain_stages(cfg)
   from loza_jax.config import replace
-  demo = load_config("configs/demo_cpu.yaml")   # stages inherit data.retrieval_lengths; calibrate raises seq_len
-  calib = replace(demo, **{"data.seq_len": 512, "data.retrieval_lengths": (512,)})
-  assert calib.pipeline.pretrain_stages == demo.pipeline.pretrain_stages
+  two = load_config("configs/demo_cpu.yaml", AT_256 + STAGED)   # stages inherit data.retrieval_lengths
+  calib = replace(two, **{"data.seq_len": 512, "data.retrieval_lengths": (512,)})
+  assert calib.pipeline.pretrain_stages == two.pipeline.pretrain_stages
   with pytest.raises(ValueError, match=r"pretrain_stages\[1\]: data.retrieval_lengths: 512"):
     pipeline.check_pretrain_stages(calib)
   staged = pipeline.pretrain_stage_cfg(load_config("configs/demo_cpu.yaml", STAGED),

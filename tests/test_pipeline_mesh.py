@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["train.log_every=1", "train.progress=false", "train.checkpoint_every=0", "train.batch_size=2",
+TINY = ["data.seq_len=256", "attention.block_size=16", "data.retrieval_lengths=[128, 192, 256]",
+        "train.log_every=1", "train.progress=false", "train.checkpoint_every=0", "train.batch_size=2",
         "pipeline.pretrain_stages=[{seq_len: 128, steps: 3, batch_size: 2, retrieval_lengths: [96, 128]}, "
         "{seq_len: 256, steps: 2, batch_size: 2}]",
         "calibrate.steps=2", "calibrate.seq_len=256", "calibrate.batch_size=2",
