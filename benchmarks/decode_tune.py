@@ -45,17 +45,17 @@ def candidates(base: decode.DecodeConfig, B: int, N: int, per_wave: int = 264):
       yield cfg
 
 
+def inputs(S: int, B: int) -> tuple:
+  """(q_lat, q_rope, ckv, krope, q_pos, k_pos): B rows of one decode query each over S cached keys, bf16."""
+  ks = jax.random.split(jax.random.PRNGKey(0), 4)
+  return (jax.random.normal(ks[0], (B, 1, H, C), jnp.bfloat16), jax.random.normal(ks[1], (B, 1, H, R), jnp.bfloat16),
+          jax.random.normal(ks[2], (B, S, C), jnp.bfloat16), jax.random.normal(ks[3], (B, S, R), jnp.bfloat16),
+          jnp.full((B, 1), S - 1, jnp.int32), jnp.broadcast_to(jnp.arange(S), (B, S)))
+
+
 def run_setting(S: int, B: int, bw: float, limit: int) -> list[dict]:
-  key = jax.random.PRNGKey(0)
-  ks = jax.random.split(key, 4)
-  q = jax.random.normal(ks[0], (B, 1, H, C), jnp.bfloat16)
-  qr = jax.random.normal(ks[1], (B, 1, H, R), jnp.bfloat16)
-  ckv = jax.random.normal(ks[2], (B, S, C), jnp.bfloat16)
-  kr = jax.random.normal(ks[3], (B, S, R), jnp.bfloat16)
-  q_pos = jnp.full((B, 1), S - 1, jnp.int32)
-  k_pos = jnp.broadcast_to(jnp.arange(S), (B, S))
   floor = B * S * (C + R) * 2 / bw
-  args = (q, qr, ckv, kr, q_pos, k_pos)
+  args = inputs(S, B)
   ref_f = lambda *a: kc.latent_attention(*a, Full(), 0.07, impl="xla")[0]
   ref = jax.jit(ref_f)(*args)
   rows = [{"impl": "xla", "s": chained_time(ref_f, args)}]
@@ -64,10 +64,9 @@ def run_setting(S: int, B: int, bw: float, limit: int) -> list[dict]:
     if i >= limit:
       break
     f = lambda *a, cfg=cfg: decode.latent_attention(*a, scale=0.07, cfg=cfg)[0]
-    fn = jax.jit(f)
     name = f"r{cfg.rows} c{cfg.cols} w{cfg.num_warps} st{cfg.num_stages} sp{cfg.splits}" + (" *" if i == 0 else "")
     try:
-      out = fn(q, qr, ckv, kr, q_pos, k_pos)
+      out = jax.jit(f)(*args)
       err = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
       if err > 2e-2:
         rows.append({"impl": name, "s": None, "error": f"rel err {err:.3g}"})
@@ -90,10 +89,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.once:
     S, B = (int(x) for x in args.settings.split(",")[0].split("x"))
-    ks = jax.random.split(jax.random.PRNGKey(0), 4)
-    a = (jax.random.normal(ks[0], (B, 1, H, C), jnp.bfloat16), jax.random.normal(ks[1], (B, 1, H, R), jnp.bfloat16),
-         jax.random.normal(ks[2], (B, S, C), jnp.bfloat16), jax.random.normal(ks[3], (B, S, R), jnp.bfloat16),
-         jnp.full((B, 1), S - 1, jnp.int32), jnp.broadcast_to(jnp.arange(S), (B, S)))
+    a = inputs(S, B)
     fn = jax.jit(lambda *x: decode.latent_attention(*x, scale=0.07, interpret=jax.default_backend() != "gpu")[0])
     for _ in range(2):
       fn(*a).block_until_ready()

@@ -162,13 +162,23 @@ def random_cache(cfg: Config, batch: int, ctx: int, capacity: int, key) -> kc.Ca
   return kc.Cache(jnp.full((batch,), ctx, jnp.int32), tuple(layers))
 
 
+def needed_bytes(lowered) -> int:
+  """Device bytes a lowered call needs when run: arguments, outputs (less what aliases them), temporaries."""
+  ma = lowered.compile().memory_analysis()
+  return ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
+
+
+def device_bytes_limit() -> int | None:
+  """Bytes this process may allocate on the device (None where the backend does not say)."""
+  return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+
+
 def prefill_bytes(cfg: Config, params, T: int) -> int:
   """Device bytes one T-token prefill chunk needs (XLA's memory analysis of the compiled call; nothing runs)."""
   cache = jax.eval_shape(lambda: kc.init_cache(cfg, 1, T, jnp.bfloat16))
   sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt)
-  ma = gen._prefill_fn(cfg, 0).lower(params, cache, sds((1, T), jnp.int32), sds((1,), jnp.int32),
-                                     sds((1, cfg.model.vocab_size), jnp.float32)).compile().memory_analysis()
-  return ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
+  return needed_bytes(gen._prefill_fn(cfg, 0).lower(params, cache, sds((1, T), jnp.int32), sds((1,), jnp.int32),
+                                                    sds((1, cfg.model.vocab_size), jnp.float32)))
 
 
 def bench_prefill(cfgs, params, T: int, reps: int) -> dict:
@@ -176,7 +186,7 @@ def bench_prefill(cfgs, params, T: int, reps: int) -> dict:
   raises MemoryError with the bytes it needs (recorded as not measured) before anything is allocated."""
   out = {}
   tokens = jax.random.randint(jax.random.PRNGKey(T), (1, T), 0, next(iter(cfgs.values())).model.vocab_size)
-  limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+  limit = device_bytes_limit()
   for name, cfg in cfgs.items():
     need = prefill_bytes(cfg, params, T)
     if limit and need > limit:
@@ -200,10 +210,10 @@ def bench_decode(cfgs, params, ctx: int, batch: int, steps: int, bw: float) -> d
   for name, cfg in cfgs.items():
     cache = random_cache(cfg, batch, ctx, ctx + steps + 2, jax.random.PRNGKey(ctx))
     row_bytes = kc.cache_bytes(cache)
-    step = functools.partial(gen.decode_step, params, cfg)
     toks = jnp.zeros((batch,), jnp.int32) + 7
-    mem = gen.decode_step_memory(params, cfg, cache, toks)
-    logits, cache = step(cache, toks)                                  # compile + warm-up
+    compiled = gen.compiled_decode_step(params, cfg, cache, toks)      # timed below; its memory is reported
+    step = functools.partial(compiled, params)
+    logits, cache = step(cache, toks)                                  # warm-up
     jax.block_until_ready(logits)
     times = []
     for _ in range(steps):
@@ -215,7 +225,7 @@ def bench_decode(cfgs, params, ctx: int, batch: int, steps: int, bw: float) -> d
     read = param_bytes(params) + batch * sum(
         x.size // batch * x.dtype.itemsize for e, t in zip(cache.layers, cfg.layer_types) for x in e.values())
     out[name] = {"s": s, "cache_bytes_per_seq": row_bytes, "floor_s": read / bw, "tok_per_s": batch / s,
-                 "step_temp_bytes": mem.temp_size_in_bytes}
+                 "step_temp_bytes": compiled.memory_analysis().temp_size_in_bytes}
     del cache
   out["ratio"] = out["full"]["s"] / out["loza"]["s"]
   out["bytes_saved"] = 1 - out["loza"]["cache_bytes_per_seq"] / out["full"]["cache_bytes_per_seq"]
@@ -273,11 +283,10 @@ def bench_train(cfgs, params, T: int, reps: int, remat: str = "layer") -> dict:
 
 def train_fit(cfgs, params, T: int, remat: str = "layer") -> dict:
   """Device bytes a T-token training step needs per model (XLA's memory analysis; nothing runs)."""
-  limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+  limit = device_bytes_limit()
   out = {"remat": remat, "limit_bytes": limit}
   for name, cfg in cfgs.items():
-    ma = train_step(cfg, remat).lower(params, jax.ShapeDtypeStruct((1, T), jnp.int32)).compile().memory_analysis()
-    need = ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
+    need = needed_bytes(train_step(cfg, remat).lower(params, jax.ShapeDtypeStruct((1, T), jnp.int32)))
     out[name] = {"need_bytes": need, "fits": None if limit is None else need <= limit}
   return out
 

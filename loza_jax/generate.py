@@ -114,11 +114,11 @@ def decode_step(params, cfg: Config, cache: Cache, tokens_B):
   return _decode_step_jit(cfg)(params, cache, jnp.asarray(tokens_B, jnp.int32))
 
 
-def decode_step_memory(params, cfg: Config, cache: Cache, tokens_B):
-  """XLA's memory analysis of the compiled decode step (nothing runs): `temp_size_in_bytes` is what a
-  step needs beyond its arguments; with the cache updated in place it is far below the cache's size."""
-  step = _decode_step_jit(cfg).lower(params, cache, jnp.asarray(tokens_B, jnp.int32)).compile()
-  return step.memory_analysis()
+def compiled_decode_step(params, cfg: Config, cache: Cache, tokens_B):
+  """decode_step compiled for these shapes, called as (params, cache, tokens_B); its `memory_analysis()`
+  says what a step needs beyond its arguments (`temp_size_in_bytes`: with the cache updated in place,
+  far below the cache's size)."""
+  return _decode_step_jit(cfg).lower(params, cache, jnp.asarray(tokens_B, jnp.int32)).compile()
 
 
 @functools.lru_cache(maxsize=16)

@@ -131,7 +131,7 @@ def test_decode_step_updates_the_cache_in_place(impl):
                  kv_lora_rank=128, qk_rope_head_dim=16)  # scores (heads per key) small beside the latent (C per key)
   cache = kc.init_cache(cfg, 4, 16384, jnp.float32)
   one_latent = cache.layers[0]["ckv"].nbytes
-  mem = g.decode_step_memory(init(cfg), cfg, cache, np.zeros(4, np.int32))
+  mem = g.compiled_decode_step(init(cfg), cfg, cache, np.zeros(4, np.int32)).memory_analysis()
   assert mem.temp_size_in_bytes < one_latent / 2, (mem.temp_size_in_bytes, one_latent)
 
 
