@@ -643,10 +643,9 @@ def run_pipeline(cfg: Config, config_path: str, init: str | None = None, until: 
   pretrain_s = (sum(r["wall_s"] for r in info["pretrain"].get("stages", [info["pretrain"]]))
                 if "pretrain" in info else 0.0)
   full, _ = evaluate_model(cfg, "full", init, run_dir, memo)   # early: is there retrieval to keep?
-  say(f"full model: exact match on beyond cases at {cfg.data.seq_len} "
-      f"{_cell(beyond_at(full['cases'], cfg.data.seq_len)['acc'])} "
-      f"(n={beyond_at(full['cases'], cfg.data.seq_len)['n']}), over all cases {_cell(full['retrieval']['overall'])}, "
-      f"answer-token acc {_cell(full['retrieval']['token_acc'])}")
+  beyond = beyond_at(full["cases"], cfg.data.seq_len)
+  say(f"full model: exact match on beyond cases at {cfg.data.seq_len} {_cell(beyond['acc'])} (n={beyond['n']}), "
+      f"over all cases {_cell(full['retrieval']['overall'])}, answer-token acc {_cell(full['retrieval']['token_acc'])}")
   if finish("pretrain", pretrain_s):
     return None
 
@@ -706,8 +705,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--init", default=None, help="start from this model directory instead of pretraining")
   ap.add_argument("--until", default=None, choices=STAGES, help="stop after this stage (a later call resumes)")
   args, cfg = cli.parse(__doc__.splitlines()[0], argv, ap)
-  if not cfg.midtrain.stages:
-    ap.exit(2, "error: midtrain.stages is empty; the pipeline needs at least one mid-training stage\n")
   maybe_initialize_distributed(cfg.mesh)
   path = cli.run_or_exit(ap, run_pipeline, cfg, args.config, args.init, args.until, lock=cfg.train.run_dir)
   if path is None:
