@@ -27,7 +27,7 @@ from train import cli, data as data_lib
 from train.checkpoint import Checkpointer
 from train.iterators import train_iterator
 from train.optimizer import make_schedule
-from train.trainer import Trainer
+from train.trainer import Trainer, check_batch_layout
 
 STAGE_SEED_STRIDE = 7_919
 
@@ -53,9 +53,7 @@ def check_stage_mesh(scfg: Config, n_devices: int) -> None:
   """ValueError unless a stage's mesh fits `n_devices`, its batch splits over data x fsdp and its rows over
   context (what the trainer and the model would find only when the stage starts)."""
   sizes = dict(zip(MESH_AXES, shd.mesh_shape(scfg.mesh, n_devices)))
-  dp = sizes["data"] * sizes["fsdp"]
-  if scfg.train.batch_size % dp:
-    raise ValueError(f"batch_size={scfg.train.batch_size} must be divisible by mesh data x fsdp = {dp}")
+  check_batch_layout(scfg, sizes["data"] * sizes["fsdp"], sizes["context"])
   if sizes["context"] > 1:
     a, sparse = scfg.attention, any(t != "full" for t in scfg.layer_types)
     context.check_split(scfg.data.seq_len, context.Layout(sizes["context"], "zigzag"),

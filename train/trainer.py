@@ -56,6 +56,19 @@ class FitResult:
 # The trainer.
 
 
+
+def check_batch_layout(cfg: Config, data_parallel: int, context: int) -> None:
+  """ValueError unless train.batch_size splits over data x fsdp (`data_parallel`) and the processes, and
+  data.seq_len over `context`."""
+  n_proc = jax.process_count()
+  if cfg.train.batch_size % data_parallel:
+    raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by mesh data x fsdp = {data_parallel}")
+  if cfg.train.batch_size % n_proc:
+    raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by the {n_proc} processes")
+  if cfg.data.seq_len % context:
+    raise ValueError(f"data.seq_len={cfg.data.seq_len} must be divisible by mesh.context={context}")
+
+
 class Trainer:
   """Builds the sharded state and step for `cfg` and trains it; see the module docstring."""
 
@@ -105,14 +118,7 @@ class Trainer:
   # --- construction ---------------------------------------------------------------------
 
   def _check_batch_layout(self) -> None:
-    c, n_proc = self.cfg, jax.process_count()
-    dp, ctx = shd.data_parallel_size(self.mesh), self.mesh.shape["context"]
-    if c.train.batch_size % dp:
-      raise ValueError(f"train.batch_size={c.train.batch_size} must be divisible by mesh data x fsdp = {dp}")
-    if c.train.batch_size % n_proc:
-      raise ValueError(f"train.batch_size={c.train.batch_size} must be divisible by the {n_proc} processes")
-    if c.data.seq_len % ctx:
-      raise ValueError(f"data.seq_len={c.data.seq_len} must be divisible by mesh.context={ctx}")
+    check_batch_layout(self.cfg, shd.data_parallel_size(self.mesh), self.mesh.shape["context"])
 
   def _make_state(self, params) -> TrainState:
     trainable, _ = split_params(params, self.is_trainable)
