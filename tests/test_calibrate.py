@@ -9,6 +9,7 @@ from flax import traverse_util
 from loza_jax.config import load_config, replace
 from loza_jax.model import build_model
 from loza_jax.model_dir import save_model
+from train import data as data_lib
 from train.calibrate import (
   alpha_separation,
   calibrate,
@@ -122,12 +123,13 @@ def _mask_setup(objective, loss_mask):
 
 @pytest.mark.parametrize("objective", ["distill", "lm"])
 def test_answer_mask_ignores_non_answer_tokens(objective):
-  """With loss_mask=answer only answer positions count: changing later non-answer tokens leaves the loss."""
+  """With loss_mask=answer only answer positions count: changing later non-answer tokens leaves the loss, and
+  prompt tokens that are LM targets too (data.retrieval_loss=all: loss_mask 1) are not answer positions."""
   rng = np.random.default_rng(0)
   T, answer = 64, slice(30, 38)
   tokens = rng.integers(0, 256, (1, T)).astype(np.int32)
-  mask = np.zeros((1, T), np.int32)
-  mask[:, answer] = 1
+  mask = np.ones((1, T), np.int32)
+  mask[:, answer] = data_lib.ANSWER
   batch = {"tokens": tokens, "segment_ids": np.ones((1, T), np.int32), "positions": np.arange(T)[None],
            "loss_mask": mask}
   other = dict(batch, tokens=tokens.copy())

@@ -137,7 +137,8 @@ def test_retrieval_answer_recoverable(kind, rng):
     assert len(enc["tokens"]) <= length
     assert len(enc["tokens"]) > 0.8 * length, "the haystack should fill most of the requested length"
     assert tok.decode(enc["tokens"]) == ex.text
-    assert tok.decode(enc["tokens"][enc["loss_mask"] == 1]) == ex.answer
+    assert tok.decode(enc["tokens"][enc["loss_mask"] == data.ANSWER]) == ex.answer
+    assert not (enc["loss_mask"] == 1).any()   # retrieval_loss "answer": the prompt is no target
     if length >= 1024:
       assert abs(ex.needle_offsets[0] / len(ex.prompt) - depth) < 0.15
     assert data.score_answer(ex, ex.answer + "\nmore") == 1.0
@@ -415,7 +416,7 @@ def test_passkey_digits_range_and_cap(rng):
   seen = {}
   for i in range(60):
     r = src[i]
-    answer = bytes(r["tokens"][r["loss_mask"] == 1].astype(np.uint8).tolist()).decode()
+    answer = bytes(r["tokens"][r["loss_mask"] == data.ANSWER].astype(np.uint8).tolist()).decode()
     assert answer.endswith("\n") and len(r["tokens"]) <= 256   # training answers end their line
     answer = answer[:-1]
     assert answer.isdigit() and answer[0] != "0"

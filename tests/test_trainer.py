@@ -76,6 +76,40 @@ def test_z_loss_adds_lse_penalty():
   np.testing.assert_allclose(float(aux["ce"]), float(base), rtol=1e-6)
 
 
+def test_answer_metrics_count_answer_targets_only():
+  """answer_ce / answer_acc average over the targets marked data.ANSWER alone (not text targets, not a
+  target in the next document); none marked gives answer_tokens 0."""
+  V = 8
+  tokens = jnp.array([[1, 2, 3, 4, 5, 6]])
+  seg = jnp.array([[1, 1, 1, 1, 2, 2]])
+  mask = jnp.array([[1, 1, data.ANSWER, data.ANSWER, data.ANSWER, 1]])
+  # Logits at position t predict token t+1: right at t=1 (-> 3) and wrong at t=2 (-> 4, argmax 0);
+  # t=3 -> 5 crosses into document 2 and is no target.
+  logits = jnp.zeros((1, 6, V)).at[0, 1, 3].set(5.0).at[0, 2, 0].set(5.0)
+  batch = {"tokens": tokens, "segment_ids": seg, "loss_mask": mask}
+  _, aux = lm_loss_terms(logits, batch)
+  assert float(aux["answer_tokens"]) == 2
+  np.testing.assert_allclose(float(aux["answer_acc"]), 0.5)
+  ce = lambda row, t: float(jax.nn.logsumexp(logits[0, row]) - logits[0, row, t])
+  np.testing.assert_allclose(float(aux["answer_ce"]), (ce(1, 3) + ce(2, 4)) / 2, rtol=1e-6)
+  assert float(aux["weight"]) == 4   # text targets count in the loss, not in the answer metrics
+  _, none = lm_loss_terms(logits, dict(batch, loss_mask=jnp.ones_like(mask)))
+  assert float(none["answer_tokens"]) == 0 and float(none["answer_acc"]) == 0
+
+
+def test_answer_accuracy_and_step_line():
+  from train.metrics import answer_accuracy, step_line
+  recs = [{"answer_tokens": 0, "answer_acc": 0.0}, {"answer_tokens": 10, "answer_acc": 0.2},
+          {"answer_tokens": 30, "answer_acc": 0.6}]
+  np.testing.assert_allclose(answer_accuracy(recs), (2 + 18) / 40)
+  np.testing.assert_allclose(answer_accuracy(recs, last=1), 0.6)
+  assert answer_accuracy(recs[:1]) is None and answer_accuracy([]) is None
+  base = {"step": 5, "loss": 1.0, "grad_norm": 0.5, "lr": 1e-3, "tokens_per_s": 10.0, "tflops_per_device": 1.0,
+          "step_time": 0.1}
+  assert "answer-acc" not in step_line(dict(base, answer_tokens=0.0, answer_acc=0.0))
+  assert "answer-acc 0.600 (30 tok)" in step_line(dict(base, answer_tokens=30.0, answer_acc=0.6))
+
+
 def test_trainable_filter_only_alpha(tmp_path):
   cfg = tiny_cfg(tmp_path / "run", ["attention.layer_types=[blend, blend]", "train.trainable=alpha$"])
   tr = Trainer(cfg)

@@ -87,15 +87,15 @@ def project_to_unit_box() -> optax.GradientTransformation:
 def calibration_weights(batch, loss_mask: str) -> jax.Array:
   """[B, T] weights of the positions the calibration fit averages over.
 
-  answer: positions whose next token is a loss-mask token (a retrieval answer token) of the same document;
-  all: every non-padding position.
+  answer: positions whose next token is a retrieval answer token (loss_mask `data.ANSWER`) of the same document,
+  whatever data.retrieval_loss puts on the prompt; all: every non-padding position.
   """
   seg = batch["segment_ids"]
   if loss_mask == "all":
     return (seg != 0).astype(jnp.float32)
   if loss_mask != "answer":
     raise ValueError(f"calibrate.loss_mask: {loss_mask!r} is not 'answer' or 'all'")
-  w = data_lib.target_weights(seg, batch["loss_mask"]).astype(jnp.float32)
+  w = data_lib.target_weights(seg, batch["loss_mask"] == data_lib.ANSWER).astype(jnp.float32)
   return jnp.pad(w, ((0, 0), (0, 1)))
 
 

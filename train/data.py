@@ -1,7 +1,8 @@
 """Data: document sources, tokenizers, synthetic retrieval tasks and the grain packing pipeline.
 
-A document record is `{"tokens": int32[n], "loss_mask": int32[n]}`; `loss_mask[t] = 1` when token t
-is a prediction target. Packed batches (per process) are
+A document record is `{"tokens": int32[n], "loss_mask": int32[n]}`; `loss_mask[t]` is nonzero when
+token t is a prediction target: `ANSWER` (2) on retrieval answer tokens, 1 on every other target, so
+the loss can also report how well answers alone are predicted. Packed batches (per process) are
 
   {"tokens", "segment_ids", "positions", "loss_mask"}: int32 [rows, seq_len]
 
@@ -38,6 +39,7 @@ TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+ANSWER = 2   # loss_mask value of a retrieval answer token (1: any other prediction target)
 Split = Literal["train", "heldout"]   # training documents | held-out documents (data.heldout_fraction)
 _PACKED_KEYS = {"tokens": "tokens", "tokens_segment_ids": "segment_ids", "tokens_positions": "positions",
                 "loss_mask": "loss_mask"}
@@ -531,11 +533,11 @@ def make_retrieval_example(kind: str, length: int, depth: float, rng: np.random.
 
 def encode_example(example: RetrievalExample, tokenizer: Tokenizer, loss: LossSpan = "answer",
                    end: str = "") -> dict[str, np.ndarray]:
-  """Tokens of prompt + answer + `end`; loss_mask on the answer and `end` tokens only (`answer`) or on every
-  token (`all`). Training passes end="\n", so a model learns where an answer stops (as generation does)."""
+  """Tokens of prompt + answer + `end`; loss_mask `ANSWER` on the answer and `end` tokens, and 1 (`all`) or 0
+  (`answer`) on the prompt. Training passes end="\n", so a model learns where an answer stops (as generation does)."""
   prompt, answer = tokenizer.encode(example.prompt), tokenizer.encode(example.answer + end)
-  mask = np.concatenate([np.full(len(prompt), 1 if loss == "all" else 0), np.ones(len(answer))]).astype(np.int32)
-  return {"tokens": np.concatenate([prompt, answer]).astype(np.int32), "loss_mask": mask}
+  mask = np.concatenate([np.full(len(prompt), 1 if loss == "all" else 0), np.full(len(answer), ANSWER)])
+  return {"tokens": np.concatenate([prompt, answer]).astype(np.int32), "loss_mask": mask.astype(np.int32)}
 
 
 def answer_items(kind: str, text: str) -> list[str]:

@@ -16,8 +16,12 @@ LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]
 
 
 def lm_loss_terms(logits_BTV, batch: Batch, z_loss: float = 0.0):
-  """Next-token CE (+ z-loss) over targets inside one document and under the loss mask."""
-  w_BT = data_lib.target_weights(batch["segment_ids"], batch["loss_mask"]).astype(jnp.float32)
+  """Next-token CE (+ z-loss) over targets inside one document and under the loss mask; the metrics also
+  give CE and greedy accuracy over retrieval answer targets alone (`answer_tokens` of them; both 0 when none):
+  the answer share of a mixed batch is small, so its loss would hide whether retrieval is being learnt."""
+  seg_BT, mask_BT = batch["segment_ids"], batch["loss_mask"]
+  w_BT = data_lib.target_weights(seg_BT, mask_BT).astype(jnp.float32)
+  a_BT = w_BT * (mask_BT[:, 1:] == data_lib.ANSWER)
   logits_BTV = logits_BTV[:, :-1].astype(jnp.float32)
   targets_BT = batch["tokens"][:, 1:]
   lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
@@ -25,7 +29,10 @@ def lm_loss_terms(logits_BTV, batch: Batch, z_loss: float = 0.0):
   n = jnp.maximum(w_BT.sum(), 1.0)
   ce_mean = (ce_BT * w_BT).sum() / n
   loss = ce_mean + (z_loss * (lse_BT ** 2 * w_BT).sum() / n if z_loss else 0.0)
-  return loss, {"ce": ce_mean, "weight": w_BT.sum()}
+  n_a = jnp.maximum(a_BT.sum(), 1.0)
+  right_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
+  return loss, {"ce": ce_mean, "weight": w_BT.sum(), "answer_ce": (ce_BT * a_BT).sum() / n_a,
+                "answer_acc": (right_BT * a_BT).sum() / n_a, "answer_tokens": a_BT.sum()}
 
 
 def make_lm_loss(model: nn.Module, z_loss: float = 0.0) -> LossFn:

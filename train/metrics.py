@@ -28,10 +28,20 @@ def non_finite_what(rec: dict) -> str:
 
 
 def step_line(rec: dict) -> str:
-  """One console line per logged step."""
-  return (f"step {rec['step']:>6d} | loss {rec['loss']:.4f} | grad-norm {rec['grad_norm']:.3f} | "
+  """One console line per logged step (with the retrieval answers' accuracy when the batch had any)."""
+  answers = (f" | answer-acc {rec['answer_acc']:.3f} ({rec['answer_tokens']:.0f} tok)"
+             if rec.get("answer_tokens") else "")
+  return (f"step {rec['step']:>6d} | loss {rec['loss']:.4f}{answers} | grad-norm {rec['grad_norm']:.3f} | "
           f"lr {rec['lr']:.2e} | {rec['tokens_per_s']:,.0f} tok/s | "
           f"{rec['tflops_per_device']:.4f} TFLOP/s/dev | {rec['step_time'] * 1e3:.0f} ms/step")
+
+
+def answer_accuracy(records: list[dict], last: int = 100) -> float | None:
+  """Token-weighted greedy accuracy on retrieval answer targets over the last `last` records that had any
+  (None when none had): whether a run has learnt to retrieve, from its training log alone."""
+  recs = [r for r in records if r.get("answer_tokens")][-last:]
+  n = sum(r["answer_tokens"] for r in recs)
+  return sum(r["answer_acc"] * r["answer_tokens"] for r in recs) / n if n else None
 
 
 def flops_per_token(cfg: Config, n_params: int, seq_len: int) -> float:

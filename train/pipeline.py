@@ -146,9 +146,10 @@ def _pretrain_run(cfg: Config, print_fn) -> dict:
   return summary
 
 
-def _stage_record(index: int, stage: PretrainStage, scfg: Config, loss) -> dict:
+def _stage_record(index: int, stage: PretrainStage, scfg: Config, loss, answer_acc) -> dict:
   return {"stage": index, "seq_len": stage.seq_len, "steps": stage.steps, "batch_size": scfg.train.batch_size,
-          "learning_rate": scfg.train.learning_rate, "final_loss": loss, "run_dir": scfg.train.run_dir}
+          "learning_rate": scfg.train.learning_rate, "final_loss": loss, "answer_acc": answer_acc,
+          "run_dir": scfg.train.run_dir}
 
 
 def pretrain_once(cfg: Config, out: Path, print_fn=None, memo: Memo = run_now) -> tuple[str, dict]:
@@ -162,7 +163,7 @@ def _first_stage(cfg: Config, stage: PretrainStage, out: Path, print_fn) -> dict
   """Pretraining stage 0 from scratch: the train.pretrain summary and the stage record."""
   scfg = pretrain_stage_cfg(cfg, stage, 0, out)
   summary = _pretrain_run(scfg, print_fn)
-  return dict(summary, record=_stage_record(0, stage, scfg, summary["final_train_loss"]))
+  return dict(summary, record=_stage_record(0, stage, scfg, summary["final_train_loss"], summary.get("answer_acc")))
 
 
 def _later_stage(cfg: Config, stage: PretrainStage, index: int, out: Path, model: str, print_fn) -> dict:
@@ -172,7 +173,8 @@ def _later_stage(cfg: Config, stage: PretrainStage, index: int, out: Path, model
                       warmup_steps=stage.warmup_steps, batch_size=scfg.train.batch_size)
   model_dir = str(midtrain(replace(scfg, **{"midtrain.stages": (one,)}), model, print_fn=print_fn))
   done = json.loads((out / f"stage-{index}" / "stages.json").read_text())[-1]
-  return {"model_dir": model_dir, "record": _stage_record(index, stage, scfg, done.get("final_loss"))}
+  return {"model_dir": model_dir,
+          "record": _stage_record(index, stage, scfg, done.get("final_loss"), done.get("answer_acc"))}
 
 
 def pretrain_stages(cfg: Config, out: Path, print_fn=None, memo: Memo = run_now) -> tuple[str, dict]:
@@ -432,9 +434,13 @@ def report(run_dir: Path, cfg: Config, info: dict) -> str:
               f"{p['steps']} steps through {len(p['stages'])} stages (`pipeline.pretrain_stages`); held-out loss "
               f"after stage 0 {p['eval_loss']:.4f} nats/token vs unigram baseline {p['unigram_baseline']:.4f} (the "
               f"final model's perplexity is in the evaluation below). Model: `{p['model_dir']}`.", "",
-              "| stage | seq_len | steps | batch | lr | final loss | wall s |", "|---|---|---|---|---|---|---|"]
+              "Answer acc: greedy accuracy on retrieval answer tokens over the stage's last 100 logged steps "
+              "(training batches; ~0.1 for digits means no retrieval has been learnt).", "",
+              "| stage | seq_len | steps | batch | lr | final loss | answer acc | wall s |",
+              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['stage']} | {r['seq_len']} | {r['steps']} | {r['batch_size']} | {r['learning_rate']:g} | "
-              f"{_cell(r['final_loss'], '.4f')} | {r['wall_s']:.0f} |" for r in p["stages"]]
+              f"{_cell(r['final_loss'], '.4f')} | {_cell(r.get('answer_acc'), '.3f')} | {r['wall_s']:.0f} |"
+              for r in p["stages"]]
     lines.append("")
   elif "pretrain" in info:
     p = info["pretrain"]
@@ -458,14 +464,17 @@ def report(run_dir: Path, cfg: Config, info: dict) -> str:
     alt = info["alternating_selection"]
     lines.append(f"- alternating: SSA sublayers {alt['ssa_layers']} (`layer_type` {alt['zigzag_layer_type']})")
   lines += ["", "## 4. Mid-train", "",
-            f"Each sparse model below runs the same {len(info['stages'])} stage(s); final loss per stage.", "",
-            "| model | stage | seq_len | steps | final loss | rope_scaling | wall s |", "|---|---|---|---|---|---|---|"]
+            f"Each sparse model below runs the same {len(info['stages'])} stage(s); final loss and answer accuracy "
+            "(last 100 logged steps) per stage.", "",
+            "| model | stage | seq_len | steps | final loss | answer acc | rope_scaling | wall s |",
+            "|---|---|---|---|---|---|---|---|"]
   for name, stages in info["midtrain"].items():
     for s in stages["stages"]:
       rs = s["rope_scaling"]
       wall = s["finished_unix"] - s["started_unix"] if "finished_unix" in s else None
       lines.append(f"| {name} | {s['stage']} | {s['seq_len']} | {s['start_step']}→{s['end_step']} | "
-                   f"{s.get('final_loss', float('nan')):.4f} | {'YaRN ×' + str(rs['factor']) if rs else '-'} | "
+                   f"{s.get('final_loss', float('nan')):.4f} | {_cell(s.get('answer_acc'), '.3f')} | "
+                   f"{'YaRN ×' + str(rs['factor']) if rs else '-'} | "
                    f"{_cell(wall, '.0f')} |")
   yarn = cfg.pipeline.eval_rope_scaling
   lines += ["", "## 5. Evaluate", "",
