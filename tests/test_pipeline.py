@@ -227,6 +227,8 @@ def test_proxy_experiment_end_to_end_in_calls(tmp_path, monkeypatch):
   runs = {r["run"]: r for r in summary["throughput"]}
   assert {"pretrain 0", "pretrain 1", "calibrate", "midtrain loza 0", "midtrain loza-75 1"} <= set(runs)
   assert runs["pretrain 1"]["tflops_per_device"] > 0 and runs["calibrate"]["tokens_per_s"] > 0
+  assert 0 <= runs["pretrain 0"]["data_share"] < 1
+  assert all(0 <= r["answer_acc"] <= 1 for r in summary["pretrain"]["stages"])   # passkey tasks in every stage
   assert len(summary["targets"]) == 4 and set(summary["timings"]) == set(pipeline.STAGES)
   report = (tmp_path / "report.md").read_text()
   for needle in ["### Targets", "## 6. Throughput", "| full+yarn |", "| loza-75%+midtrain |", "YaRN ×2",

@@ -164,6 +164,23 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert any("step 4: loss is nan" in s and "checkpoints/2" in s for s in said), said
 
 
+def test_metrics_record_the_share_of_time_waiting_for_data(tmp_path):
+  """A batch source slower than the step shows up as data_share (and in the step line)."""
+  import time as time_lib
+  cfg = tiny_cfg(tmp_path / "run", ["train.steps=4", "train.log_every=1", "train.checkpoint_every=0"])
+
+  def slow(batches):
+    for b in batches:
+      time_lib.sleep(0.4)
+      yield b
+
+  said = []
+  Trainer(cfg, print_fn=said.append).fit(slow(_batches(cfg, 4)))
+  rec = read_metrics(tmp_path / "run")[-1]     # a window after compilation: the sleep dominates it
+  assert 0.5 < rec["data_share"] <= 1.0, rec
+  assert "waiting for data" in said[-2] or "waiting for data" in said[-1], said
+
+
 def test_resume_in_process_matches_uninterrupted(tmp_path):
   over = ["train.steps=5", "train.checkpoint_every=2"]
   cfg_a = tiny_cfg(tmp_path / "a", over)

@@ -43,21 +43,26 @@ class Loop:
   last_saved: int | None = None
   window_start: float = dataclasses.field(default_factory=time.perf_counter)
   window_steps: int = 0
+  window_data_s: float = 0.0                         # host time spent waiting for batches in this window
 
   def __post_init__(self):
     self.unverified = {self.start} if self.start else set()
     self.last_saved = self.start if self.start else None
 
-  def record(self, step: int, metrics) -> None:
+  def record(self, step: int, metrics, data_s: float = 0.0) -> None:
+    """A dispatched step's device metrics and the host seconds its batch took to arrive."""
     self.pending.append((step, metrics))
     self.window_steps += 1
+    self.window_data_s += data_s
 
   def flush(self) -> bool:
     """Fetch pending metrics and log them; False (and a report) when a loss or grad-norm is not finite."""
     if not self.pending:
       return True
     host = jax.device_get([m for _, m in self.pending])
-    dt = (time.perf_counter() - self.window_start) / max(self.window_steps, 1)
+    window_s = time.perf_counter() - self.window_start
+    dt = window_s / max(self.window_steps, 1)
+    data_share = self.window_data_s / window_s if window_s > 0 else 0.0
     ok = True
     for (s, _), m in zip(self.pending, host):
       rec = {"step": s, **{k: float(v) for k, v in m.items()}}
@@ -68,12 +73,12 @@ class Loop:
         ok = False
         self.stop(s, rec)
         break
-      rec.update(step_time=dt, tokens_per_s=self.tokens_per_step / dt,
+      rec.update(step_time=dt, data_share=data_share, tokens_per_s=self.tokens_per_step / dt,
                  tflops_per_device=self.flops_per_step / dt / jax.device_count() / 1e12)
       self.logger.write(rec)
       self.last = rec
     self.pending.clear()
-    self.window_start, self.window_steps = time.perf_counter(), 0
+    self.window_start, self.window_steps, self.window_data_s = time.perf_counter(), 0, 0.0
     if ok:
       self.write(step_line(self.last))
     return ok

@@ -28,12 +28,14 @@ def non_finite_what(rec: dict) -> str:
 
 
 def step_line(rec: dict) -> str:
-  """One console line per logged step (with the retrieval answers' accuracy when the batch had any)."""
+  """One console line per logged step (with the retrieval answers' accuracy when the batch had any, and the share
+  of the window's wall time the host spent waiting for batches when it is 5% or more: a data-bound run)."""
   answers = (f" | answer-acc {rec['answer_acc']:.3f} ({rec['answer_tokens']:.0f} tok)"
              if rec.get("answer_tokens") else "")
   return (f"step {rec['step']:>6d} | loss {rec['loss']:.4f}{answers} | grad-norm {rec['grad_norm']:.3f} | "
           f"lr {rec['lr']:.2e} | {rec['tokens_per_s']:,.0f} tok/s | "
-          f"{rec['tflops_per_device']:.4f} TFLOP/s/dev | {rec['step_time'] * 1e3:.0f} ms/step")
+          f"{rec['tflops_per_device']:.4f} TFLOP/s/dev | {rec['step_time'] * 1e3:.0f} ms/step"
+          + (f" ({rec['data_share']:.0%} waiting for data)" if rec.get("data_share", 0) >= 0.05 else ""))
 
 
 def answer_accuracy(records: list[dict], last: int = 100) -> float | None:

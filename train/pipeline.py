@@ -346,14 +346,15 @@ def target_checks(info: dict, seq_len: int, full_beyond_min: float = 0.95) -> li
 
 
 def throughput(run_dir: str | Path, start: int = 0, end: int | None = None) -> dict:
-  """Median tokens/s and model TFLOP/s per device of the logged steps in (start, end] of a training run's
-  metrics.jsonl, leaving out the first logged window (it holds the compilation) unless it is the only one; None
-  when nothing was logged. `logged`: the windows the medians are over."""
+  """Median tokens/s, model TFLOP/s per device and share of wall time spent waiting for data of the logged steps
+  in (start, end] of a training run's metrics.jsonl, leaving out the first logged window (it holds the
+  compilation) unless it is the only one; None when nothing was logged. `logged`: the windows the medians are over."""
   recs = [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl")
           if start < r.get("step", 0) <= (end if end is not None else float("inf")) and "tokens_per_s" in r]
   recs = recs[1:] or recs
-  med = lambda k: float(np.median([r[k] for r in recs])) if recs else None
-  return {"tokens_per_s": med("tokens_per_s"), "tflops_per_device": med("tflops_per_device"), "logged": len(recs)}
+  med = lambda k: float(np.median([r[k] for r in recs if k in r])) if any(k in r for r in recs) else None
+  return {"tokens_per_s": med("tokens_per_s"), "tflops_per_device": med("tflops_per_device"),
+          "data_share": med("data_share"), "logged": len(recs)}
 
 
 def training_runs(info: dict) -> list[dict]:
@@ -378,11 +379,12 @@ def training_runs(info: dict) -> list[dict]:
 
 
 def throughput_markdown(runs: Sequence[dict]) -> str:
-  lines = ["| run | seq_len | steps | wall s | logged windows | tokens/s | TFLOP/s per device |",
-           "|---|---|---|---|---|---|---|"]
+  lines = ["| run | seq_len | steps | wall s | logged windows | tokens/s | TFLOP/s per device | waiting for data |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in runs:
     lines.append(f"| {r['run']} | {r['seq_len'] or '-'} | {r['steps']} | {_cell(r['wall_s'], '.0f')} | {r['logged']} | "
-                 f"{_cell(r['tokens_per_s'], ',.0f')} | {_cell(r['tflops_per_device'], '.3g')} |")
+                 f"{_cell(r['tokens_per_s'], ',.0f')} | {_cell(r['tflops_per_device'], '.3g')} | "
+                 f"{_cell(r.get('data_share'), '.0%')} |")
   return "\n".join(lines) + "\n"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -235,12 +236,14 @@ class Trainer:
       for hook in hooks:
         hook.begin(loop)
       while step < steps and stopped == "done":
+        t0 = time.perf_counter()
         batch = next(data_iter, None)
+        data_s = time.perf_counter() - t0
         if batch is None:
           self.say(f"data ran out at step {step}")
           break
         step += 1
-        loop.record(step, self.step(batch))
+        loop.record(step, self.step(batch), data_s)
         if not all(hook.after_step(loop, step) for hook in hooks if hook.due(step)):
           stopped = "non_finite"
       if stopped == "done" and not all(hook.end(loop, step) for hook in hooks):
