@@ -404,6 +404,8 @@ class EvalConfig:
   batch_size: int = 8
   seed: int = 1234
   answers: Answers = "generate"             # generate: free greedy decoding through the KV cache | teacher_forced
+  pad_to: int = 0                           # >0: every teacher-forced / perplexity forward pads its rows to a multiple
+                                            # of this many tokens, so all lengths up to it share one compiled shape
 
   def __post_init__(self):
     check_choices(self, "evaluate")
@@ -415,6 +417,8 @@ class EvalConfig:
       raise ValueError("evaluate: samples, ppl_buckets, batch_size must be >= 1 and ppl_rows >= 0")
     if any(n < 2 for n in self.ppl_lengths):
       raise ValueError(f"evaluate.ppl_lengths: every length must be >= 2 tokens, got {list(self.ppl_lengths)}")
+    if self.pad_to < 0:
+      raise ValueError(f"evaluate.pad_to must be >= 0 (0: no padding), got {self.pad_to}")
 
 
 @dataclasses.dataclass(frozen=True)

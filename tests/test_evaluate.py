@@ -154,3 +154,29 @@ def test_accuracy_table_and_perplexity_buckets():
   uniform = lambda t, s: np.zeros(t.shape + (V,), np.float32)
   r = perplexity(uniform, [row], 2, T)
   assert r["ppl"] == pytest.approx(4.0) and [b["tokens"] for b in r["buckets"]] == [3, 4]
+
+
+def test_pad_to_gives_the_same_logits_with_one_shape():
+  """evaluate.pad_to pads rows to one compiled shape: same logits for the real tokens (also for rows of two
+  documents); a pad_to that is no multiple of the block size is refused."""
+  import jax
+
+  from loza_jax.config import replace
+  from loza_jax.model import build_model
+  from train.evaluate import model_logits_fn
+  cfg = load_config("configs/demo_cpu.yaml", ["model.num_hidden_layers=2", "attention.layer_types=[full, ssa]"])
+  params = build_model(cfg).init(jax.random.PRNGKey(0), np.zeros((1, 16), np.int32))["params"]
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 256, (3, 40)).astype(np.int32)
+  seg = np.ones((3, 40), np.int32)
+  seg[1, 24:] = 2        # a second document in row 1
+  seg[2, 32:] = 0        # padding at the end of row 2
+  plain = model_logits_fn(params, cfg)(tokens, seg)
+  padded = model_logits_fn(params, replace(cfg, **{"evaluate.pad_to": 64}))(tokens, seg)
+  assert padded.shape == plain.shape == (3, 40, 256)
+  real = seg > 0
+  np.testing.assert_allclose(padded[real], plain[real], rtol=2e-5, atol=2e-5)
+  with pytest.raises(ValueError, match=r"evaluate.pad_to=60 must be a multiple of attention.block_size=8"):
+    model_logits_fn(params, replace(cfg, **{"evaluate.pad_to": 60}))
+  with pytest.raises(ValueError, match=r"evaluate.pad_to must be >= 0"):
+    load_config("configs/demo_cpu.yaml", ["evaluate.pad_to=-8"])

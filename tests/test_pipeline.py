@@ -24,6 +24,10 @@ def test_pipeline_smoke(tmp_path):
   argv = ["--config", "configs/demo_cpu.yaml", "--run-dir", str(tmp_path)]
   for s in SHORT + ["pipeline.target_full_beyond=0.85"]:
     argv += ["--set", s]
+  # A 4-step model does not retrieve: --require-full-beyond stops right after its evaluation (exit 3) ...
+  assert pipeline.main(argv + ["--require-full-beyond", "0.99"]) == 3
+  assert {p.stem for p in (tmp_path / "done").glob("*.json")} == {"run", "pretrain", "evaluate-full"}
+  # ... and the same command without the bar continues the run from there.
   assert pipeline.main(argv) == 0
   report = (tmp_path / "report.md").read_text()
   assert "![alpha](calibrate/alpha.png)" in report and (tmp_path / "calibrate" / "alpha.png").is_file()

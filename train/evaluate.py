@@ -71,10 +71,25 @@ class Case:
 
 
 def model_logits_fn(params, cfg: Config) -> LogitsFn:
-  """A jitted forward of the model in `cfg` (positions restart per segment)."""
+  """A jitted forward of the model in `cfg` (positions restart per segment).
+
+  With evaluate.pad_to, rows are padded (segment 0, which no real token attends to) to a multiple of it and the
+  logits cut back on the device: every batch up to pad_to tokens runs one compiled program, where one per
+  length would cost a compilation each (most of an evaluation's time on a GPU).
+  """
+  pad, block = cfg.evaluate.pad_to, cfg.attention.block_size
+  if pad % block:
+    raise ValueError(f"evaluate.pad_to={pad} must be a multiple of attention.block_size={block}")
   model = build_model(cfg)
   fwd = jax.jit(lambda p, t, s: model.apply({"params": p}, t, s))
-  return lambda tokens, seg: np.asarray(fwd(params, jnp.asarray(tokens), jnp.asarray(seg)))
+
+  def logits_fn(tokens, seg):
+    T = tokens.shape[1]
+    if pad:
+      extra = ((0, 0), (0, -(-T // pad) * pad - T))
+      tokens, seg = np.pad(tokens, extra), np.pad(seg, extra)
+    return np.asarray(fwd(params, jnp.asarray(tokens), jnp.asarray(seg))[:, :T])
+  return logits_fn
 
 
 def retrieval_cases(cfg: Config, corpus, tokenizer) -> list[Case]:

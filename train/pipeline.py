@@ -622,8 +622,17 @@ def evaluate_all(cfg: Config, models: dict[str, str], run_dir: Path, memo: Memo)
   return {"results": results, "markdown": md, "plots": plots, "wall_s": seconds}
 
 
-def run_pipeline(cfg: Config, config_path: str, init: str | None = None, until: str | None = None) -> Path | None:
-  """Run (or resume) every stage, or up to and including `until`; the report's path, None when stopped early."""
+class FullModelBelowBar(RuntimeError):
+  """The pretrained full model retrieves too little for sparsification to be worth measuring."""
+
+
+def run_pipeline(cfg: Config, config_path: str, init: str | None = None, until: str | None = None,
+                 require_full_beyond: float = 0.0) -> Path | None:
+  """Run (or resume) every stage, or up to and including `until`; the report's path, None when stopped early.
+
+  require_full_beyond: FullModelBelowBar right after the full model's evaluation when its exact match on `beyond`
+  cases at data.seq_len is lower (nothing after it runs), so a long run stops before spending its budget on
+  sparse models of a model that does not retrieve."""
   check_pipeline(cfg)
   if until is not None and until not in STAGES:
     raise ValueError(f"--until {until!r}: choose one of {STAGES}")
@@ -657,6 +666,12 @@ def run_pipeline(cfg: Config, config_path: str, init: str | None = None, until: 
   beyond = beyond_at(full["cases"], cfg.data.seq_len)
   say(f"full model: exact match on beyond cases at {cfg.data.seq_len} {_cell(beyond['acc'])} (n={beyond['n']}), "
       f"over all cases {_cell(full['retrieval']['overall'])}, answer-token acc {_cell(full['retrieval']['token_acc'])}")
+  if require_full_beyond > 0 and (beyond["acc"] is None or beyond["acc"] < require_full_beyond):
+    raise FullModelBelowBar(
+        f"the full model's exact match on beyond cases at {cfg.data.seq_len} is {_cell(beyond['acc'])} "
+        f"(n={beyond['n']}), "
+        f"below --require-full-beyond {require_full_beyond}: too little retrieval to keep, so nothing after it runs. "
+        f"Its pretraining and evaluation stay in {run_dir} (pretrain/, eval/full/); change the pretraining first")
   if finish("pretrain", pretrain_s):
     return None
 
@@ -715,9 +730,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap = cli.parser(__doc__.splitlines()[0])
   ap.add_argument("--init", default=None, help="start from this model directory instead of pretraining")
   ap.add_argument("--until", default=None, choices=STAGES, help="stop after this stage (a later call resumes)")
+  ap.add_argument("--require-full-beyond", type=float, default=0.0, metavar="ACC",
+                  help="stop (exit 3) after the full model's evaluation when its exact match on beyond cases at "
+                       "data.seq_len is below ACC")
   args, cfg = cli.parse(__doc__.splitlines()[0], argv, ap)
   maybe_initialize_distributed(cfg.mesh)
-  path = cli.run_or_exit(ap, run_pipeline, cfg, args.config, args.init, args.until, lock=cfg.train.run_dir)
+  try:
+    path = cli.run_or_exit(ap, run_pipeline, cfg, args.config, args.init, args.until, args.require_full_beyond,
+                           lock=cfg.train.run_dir)
+  except FullModelBelowBar as e:
+    print(f"stopped: {e}", file=sys.stderr)
+    return 3
   if path is None:
     print(f"stopped after {args.until}; the same command without --until (or with a later one) continues the run "
           f"in {cfg.train.run_dir}")
