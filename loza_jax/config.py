@@ -450,8 +450,9 @@ class PipelineConfig:
                                     # else stage 0 pretrains from scratch and each later stage continues the model
   ratios: tuple[float, ...] = ()    # α-selected sparse models at each of these ratios; () = sparsify.ratio only
                                     # (random and alternating baselines stay at sparsify.ratio)
-  eval_rope_scaling: RopeScaling | None = None   # also evaluate the full model with this YaRN ("full+yarn"), for
-                                    # lengths past its training
+  eval_rope_scaling: RopeScaling | None = None   # also evaluate the full model with this YaRN ("full+yarn"), and
+                                    # the α-selected mid-trained model when its last stage has none ("...+yarn"),
+                                    # for lengths past their training
   target_full_beyond: float = 0.95  # the report's bar for the full model's exact match on `beyond` cases at
                                     # data.seq_len (the CPU demo's is 0.9)
 

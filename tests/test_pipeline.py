@@ -135,8 +135,7 @@ PROXY_TINY = [   # configs/proxy_h200.yaml shrunk to seconds of CPU: same stages
     "data.seq_len=128", "data.retrieval_lengths=[96, 128]", "data.passkey_digits=[7, 12]",
     "train.checkpoint_every=0", "train.log_every=1",
     "calibrate.steps=2", "calibrate.seq_len=256", "calibrate.batch_size=2",
-    "midtrain.stages=[{seq_len: 128, steps: 2, batch_size: 2}, {seq_len: 256, steps: 1, batch_size: 1, "
-    "rope_scaling: {factor: 2.0, original_max_position_embeddings: 128}}]",
+    "midtrain.stages=[{seq_len: 128, steps: 2, batch_size: 2}]", "evaluate.pad_to=256",
     "evaluate.lengths=[128, 256]", "evaluate.ppl_lengths=[128, 256]", "evaluate.depths=[0.5]", "evaluate.samples=1",
     "evaluate.ppl_rows=1", "evaluate.ppl_buckets=2", "evaluate.batch_size=2", "pipeline.random_seeds=2",
     "pipeline.eval_rope_scaling={factor: 2.0, original_max_position_embeddings: 128}",
@@ -217,27 +216,28 @@ def test_proxy_experiment_end_to_end_in_calls(tmp_path, monkeypatch):
     assert pipeline.main(_proxy_argv(tmp_path)) == 0
   summary = json.loads((tmp_path / "pipeline.json").read_text())
   seeds = [r["seed"] for r in summary["random_selections"]]
-  names = ["full", "full+yarn", "loza-sparse", "loza-sparse+midtrain", "loza-25%+midtrain", "loza-75%+midtrain",
-           *[f"random-{s}+midtrain" for s in seeds], "alternating+midtrain"]
+  names = ["full", "full+yarn", "loza-sparse", "loza-sparse+midtrain", "loza-sparse+midtrain+yarn",
+           "loza-25%+midtrain", "loza-75%+midtrain", *[f"random-{s}+midtrain" for s in seeds], "alternating+midtrain"]
   assert list(summary["evaluation"]) == names and len(seeds) == 2
   assert {k: len(v["ssa_layers"]) for k, v in summary["alpha_selections"].items()} == {
       "loza-25": 1, "loza": 2, "loza-75": 3}
-  assert [h["model"] for h in summary["headline"]] == names[:6] + ["random-sparse+midtrain (2 seeds)",
+  assert [h["model"] for h in summary["headline"]] == names[:7] + ["random-sparse+midtrain (2 seeds)",
                                                                    "alternating+midtrain"]
-  assert [h["sparsity"] for h in summary["headline"]] == [0, 0, 0.5, 0.5, 0.25, 0.75, 0.5, 0.5]
+  assert [h["sparsity"] for h in summary["headline"]] == [0, 0, 0.5, 0.5, 0.5, 0.25, 0.75, 0.5, 0.5]
   stages = {n: [(s["seq_len"], s["start_step"], s["end_step"]) for s in m["stages"]]
             for n, m in summary["midtrain"].items()}
-  assert set(map(str, stages.values())) == {str([(128, 0, 2), (256, 2, 3)])} and len(stages) == 6
+  assert set(map(str, stages.values())) == {str([(128, 0, 2)])} and len(stages) == 6
   runs = {r["run"]: r for r in summary["throughput"]}
-  assert {"pretrain 0", "pretrain 1", "calibrate", "midtrain loza 0", "midtrain loza-75 1"} <= set(runs)
+  assert {"pretrain 0", "pretrain 1", "calibrate", "midtrain loza 0", "midtrain loza-75 0"} <= set(runs)
   assert runs["pretrain 1"]["tflops_per_device"] > 0 and runs["calibrate"]["tokens_per_s"] > 0
   assert 0 <= runs["pretrain 0"]["data_share"] < 1
   assert all(0 <= r["answer_acc"] <= 1 for r in summary["pretrain"]["stages"])   # passkey tasks in every stage
   assert len(summary["targets"]) == 4 and set(summary["timings"]) == set(pipeline.STAGES)
   report = (tmp_path / "report.md").read_text()
-  for needle in ["### Targets", "## 6. Throughput", "| full+yarn |", "| loza-75%+midtrain |", "YaRN ×2",
+  for needle in ["### Targets", "## 6. Throughput", "| full+yarn |", "| loza-sparse+midtrain+yarn |",
+                 "| loza-75%+midtrain |", "YaRN ×2",
                  "![perplexity_by_length_position.png](eval/perplexity_by_length_position.png)",
-                 "![alpha](calibrate/alpha.png)", "| midtrain loza-25 1 | 256 | 1 |"]:
+                 "![alpha](calibrate/alpha.png)", "| midtrain loza-25 0 | 128 | 2 |"]:
     assert needle in report, needle
   for plot in ["retrieval_heatmap.png", "perplexity_by_position.png", "perplexity_by_length_position.png"]:
     assert (tmp_path / "eval" / plot).is_file()

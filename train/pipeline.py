@@ -482,8 +482,9 @@ def report(run_dir: Path, cfg: Config, info: dict) -> str:
   lines += ["", "## 5. Evaluate", "",
             "Perplexity on held-out text; retrieval accuracy (greedy answers) per task and context length, "
             "every model. Mid-trained models keep the RoPE scaling of their last mid-training stage"
-            + ("" if yarn is None else f"; `full+yarn` is the full model with YaRN ×{yarn.factor:g} (original "
-               f"{yarn.original_max_position_embeddings} positions), for lengths past its training") + ".", "",
+            + ("" if yarn is None else f"; `+yarn` marks a model evaluated with YaRN ×{yarn.factor:g} (original "
+               f"{yarn.original_max_position_embeddings} positions, not trained with it), for lengths past its "
+               "training") + ".", "",
             ev["markdown"], ""]
   lines += [f"![{p}](eval/{p})" for p in ev["plots"]]
   lines += ["", "## 6. Throughput", "",
@@ -704,7 +705,11 @@ def run_pipeline(cfg: Config, config_path: str, init: str | None = None, until: 
     models["full+yarn"] = memo("full-yarn", lambda: with_rope_scaling(init, cfg.pipeline.eval_rope_scaling,
                                                                       run_dir / "full-yarn" / "model"))["model_dir"]
   models["loza-sparse"] = sparse["loza"]
-  models.update({eval_name(name): m["model_dir"] for name, m in info["midtrain"].items()})
+  for name, m in info["midtrain"].items():
+    models[eval_name(name)] = m["model_dir"]
+    if name == "loza" and cfg.pipeline.eval_rope_scaling is not None and m["stages"][-1]["rope_scaling"] is None:
+      models[eval_name(name) + "+yarn"] = memo("loza-yarn", lambda m=m: with_rope_scaling(
+          m["model_dir"], cfg.pipeline.eval_rope_scaling, run_dir / "loza-yarn" / "model"))["model_dir"]
   info["evaluation"] = evaluate_all(cfg, models, run_dir, memo)
   finish("evaluate", info["evaluation"]["wall_s"])
   bar.close()
