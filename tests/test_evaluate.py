@@ -180,3 +180,20 @@ def test_pad_to_gives_the_same_logits_with_one_shape():
     model_logits_fn(params, replace(cfg, **{"evaluate.pad_to": 60}))
   with pytest.raises(ValueError, match=r"evaluate.pad_to must be >= 0"):
     load_config("configs/demo_cpu.yaml", ["evaluate.pad_to=-8"])
+
+
+def test_generated_answers_past_the_positions_are_refused_up_front(tmp_path):
+  """answers=generate at a length whose decoding passes max_position_embeddings fails before any work, naming
+  the sizes (the pipeline checks it before pretraining); teacher-forced answers or RoPE scaling are fine."""
+  from train import pipeline
+  from train.evaluate import check_positions
+  over = ["model.max_position_embeddings=256", "evaluate.lengths=[128, 256]", "pipeline.pretrain_stages=[]"]
+  cfg = load_config("configs/demo_cpu.yaml", over + ["evaluate.answers=generate"])
+  with pytest.raises(ValueError, match=r"evaluate.lengths has 256: greedy answers decode up to 258 positions, "
+                                       r"past model.max_position_embeddings=256"):
+    check_positions(cfg)
+  with pytest.raises(ValueError, match=r"max_position_embeddings=256"):
+    pipeline.check_pipeline(cfg)
+  check_positions(load_config("configs/demo_cpu.yaml", over + ["evaluate.answers=teacher_forced"]))
+  check_positions(load_config("configs/demo_cpu.yaml", over + [
+      "model.rope_scaling={factor: 2.0, original_max_position_embeddings: 256}"]))

@@ -32,7 +32,7 @@ from loza_jax import generate as gen
 from loza_jax.cache import check_cacheable
 from loza_jax.config import Config
 from loza_jax.model import build_model
-from loza_jax.model_dir import load_model
+from loza_jax.model_dir import load_config_file, load_model
 from train import cli
 from train import data as data_lib
 from train.iterators import train_iterator
@@ -146,8 +146,26 @@ def teacher_forced_answers(logits_fn: LogitsFn, tokenizer, multiple: int) -> Ans
   return answer_fn
 
 
+GENERATE_EXTRA = 2   # tokens generated past the reference answer's length (generated_answers)
+
+
+def check_positions(cfg: Config, model_dir: str | None = None) -> None:
+  """ValueError, before any work, when evaluate.answers=generate would decode past model.max_position_embeddings
+  at the longest evaluate.lengths (a case of L tokens decodes up to about L + GENERATE_EXTRA positions) and the
+  model has no RoPE scaling."""
+  m, e = cfg.model, cfg.evaluate
+  if e.answers != "generate" or m.rope_scaling is not None or not e.lengths:
+    return
+  need = max(e.lengths) + GENERATE_EXTRA
+  if need > m.max_position_embeddings:
+    raise ValueError(f"evaluate.lengths has {max(e.lengths)}: greedy answers decode up to {need} positions, past "
+                     f"model.max_position_embeddings={m.max_position_embeddings}"
+                     + (f" of {model_dir}" if model_dir else "") + "; use shorter lengths, "
+                     "evaluate.answers=teacher_forced, or a model with RoPE scaling")
+
+
 def generated_answers(params, cfg: Config, tokenizer, logits_fn: LogitsFn | None = None,
-                      extra_tokens: int = 2) -> AnswerFn:
+                      extra_tokens: int = GENERATE_EXTRA) -> AnswerFn:
   """AnswerFn by free greedy decoding through the KV cache (loza_jax.generate), up to a newline or
   len(reference) + extra_tokens tokens; token_acc from one teacher-forced pass when logits_fn is given."""
   check_cacheable(cfg)
@@ -365,6 +383,8 @@ def evaluate(cfg: Config, models: Sequence[str], names: Sequence[str] | None = N
   if not models:
     raise ValueError("evaluate.models is empty: give one or more model directories")
   names = list(names or [Path(m).parent.name + "/" + Path(m).name for m in models])
+  for path in models:   # every model checked before the first is evaluated
+    check_positions(dataclasses.replace(cfg, model=load_config_file(path).model), str(path))
   tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
   corpus = data_lib.load_corpus(cfg.data)
   results = {}

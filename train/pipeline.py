@@ -42,7 +42,7 @@ from loza_jax.sparsity import select_layers
 from train import cli
 from train import pretrain as pretrain_lib
 from train.calibrate import calibrate, markdown as calibration_markdown
-from train.evaluate import evaluate, markdown as eval_markdown, plot_results
+from train.evaluate import check_positions, evaluate, markdown as eval_markdown, plot_results
 from train.metrics import read_jsonl
 from train.midtrain import midtrain
 from train.sparsify import sparsify
@@ -574,8 +574,10 @@ def check_pretrain_stages(cfg: Config) -> None:
 
 
 def check_pipeline(cfg: Config) -> None:
-  """check_pretrain_stages, and pipeline.ratios must hold sparsify.ratio (the baselines' ratio) (ValueError if not)."""
+  """check_pretrain_stages and the evaluation's positions (evaluate.check_positions), and pipeline.ratios must hold
+  sparsify.ratio (the baselines' ratio) (ValueError if not)."""
   check_pretrain_stages(cfg)
+  check_positions(cfg)
   if cfg.pipeline.ratios and cfg.sparsify.ratio not in cfg.pipeline.ratios:
     raise ValueError(f"pipeline.ratios {list(cfg.pipeline.ratios)} must include sparsify.ratio={cfg.sparsify.ratio}, "
                      "the ratio the random and alternating baselines use")
