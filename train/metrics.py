@@ -87,6 +87,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
   return out
 
 
+def logged_steps(run_dir: str | Path, start: int = 0, end: int | None = None) -> list[dict]:
+  """The records of a run's metrics.jsonl whose step lies in (start, end] (no upper bound when end is None)."""
+  return [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl")
+          if start < r.get("step", 0) <= (end if end is not None else float("inf"))]
+
+
 class MetricsLogger:
   """JSONL metrics and TensorBoard scalars in the run directory (process 0 only)."""
 

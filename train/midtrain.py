@@ -26,7 +26,7 @@ from loza_jax.model_dir import export_model, load_model
 from train import cli, data as data_lib
 from train.checkpoint import Checkpointer
 from train.iterators import train_iterator
-from train.metrics import answer_accuracy, read_jsonl
+from train.metrics import answer_accuracy, logged_steps
 from train.optimizer import make_schedule
 from train.trainer import Trainer, check_batch_layout
 
@@ -122,9 +122,8 @@ def midtrain(cfg: Config, init: str | Path, *, hooks: Sequence[Callable] = (), p
     result = trainer.fit(data_iter, steps=end, restore_data=latest > start)
     if result.stopped != "done" or result.step < end:
       raise RuntimeError(f"stage {i} stopped at step {result.step}: {result.stopped}")
-    logged = [r for r in read_jsonl(run_dir / "metrics.jsonl") if start < r.get("step", 0) <= end]
     entry.update(finished_unix=time.time(), final_loss=result.last_metrics.get("loss"),
-                 answer_acc=answer_accuracy(logged))
+                 answer_acc=answer_accuracy(logged_steps(run_dir, start, end)))
     if jax.process_index() == 0:
       _record(run_dir, entry)
   if trainer.state is None:  # every stage was already done: load the final state for export

@@ -43,7 +43,7 @@ from train import cli
 from train import pretrain as pretrain_lib
 from train.calibrate import calibrate, markdown as calibration_markdown
 from train.evaluate import check_positions, evaluate, markdown as eval_markdown, plot_results
-from train.metrics import read_jsonl
+from train.metrics import logged_steps
 from train.midtrain import midtrain
 from train.sparsify import sparsify
 
@@ -349,8 +349,7 @@ def throughput(run_dir: str | Path, start: int = 0, end: int | None = None) -> d
   """Median tokens/s, model TFLOP/s per device and share of wall time spent waiting for data of the logged steps
   in (start, end] of a training run's metrics.jsonl, leaving out the first logged window (it holds the
   compilation) unless it is the only one; None when nothing was logged. `logged`: the windows the medians are over."""
-  recs = [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl")
-          if start < r.get("step", 0) <= (end if end is not None else float("inf")) and "tokens_per_s" in r]
+  recs = [r for r in logged_steps(run_dir, start, end) if "tokens_per_s" in r]
   recs = recs[1:] or recs
   med = lambda k: float(np.median([r[k] for r in recs if k in r])) if any(k in r for r in recs) else None
   return {"tokens_per_s": med("tokens_per_s"), "tflops_per_device": med("tflops_per_device"),

@@ -19,7 +19,7 @@ from loza_jax.model_dir import export_model
 from loza_jax.sharding import maybe_initialize_distributed
 from train import cli, data as data_lib, rundir
 from train.iterators import process_rows, train_iterator
-from train.metrics import answer_accuracy, read_jsonl
+from train.metrics import answer_accuracy, logged_steps
 from train.trainer import Trainer
 
 EVAL_BATCHES = 4
@@ -58,7 +58,7 @@ def pretrain(cfg: Config, *, hooks: Sequence[Callable] = (), print_fn: Callable[
   unigram = unigram_baseline(held_out, cfg.model.vocab_size)
   result = trainer.fit(train_iter)
   summary = {"steps": result.step, "stopped": result.stopped, "final_train_loss": result.last_metrics.get("loss"),
-             "answer_acc": answer_accuracy(read_jsonl(trainer.run_dir / "metrics.jsonl"))}
+             "answer_acc": answer_accuracy(logged_steps(trainer.run_dir))}
   if result.stopped != "done":
     say(f"stopped at step {result.step}: {result.stopped}")
     return summary
