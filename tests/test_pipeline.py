@@ -58,12 +58,16 @@ def test_pipeline_smoke(tmp_path):
       p.stem for p in (tmp_path / "done").glob("*.json")}
 
 
-def test_pipeline_pretrains_through_its_stages(tmp_path):
+def test_pipeline_pretrains_through_its_stages(tmp_path, capsys):
   argv = ["--config", "configs/demo_cpu.yaml", "--run-dir", str(tmp_path)]
   for s in SHORT + STAGED + ["pipeline.random_seeds=1", "pipeline.alternating=false", "evaluate.tasks=[passkey]",
                              "midtrain.stages=[{seq_len: 256, steps: 1, batch_size: 2}]"]:
     argv += ["--set", s]
   assert pipeline.main(argv) == 0
+  out = capsys.readouterr()
+  log = out.out + out.err
+  assert "pretraining stage 0 of 2: 3 steps of 2 x 128 tokens" in log
+  assert "pretraining stage 1 of 2: 2 steps of 2 x 256 tokens" in log
   p = json.loads((tmp_path / "pipeline.json").read_text())["pretrain"]
   assert [(r["stage"], r["seq_len"], r["steps"], r["batch_size"], r["learning_rate"]) for r in p["stages"]] == [
       (0, 128, 3, 2, 3e-3), (1, 256, 2, 2, 1e-3)]

@@ -183,12 +183,20 @@ def pretrain_stages(cfg: Config, out: Path, print_fn=None, memo: Memo = run_now)
   Each stage is one step of `memo`. Returns the final model directory and the stage-0 summary with a record
   (wall_s included) per stage."""
   stages = cfg.pipeline.pretrain_stages
-  first = memo("pretrain-0", lambda: _first_stage(cfg, stages[0], out, print_fn))
+  say = print_fn or (lambda _: None)
+
+  def run_stage(i: int, model: str | None) -> dict:
+    st = stages[i]   # the runs inside number their own stages from 0, so say which pretraining stage this is
+    say(f"pretraining stage {i} of {len(stages)}: {st.steps} steps of {st.batch_size or cfg.train.batch_size} x "
+        f"{st.seq_len} tokens")
+    return _first_stage(cfg, st, out, print_fn) if i == 0 else _later_stage(cfg, st, i, out, model, print_fn)
+
+  first = memo("pretrain-0", lambda: run_stage(0, None))
   model = first["model_dir"]
   summary = {k: v for k, v in first.items() if k not in ("record", "wall_s")}
   summary["stages"] = [dict(first["record"], wall_s=first["wall_s"])]
-  for i, st in enumerate(stages[1:], 1):
-    rec = memo(f"pretrain-{i}", lambda i=i, st=st, model=model: _later_stage(cfg, st, i, out, model, print_fn))
+  for i in range(1, len(stages)):
+    rec = memo(f"pretrain-{i}", lambda i=i, model=model: run_stage(i, model))
     model = rec["model_dir"]
     summary["stages"].append(dict(rec["record"], wall_s=rec["wall_s"]))
   summary["steps"] = sum(st.steps for st in stages)
