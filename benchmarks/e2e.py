@@ -1,6 +1,6 @@
 """End-to-end speed of a LongCat-Flash-geometry slice, full attention vs LoZA (50% SSA sublayers).
 
-    python -m benchmarks.e2e [--layers 2] [--prefill 32768,131072,262144] [--prefill-models full,loza]
+    python -m benchmarks.e2e [--layers 2] [--prefill 32768,131072,262144] [--prefill-models full,loza] [--prefill-chunk N]
                              [--decode 32768,131072,262144] [--train 32768,131072] [--remat layer,none]
                              [--fit 262144,...] [--out DIR] [--tiny]
 
@@ -8,9 +8,10 @@ The MoE keeps LongCat's per-token expert work (12 experts of width 2048) with 12
 every token runs every expert and the dense dispatch does no wasted work.
 One process, one set of random bf16 weights shared by both layouts (full: every MLA sublayer full;
 LoZA: sublayers 1, 3, ... SSA with blocks of 128, 1 sink + 7 local blocks). Measures:
-- prefill (whole prompt in one chunk through the attention kernels, experts on token chunks):
-  time, tokens/s, the full/LoZA ratio and the ideal ratio from the FLOP model below; a prefill
-  whose compiled memory exceeds the device's is reported as not measured, with the bytes it needs;
+- prefill (whole prompt in one chunk through the attention kernels, or --prefill-chunk tokens at a time with
+  earlier chunks read from the cache; experts on token chunks): time, tokens/s, the full/LoZA ratio and the
+  ideal ratio from the FLOP model below; a prefill whose compiled memory exceeds the device's is reported as
+  not measured, with the bytes it needs;
 - decode: one on-device step (absorbed MLA over the latent cache, SSA over its ring) at batch 1 and
   at the largest batch whose full-model cache fits --cache-budget-gib; KV-cache bytes per sequence;
   the HBM floor of a step (weights + cache read once at the bandwidth measured in this run);
@@ -173,33 +174,41 @@ def device_bytes_limit() -> int | None:
   return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
 
 
-def prefill_bytes(cfg: Config, params, T: int) -> int:
-  """Device bytes one T-token prefill chunk needs (XLA's memory analysis of the compiled call; nothing runs)."""
+def prefill_bytes(cfg: Config, params, T: int, chunk: int | None = None) -> int:
+  """Device bytes a T-token prefill in chunks of `chunk` (default: one chunk) needs: the larger of its first
+  chunk and its last, which attends to the longest past (XLA's memory analysis of the compiled calls;
+  nothing runs)."""
+  chunk = chunk or T
   cache = jax.eval_shape(lambda: kc.init_cache(cfg, 1, T, jnp.bfloat16))
   sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt)
-  return needed_bytes(gen._prefill_fn(cfg, 0).lower(params, cache, sds((1, T), jnp.int32), sds((1,), jnp.int32),
-                                                    sds((1, cfg.model.vocab_size), jnp.float32)))
+  need = lambda start: needed_bytes(gen._prefill_fn(cfg, start).lower(
+      params, cache, sds((1, min(chunk, T - start)), jnp.int32), sds((1,), jnp.int32),
+      sds((1, cfg.model.vocab_size), jnp.float32)))
+  return max(need(start) for start in sorted({0, (T - 1) // chunk * chunk}))
 
 
-def bench_prefill(cfgs, params, T: int, reps: int) -> dict:
-  """Prefill of one T-token prompt in one chunk per model; a model whose call would not fit in device memory
-  raises MemoryError with the bytes it needs (recorded as not measured) before anything is allocated."""
-  out = {}
+def bench_prefill(cfgs, params, T: int, reps: int, chunk: int | None = None) -> dict:
+  """Prefill of one T-token prompt per model, in one chunk or in chunks of `chunk` tokens (each chunk attends to
+  its own keys through the attention kernels and to the earlier ones through the cache); a model whose calls
+  would not fit in device memory raises MemoryError with the bytes it needs (recorded as not measured) before
+  anything is allocated."""
+  chunk = chunk or T
+  out = {"chunk": chunk}
   tokens = jax.random.randint(jax.random.PRNGKey(T), (1, T), 0, next(iter(cfgs.values())).model.vocab_size)
   limit = device_bytes_limit()
   for name, cfg in cfgs.items():
-    need = prefill_bytes(cfg, params, T)
+    need = prefill_bytes(cfg, params, T, chunk)
     if limit and need > limit:
-      raise MemoryError(f"{name} prefill at {T} in one chunk needs {need / 2**30:.1f} GiB, the device has "
+      raise MemoryError(f"{name} prefill at {T} in chunks of {chunk} needs {need / 2**30:.1f} GiB, the device has "
                         f"{limit / 2**30:.1f} GiB")
 
     def run():
       cache = kc.init_cache(cfg, 1, T, jnp.bfloat16)
-      last, cache = gen.prefill(params, cfg, cache, tokens, np.array([T]), chunk=T)
+      last, cache = gen.prefill(params, cfg, cache, tokens, np.array([T]), chunk=chunk)
       jax.block_until_ready((last, cache))
     s = timed(run, reps)
     out[name] = {"s": s, "tok_per_s": T / s, "tflops": prefill_flops(cfg, T) / s / 1e12, "need_bytes": need}
-  if len(out) == len(cfgs) == 2:
+  if {"full", "loza"} <= set(out):
     out["ratio"] = out["full"]["s"] / out["loza"]["s"]
     out["ideal"] = prefill_flops(cfgs["full"], T) / prefill_flops(cfgs["loza"], T)
   return out
@@ -313,9 +322,9 @@ def report(res: dict, cmd: str, seconds: float) -> str:
            f"bf16 matmul {c['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s", f"- wall time of the run: {seconds:.0f} s", ""]
   ms = lambda r, k: f"{r[k]['s'] * 1e3:.2f}"
   sections = [
-      ("prefill", "Prefill (batch 1, one chunk)",
-       "T | full s | LoZA s | full tok/s | LoZA tok/s | full TFLOP/s | LoZA TFLOP/s | speed-up | ideal (FLOPs)",
-       lambda k, r: [k, *(f"{r[m]['s']:.3f}" if m in r else "–" for m in ("full", "loza")),
+      ("prefill", "Prefill (batch 1; TFLOP/s count the FLOP model's work, whatever the chunking)",
+       "T | chunk | full s | LoZA s | full tok/s | LoZA tok/s | full TFLOP/s | LoZA TFLOP/s | speed-up | ideal (FLOPs)",
+       lambda k, r: [k, r.get("chunk", k), *(f"{r[m]['s']:.3f}" if m in r else "–" for m in ("full", "loza")),
                      *(f"{r[m]['tok_per_s']:.0f}" if m in r else "–" for m in ("full", "loza")),
                      *(f"{r[m]['tflops']:.0f}" if m in r else "–" for m in ("full", "loza")),
                      f"{r['ratio']:.2f}x" if "ratio" in r else "–", f"{r['ideal']:.2f}x" if "ideal" in r else "–"]),
@@ -356,6 +365,8 @@ def main(argv=None):
   p.add_argument("--layers", type=int, default=2)
   p.add_argument("--prefill", default="32768,131072,262144")
   p.add_argument("--prefill-models", default="full,loza", help="models to prefill (e.g. loza alone at 1M)")
+  p.add_argument("--prefill-chunk", type=int, default=0,
+                 help="prefill in chunks of this many tokens (a multiple of attention.block_size); 0: one chunk")
   p.add_argument("--decode", default="32768,131072,262144")
   p.add_argument("--train", default="32768,131072")
   p.add_argument("--fit", default="", help="training lengths whose step memory is only analysed (not run)")
@@ -423,7 +434,7 @@ def main(argv=None):
       write()
   for T in ints(args.prefill):
     chosen = {m: cfgs[m] for m in args.prefill_models.split(",")}
-    res["prefill"][T] = attempt(f"prefill {T}", bench_prefill, chosen, params, T, args.reps)
+    res["prefill"][T] = attempt(f"prefill {T}", bench_prefill, chosen, params, T, args.reps, args.prefill_chunk or None)
     print("prefill", T, res["prefill"][T], flush=True)
     write()
   for T in ints(args.train):

@@ -1,4 +1,6 @@
 """benchmarks/kernel_times.py: per-kernel sums of an ncu CSV log."""
+import json
+
 from benchmarks.kernel_times import kernel_times
 
 HEADER = '"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"'
@@ -46,3 +48,18 @@ def test_e2e_runs_end_to_end_on_a_tiny_model(tmp_path):
                   "## Training step"):
     assert section in text
   assert "Not measured" not in text
+
+
+def test_e2e_prefill_in_chunks(tmp_path, monkeypatch):
+  """--prefill-chunk: both models prefill 128 tokens in chunks of 64 (the second reads the first from the cache)."""
+  from benchmarks import e2e
+  starts, real = [], e2e.gen._prefill_fn
+  monkeypatch.setattr(e2e.gen, "_prefill_fn", lambda cfg, start: starts.append(start) or real(cfg, start))
+  e2e.main(["--tiny", "--layers", "1", "--prefill", "128", "--prefill-chunk", "64", "--decode", "", "--train", "",
+            "--reps", "1", "--results-dir", str(tmp_path)])
+  (js,) = tmp_path.glob("*-e2e.json")
+  res = json.loads(js.read_text())
+  row = res["prefill"]["128"]
+  assert not res["failed"] and row["chunk"] == 64 and row["full"]["s"] > 0 and row["loza"]["s"] > 0
+  assert "| 128 | 64 |" in next(tmp_path.glob("*-e2e.md")).read_text()
+  assert set(starts) == {0, 64}   # the memory check and the timed runs both go chunk by chunk
