@@ -184,7 +184,7 @@ def prefill_bytes(cfg: Config, params, T: int, chunk: int | None = None) -> int:
   need = lambda start: needed_bytes(gen._prefill_fn(cfg, start).lower(
       params, cache, sds((1, min(chunk, T - start)), jnp.int32), sds((1,), jnp.int32),
       sds((1, cfg.model.vocab_size), jnp.float32)))
-  return max(need(start) for start in sorted({0, (T - 1) // chunk * chunk}))
+  return max(need(start) for start in {0, (T - 1) // chunk * chunk})
 
 
 def bench_prefill(cfgs, params, T: int, reps: int, chunk: int | None = None) -> dict:
@@ -434,7 +434,7 @@ def main(argv=None):
       write()
   for T in ints(args.prefill):
     chosen = {m: cfgs[m] for m in args.prefill_models.split(",")}
-    res["prefill"][T] = attempt(f"prefill {T}", bench_prefill, chosen, params, T, args.reps, args.prefill_chunk or None)
+    res["prefill"][T] = attempt(f"prefill {T}", bench_prefill, chosen, params, T, args.reps, args.prefill_chunk)
     print("prefill", T, res["prefill"][T], flush=True)
     write()
   for T in ints(args.train):

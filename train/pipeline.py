@@ -138,6 +138,15 @@ def pretrain_stage_cfg(cfg: Config, stage: PretrainStage, index: int, run_dir: P
   })
 
 
+def _begin_stage(cfg: Config, stage: PretrainStage, index: int, run_dir: Path, print_fn) -> Config:
+  """pretrain_stage_cfg, announced: the runs inside number their own stages from 0, so say which this is."""
+  scfg = pretrain_stage_cfg(cfg, stage, index, run_dir)
+  if print_fn:
+    print_fn(f"pretraining stage {index} of {len(cfg.pipeline.pretrain_stages)}: {scfg.train.steps} steps of "
+             f"{scfg.train.batch_size} x {scfg.data.seq_len} tokens")
+  return scfg
+
+
 def _pretrain_run(cfg: Config, print_fn) -> dict:
   """train.pretrain on `cfg`; RuntimeError when it stops early."""
   summary = pretrain_lib.pretrain(cfg, print_fn=print_fn)
@@ -161,14 +170,14 @@ def pretrain_once(cfg: Config, out: Path, print_fn=None, memo: Memo = run_now) -
 
 def _first_stage(cfg: Config, stage: PretrainStage, out: Path, print_fn) -> dict:
   """Pretraining stage 0 from scratch: the train.pretrain summary and the stage record."""
-  scfg = pretrain_stage_cfg(cfg, stage, 0, out)
+  scfg = _begin_stage(cfg, stage, 0, out, print_fn)
   summary = _pretrain_run(scfg, print_fn)
   return dict(summary, record=_stage_record(0, stage, scfg, summary["final_train_loss"], summary.get("answer_acc")))
 
 
 def _later_stage(cfg: Config, stage: PretrainStage, index: int, out: Path, model: str, print_fn) -> dict:
   """Pretraining stage `index` >= 1: a one-stage mid-training run of the full model with the stage's data."""
-  scfg = pretrain_stage_cfg(cfg, stage, index, out / f"stage-{index}")
+  scfg = _begin_stage(cfg, stage, index, out / f"stage-{index}", print_fn)
   one = MidtrainStage(seq_len=stage.seq_len, steps=stage.steps, learning_rate=scfg.train.learning_rate,
                       warmup_steps=stage.warmup_steps, batch_size=scfg.train.batch_size)
   model_dir = str(midtrain(replace(scfg, **{"midtrain.stages": (one,)}), model, print_fn=print_fn))
@@ -183,20 +192,12 @@ def pretrain_stages(cfg: Config, out: Path, print_fn=None, memo: Memo = run_now)
   Each stage is one step of `memo`. Returns the final model directory and the stage-0 summary with a record
   (wall_s included) per stage."""
   stages = cfg.pipeline.pretrain_stages
-  say = print_fn or (lambda _: None)
-
-  def run_stage(i: int, model: str | None) -> dict:
-    st = stages[i]   # the runs inside number their own stages from 0, so say which pretraining stage this is
-    say(f"pretraining stage {i} of {len(stages)}: {st.steps} steps of {st.batch_size or cfg.train.batch_size} x "
-        f"{st.seq_len} tokens")
-    return _first_stage(cfg, st, out, print_fn) if i == 0 else _later_stage(cfg, st, i, out, model, print_fn)
-
-  first = memo("pretrain-0", lambda: run_stage(0, None))
+  first = memo("pretrain-0", lambda: _first_stage(cfg, stages[0], out, print_fn))
   model = first["model_dir"]
   summary = {k: v for k, v in first.items() if k not in ("record", "wall_s")}
   summary["stages"] = [dict(first["record"], wall_s=first["wall_s"])]
-  for i in range(1, len(stages)):
-    rec = memo(f"pretrain-{i}", lambda i=i, model=model: run_stage(i, model))
+  for i, st in enumerate(stages[1:], 1):
+    rec = memo(f"pretrain-{i}", lambda i=i, st=st, model=model: _later_stage(cfg, st, i, out, model, print_fn))
     model = rec["model_dir"]
     summary["stages"].append(dict(rec["record"], wall_s=rec["wall_s"]))
   summary["steps"] = sum(st.steps for st in stages)
