@@ -705,6 +705,8 @@ def run_pipeline(cfg: Config, config_path: str, init: str | None = None, until: 
     info["midtrain"][name] = memo(f"midtrain-{name}", lambda out=out, model_dir=model_dir: {
         "model_dir": str(midtrain(replace(cfg, **{"train.run_dir": str(out)}), model_dir, print_fn=say)),
         "stages": json.loads((out / "stages.json").read_text()), "run_dir": str(out)})
+    # evaluated at once, so a run cut short by its device budget keeps numbers for every model it finished
+    evaluate_model(cfg, eval_name(name), info["midtrain"][name]["model_dir"], run_dir, memo)
   info["stages"] = info["midtrain"]["loza"]["stages"]
   if finish("midtrain", sum(m["wall_s"] for m in info["midtrain"].values())):
     return None
