@@ -221,16 +221,44 @@ def latent_attention(q_lat_BTHC, q_rope_BTHR, ckv_BSC, krope_BSR, q_pos_BT, k_po
   return jnp.transpose(o, (0, 2, 1, 3)), lse
 
 
-def merge(o1_BTHE, lse1_BHT, o2_BTHE, lse2_BHT):
-  """Combine two attentions over disjoint key sets by their log-sum-exps (fp32)."""
+def merge_with_lse(o1_BTHE, lse1_BHT, o2_BTHE, lse2_BHT):
+  """Combine two attentions over disjoint key sets by their log-sum-exps -> (o_BTHE, lse_BHT), fp32."""
   m = jnp.maximum(lse1_BHT, lse2_BHT)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   w1 = jnp.exp(lse1_BHT - m)                      # exp(-inf) = 0 for an empty side
   w2 = jnp.exp(lse2_BHT - m)
   tot = w1 + w2
+  lse = jnp.where(tot > 0, m + jnp.log(jnp.where(tot > 0, tot, 1.0)), NEG_INF)
   w1, w2 = (jnp.where(tot > 0, w / jnp.where(tot > 0, tot, 1.0), 0.0) for w in (w1, w2))
   t = lambda w: jnp.transpose(w, (0, 2, 1))[..., None]
-  return o1_BTHE.astype(jnp.float32) * t(w1) + o2_BTHE.astype(jnp.float32) * t(w2)
+  return o1_BTHE.astype(jnp.float32) * t(w1) + o2_BTHE.astype(jnp.float32) * t(w2), lse
+
+
+def merge(o1_BTHE, lse1_BHT, o2_BTHE, lse2_BHT):
+  """Combine two attentions over disjoint key sets by their log-sum-exps (fp32)."""
+  return merge_with_lse(o1_BTHE, lse1_BHT, o2_BTHE, lse2_BHT)[0]
+
+
+def expanded_past_attention(q_BTHD, ckv_BSC, krope_BSR, expand, start: int, scale: float, interpret: bool):
+  """A prefill chunk's queries over the `start` cached tokens before it (every one visible: prompts are
+  right-padded, so a real query's earlier keys are real), in the expanded form through the prefix kernel.
+
+  `expand(ckv_BKC, krope_BKR) -> (k_BKHD, v_BKHE)` makes per-head keys and values; it runs on at most
+  T tokens (the chunk's length, in whole 128s) at a time, so the extra memory is that of the chunk's own
+  keys. MLA's expanded form costs (D + E) = 320 multiply-adds per (query, key, head) at the paper's
+  geometry against C + R + C = 1088 for the absorbed form. -> (o_BTHE fp32, lse_BHT)."""
+  from kernels_pallas import prefix
+  T = q_BTHD.shape[1]
+  step = -(-T // 128) * 128
+  o = lse = None
+  for a in range(0, start, step):
+    b = min(a + step, start)
+    k, v = expand(ckv_BSC[:, a:b], krope_BSR[:, a:b])
+    # offset `step` >= b - a: every key of the block lies before every query (any such offset will do)
+    o_i, lse_i = prefix.prefix_attention(q_BTHD, k.astype(q_BTHD.dtype), v.astype(q_BTHD.dtype),
+                                         offset=step, scale=scale, interpret=interpret)
+    o, lse = (o_i, lse_i) if o is None else merge_with_lse(o, lse, o_i, lse_i)
+  return o.astype(jnp.float32), lse
 
 
 def chunk_pattern(pattern, start: int):

@@ -109,8 +109,9 @@ class MLA(nn.Module):
     return run
 
   def _cached(self, q_nope_BTHD, q_rope_BTHR, ckv_BTC, k_rope_BT1R, kv_b, positions_BT, scale, kv, step):
-    """Attention through the cache: prefill chunks use the attention kernels for their own keys and
-    the absorbed form for earlier ones; decode uses the absorbed form over the whole cache."""
+    """Attention through the cache: prefill chunks use the attention kernels for their own keys and, for
+    earlier ones, the expanded form through the prefix kernel (full sublayers, kernel impls) or the absorbed
+    form (XLA impls, and the SSA ring); decode uses the absorbed form over the whole cache."""
     c, a = self.cfg, self.acfg
     B, T, H, Dn = q_nope_BTHD.shape
     K, E = c.kv_heads, c.v_head_dim
@@ -144,6 +145,12 @@ class MLA(nn.Module):
     if step.start == 0:
       return attn.attention(q, k, v, pattern=own, scale=scale, impl=a.impl), new_kv
     o_own, lse_own = attn.attention_with_lse(q, k, v, pattern=own, scale=scale, impl=a.impl)
+    mode = kv_cache.latent_impl(a.impl)
+    if self.layer_type == "full" and mode is not None:   # kernels: the expanded form, ~3.4x fewer FLOPs
+      o_past, lse_past = kv_cache.expanded_past_attention(
+          q, kv["ckv"], kv["krope"], lambda c, r: expand_kv(c.astype(ckv_BTC.dtype), r[:, :, None], kv_b, K, Dn),
+          step.start, scale, interpret=mode == "interpret")
+      return kv_cache.merge(o_own, lse_own, o_past, lse_past), new_kv
     past = kv if self.layer_type == "ssa" else {n: x[:, :step.start] for n, x in kv.items()}
     o_lat, lse_past = latent(past, key_pos(past))
     return kv_cache.merge(o_own, lse_own, to_heads(o_lat), lse_past), new_kv

@@ -70,3 +70,23 @@ def test_prefix_gpu_matches_dense(T, S, offset):
   o_ref, lse_ref = prefix.reference(q, k, v, offset=offset, scale=192 ** -0.5)
   np.testing.assert_allclose(np.float32(o), np.float32(o_ref), rtol=2e-2, atol=2e-2)
   np.testing.assert_allclose(lse, lse_ref, rtol=1e-3, atol=1e-3)
+
+
+def test_expanded_past_attention_over_several_blocks():
+  """A 16-token chunk after 300 cached tokens: three key blocks of 128 (the last one ragged), merged,
+  equal one dense attention over every expanded past key."""
+  from loza_jax.cache import expanded_past_attention
+  ks = jax.random.split(jax.random.PRNGKey(1), 5)
+  B, T, H, C, R, Dn, E, start = 2, 16, 2, 8, 16, 16, 16, 300
+  q = jax.random.normal(ks[0], (B, T, H, Dn + R))
+  ckv = jax.random.normal(ks[1], (B, 320, C))          # a cache with room past `start`: never read there
+  krope = jax.random.normal(ks[2], (B, 320, R))
+  w_k, w_v = jax.random.normal(ks[3], (C, H, Dn)), jax.random.normal(ks[4], (C, H, E))
+  expand = lambda c, r: (jnp.concatenate([jnp.einsum("bsc,chd->bshd", c, w_k),
+                                          jnp.broadcast_to(r[:, :, None], r.shape[:2] + (H, R))], -1),
+                         jnp.einsum("bsc,che->bshe", c, w_v))
+  o, lse = expanded_past_attention(q, ckv, krope, expand, start, 0.2, interpret=True)
+  k, v = expand(ckv[:, :start], krope[:, :start])
+  o_ref, lse_ref = prefix.reference(q, k, v, offset=start, scale=0.2)
+  np.testing.assert_allclose(o, o_ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(lse, lse_ref, rtol=1e-5, atol=1e-5)
