@@ -244,6 +244,7 @@ class DataConfig:
   passkey_digits: tuple[int, ...] = (7, 7)  # [min, max] digits of training passkeys (uniform, the top capped to
                                     # fit the task length); evaluation always asks for 7
   shuffle: bool = True
+  prefetch_batches: int = 2         # whole batches packed ahead by a background thread; 0 = packed on demand
   heldout_fraction: float = 0.02    # share of whole documents (by a stable hash of their id) held out of
                                     # training for evaluation, whatever the seq_len; 0 = none
   seed: int = 0
@@ -256,6 +257,8 @@ class DataConfig:
       raise ValueError(f"data.seq_len must be >= 2, got {self.seq_len}")
     if not 0.0 <= self.heldout_fraction < 1.0:
       raise ValueError(f"data.heldout_fraction must be in [0, 1) (0 = no held-out split), got {self.heldout_fraction}")
+    if self.prefetch_batches < 0:
+      raise ValueError(f"data.prefetch_batches must be >= 0, got {self.prefetch_batches}")
     if self.chunk_bytes < 0:
       raise ValueError(f"data.chunk_bytes must be >= 0, got {self.chunk_bytes}")
     if not 0.0 <= self.retrieval_fraction <= 1.0:

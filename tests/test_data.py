@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
+from loza_jax.config import replace
 from train import data
 from tests.trainer_utils import tiny_cfg, write_jsonl
 
@@ -67,15 +68,18 @@ def test_target_weights_never_cross_documents():
   np.testing.assert_array_equal(w, [[1, 1, 0, 0, 0, 0, 0]])
 
 
-def test_deterministic_and_resumable(tmp_path, rng):
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_deterministic_and_resumable(tmp_path, rng, prefetch):
+  """The same batches with or without the prefetch thread; a state taken mid-stream resumes exactly."""
   cfg, _ = _files_cfg(tmp_path, rng, ["data.seq_len=256", "data.retrieval_fraction=0.3",
-                                      "data.retrieval_tasks=[passkey, vartrack]"])
+                                      "data.retrieval_tasks=[passkey, vartrack]", f"data.prefetch_batches={prefetch}"])
   corpus = data.load_corpus(cfg.data)
   a = iter(data.build_dataset(cfg, 4, corpus=corpus))
   first = [next(a) for _ in range(3)]
   state = a.get_state()
   rest = [next(a) for _ in range(3)]
-  b = iter(data.build_dataset(cfg, 4, corpus=corpus))
+  other_prefetch = replace(cfg, **{"data.prefetch_batches": 2 - prefetch % 2})   # 2 against 0, 1 against 3
+  b = iter(data.build_dataset(other_prefetch, 4, corpus=corpus))
   for x, y in zip(first, [next(b) for _ in range(3)]):
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])

@@ -649,7 +649,10 @@ def build_dataset(cfg: Config, rows: int, *, seed: int | None = None, process_in
   it = grain_exp.FirstFitPackIterDataset(
       it, length_struct=lengths, num_packing_bins=max(rows, 16), seed=seed, shuffle_bins=d.shuffle,
       pack_alignment_struct={"tokens": block, "loss_mask": block})
-  return it.map(_rename).batch(rows, drop_remainder=True)
+  it = it.map(_rename).batch(rows, drop_remainder=True)
+  if d.prefetch_batches:   # packing and batching run in the consumer's thread otherwise: the trainer would wait
+    it = grain_exp.ThreadPrefetchIterDataset(it, prefetch_buffer_size=d.prefetch_batches)
+  return it
 
 
 def full_length_rows(corpus: Corpus, tokenizer: Tokenizer, docs: Sequence[int], length: int, n_rows: int,

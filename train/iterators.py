@@ -1,6 +1,8 @@
 """The one way the stages get batches: an iterator over this process's rows of the global batches."""
 from __future__ import annotations
 
+import atexit
+import weakref
 from typing import Iterator
 
 import jax
@@ -27,5 +29,16 @@ def train_iterator(cfg: Config, *, rows: int | None = None, seed: int | None = N
   per_process=False (every process then sees the same rows, as evaluation's held-out rows do)."""
   rows = process_rows(cfg) if rows is None else rows
   shard = dict(process_index=jax.process_index(), process_count=jax.process_count()) if per_process else {}
-  return iter(data_lib.build_dataset(cfg, rows, seed=seed, split=split, corpus=corpus, tokenizer=tokenizer,
-                                     text_loss=text_loss, **shard))
+  it = iter(data_lib.build_dataset(cfg, rows, seed=seed, split=split, corpus=corpus, tokenizer=tokenizer,
+                                   text_loss=text_loss, **shard))
+  if hasattr(it, "close"):   # a prefetch thread (data.prefetch_batches): stop it before the interpreter tears down
+    atexit.register(_close, weakref.ref(it))
+  return it
+
+
+def _close(ref: weakref.ref) -> None:
+  it = ref()
+  if it is not None:
+    it.close()
+    # grain's __del__ closes again, during teardown, where the module globals it reads are gone: make that a no-op
+    it.close = lambda: None
