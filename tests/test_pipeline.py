@@ -27,7 +27,12 @@ def test_pipeline_smoke(tmp_path):
   # A 4-step model does not retrieve: --require-full-beyond stops right after its evaluation (exit 3) ...
   assert pipeline.main(argv + ["--require-full-beyond", "0.99"]) == 3
   assert {p.stem for p in (tmp_path / "done").glob("*.json")} == {"run", "pretrain", "evaluate-full"}
-  # ... and the same command without the bar continues the run from there.
+  # ... and the same command without the bar continues the run from there: each mid-trained model is evaluated
+  # right after its mid-training (a run cut short keeps its numbers), the rest after the last one.
+  assert pipeline.main(argv + ["--until", "midtrain"]) == 0
+  done = {p.stem for p in (tmp_path / "done").glob("*.json")}
+  assert {"evaluate-loza-sparse_midtrain", "evaluate-alternating_midtrain"} <= done
+  assert "evaluate-loza-sparse" not in done and not (tmp_path / "report.md").exists()
   assert pipeline.main(argv) == 0
   report = (tmp_path / "report.md").read_text()
   assert "![alpha](calibrate/alpha.png)" in report and (tmp_path / "calibrate" / "alpha.png").is_file()
