@@ -202,12 +202,27 @@ def bench_prefill(cfgs, params, T: int, reps: int, chunk: int | None = None) -> 
       raise MemoryError(f"{name} prefill at {T} in chunks of {chunk} needs {need / 2**30:.1f} GiB, the device has "
                         f"{limit / 2**30:.1f} GiB")
 
+    chunk_s: list[float] = []
+    mark = [0.0]
+
+    def tick(start, last, cache):
+      """Wait for each chunk and print its time as it ends: a run stopped part-way still tells how far it got,
+      and the times show how a chunk's cost grows with the past it attends to."""
+      jax.block_until_ready((last, cache))
+      now = time.perf_counter()
+      chunk_s.append(now - mark[0])
+      mark[0] = now
+      print(f"  {name} prefill {T}: chunk at {start} took {chunk_s[-1]:.2f} s", flush=True)
+
     def run():
       cache = kc.init_cache(cfg, 1, T, jnp.bfloat16)
-      last, cache = gen.prefill(params, cfg, cache, tokens, np.array([T]), chunk=chunk)
+      chunk_s.clear()
+      mark[0] = time.perf_counter()
+      last, cache = gen.prefill(params, cfg, cache, tokens, np.array([T]), chunk=chunk, on_chunk=tick)
       jax.block_until_ready((last, cache))
     s = timed(run, reps)
-    out[name] = {"s": s, "tok_per_s": T / s, "tflops": prefill_flops(cfg, T) / s / 1e12, "need_bytes": need}
+    out[name] = {"s": s, "tok_per_s": T / s, "tflops": prefill_flops(cfg, T) / s / 1e12, "need_bytes": need,
+                 "chunk_s": [round(x, 4) for x in chunk_s]}   # the last timed run's chunks
   if {"full", "loza"} <= set(out):
     out["ratio"] = out["full"]["s"] / out["loza"]["s"]
     out["ideal"] = prefill_flops(cfgs["full"], T) / prefill_flops(cfgs["loza"], T)

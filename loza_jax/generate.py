@@ -77,11 +77,14 @@ def _prefill_fn(cfg: Config, start: int):
   return jax.jit(run, donate_argnums=(1, 4))
 
 
-def prefill(params, cfg: Config, cache: Cache, tokens_BT, prompt_lengths_B, chunk: int = 4096):
+def prefill(params, cfg: Config, cache: Cache, tokens_BT, prompt_lengths_B, chunk: int = 4096,
+            on_chunk: Callable[[int, jax.Array, Cache], None] | None = None):
   """Fill an empty cache with right-padded prompts; returns (logits of each row's last prompt token, cache).
 
   Chunks of `chunk` tokens (a multiple of attention.block_size) bound the activation memory; a chunk
   attends to its own keys through the attention kernels and to earlier chunks through the cache.
+  `on_chunk(start, last, cache)`, if given, runs after each chunk is dispatched (progress; it may wait on
+  the arrays to time the chunk).
   """
   tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
   B, T = tokens_BT.shape
@@ -90,6 +93,8 @@ def prefill(params, cfg: Config, cache: Cache, tokens_BT, prompt_lengths_B, chun
   for start in range(0, T, chunk):
     check_prefill_start(cfg, start)
     last, cache = _prefill_fn(cfg, start)(params, cache, tokens_BT[:, start:start + chunk], lengths, last)
+    if on_chunk is not None:
+      on_chunk(start, last, cache)
   return last, cache
 
 

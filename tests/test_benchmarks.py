@@ -63,3 +63,4 @@ def test_e2e_prefill_in_chunks(tmp_path, monkeypatch):
   assert not res["failed"] and row["chunk"] == 64 and row["full"]["s"] > 0 and row["loza"]["s"] > 0
   assert "| 128 | 64 |" in next(tmp_path.glob("*-e2e.md")).read_text()
   assert set(starts) == {0, 64}   # the memory check and the timed runs both go chunk by chunk
+  assert len(row["loza"]["chunk_s"]) == 2 and sum(row["loza"]["chunk_s"]) <= row["loza"]["s"] * 1.5
