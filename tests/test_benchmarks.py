@@ -64,3 +64,18 @@ def test_e2e_prefill_in_chunks(tmp_path, monkeypatch):
   assert "| 128 | 64 |" in next(tmp_path.glob("*-e2e.md")).read_text()
   assert set(starts) == {0, 64}   # the memory check and the timed runs both go chunk by chunk
   assert len(row["loza"]["chunk_s"]) == 2 and sum(row["loza"]["chunk_s"]) <= row["loza"]["s"] * 1.5
+
+
+def test_compile_time_reports_a_step(capsys):
+  from benchmarks import compile_time
+  compile_time.main(["--config", "configs/demo_cpu.yaml", "--set", "attention.impl=xla"])
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert out["compile_s"] > 0 and out["trace_lower_s"] > 0 and out["seq_len"] == 128 and len(out["layer_types"]) == 4
+
+
+def test_data_prefetch_table(capsys):
+  from benchmarks import data_prefetch
+  data_prefetch.main(["--config", "configs/demo_cpu.yaml", "--set", "train.batch_size=4", "--batches", "5",
+                      "--step-ms", "1"])
+  rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| 0 ") or r.startswith("| 2 ")]
+  assert len(rows) == 2 and all(r.rstrip().endswith("% |") for r in rows)
