@@ -22,37 +22,21 @@ import sys
 import zlib
 from pathlib import Path
 
-import jax
 import ml_dtypes
 import numpy as np
 import yaml
 
 from loza_jax.config import Config, from_dict, to_dict
 from loza_jax.model_dir import load_model, save_model
+from train.partition import flat, unflat
 
 MANIFEST = "manifest.json"
-
-
-def _flat(params) -> list[tuple[str, np.ndarray]]:
-  leaves, _ = jax.tree_util.tree_flatten_with_path(params)
-  return [("/".join(str(getattr(k, "key", k)) for k in path), np.asarray(x)) for path, x in leaves]
-
-
-def _nest(items: list[tuple[str, np.ndarray]]) -> dict:
-  out: dict = {}
-  for name, x in items:
-    node = out
-    *parents, leaf = name.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = x
-  return out
 
 
 def pack(model_dir: str | Path, pack_dir: str | Path, part_mib: float = 15.0) -> dict:
   """Write PACK_DIR/manifest.json and params.NNN parts (each ≤ part_mib MiB); returns the manifest."""
   params, cfg = load_model(model_dir)
-  items = _flat(params)
+  items = [(name, np.asarray(x)) for name, x in flat(params).items()]
   bits = np.concatenate([x.astype(ml_dtypes.bfloat16).reshape(-1).view(np.uint16) for _, x in items])
   raw = (bits >> 8).astype(np.uint8).tobytes() + (bits & 0xFF).astype(np.uint8).tobytes()
   blob = zlib.compress(raw, 6)
@@ -97,7 +81,7 @@ def unpack(pack_dir: str | Path, model_dir: str | Path) -> Path:
     items.append((p["name"], x))
     at += size
   cfg = from_dict(Config, yaml.safe_load(yaml.safe_dump(manifest["config"])))
-  return save_model(model_dir, _nest(items), cfg)
+  return save_model(model_dir, unflat(dict(items)), cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
