@@ -33,6 +33,10 @@ def test_pipeline_smoke(tmp_path):
   done = {p.stem for p in (tmp_path / "done").glob("*.json")}
   assert {"evaluate-loza-sparse_midtrain", "evaluate-alternating_midtrain"} <= done
   assert "evaluate-loza-sparse" not in done and not (tmp_path / "report.md").exists()
+  # ... and the comparison of the full and mid-trained models is written then, before the other evaluations
+  head = (tmp_path / "headline.md").read_text()
+  assert "| random-sparse+midtrain (2 seeds) |" in head and "| loza-sparse+midtrain |" in head
+  assert "| loza-sparse |" not in head and head.count("\n- ") == 4 and "(target ≥ 0.85)" in head
   assert pipeline.main(argv) == 0
   report = (tmp_path / "report.md").read_text()
   assert "![alpha](calibrate/alpha.png)" in report and (tmp_path / "calibrate" / "alpha.png").is_file()

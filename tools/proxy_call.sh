@@ -3,8 +3,9 @@
 #   bash tools/proxy_call.sh [train.pipeline arguments, e.g. --until pretrain --require-full-beyond 0.5]
 # Installs the carried wheels (.whl), runs train.pipeline on configs/proxy_h200.yaml under `timeout $LIMIT`
 # (default 570 s), appends its output to runs/proxy_h200.log and brings back, under $OUT (at most 8 files):
-# the filtered log, and report.md, pipeline.json, calibration.md, alpha.png, eval.md and the evaluation plots
-# (one tar) where they exist, else the full model's evaluation table.
+# the filtered log, and report.md, pipeline.json, headline.md, calibration.md, alpha.png, eval.md and the
+# evaluation plots (one tar) where they exist; before report.md exists, each model evaluated so far (eval/<name>/:
+# tables, cases, plots) as evals.tar instead of the plots.
 # Env: PACK=1 packs the pretrained model into $OUT/pack (tools/pack_params.py) once it exists, before and after
 # the pipeline, and then brings back only the log beside it; INIT=1 unpacks the carried .pack/ into
 # runs/proxy_init (first call) and starts the pipeline from it (--init), skipping pretraining.
@@ -33,11 +34,15 @@ echo "=== rc $rc $(date -u +%FT%TZ)" >> $LOG
 pack
 grep -Ev "$NOISE" $LOG | tr '\r' '\n' | grep -v '^LoZA pipeline' > "$OUT/proxy_h200.log" && rm -f "$OUT/raw.log"
 if [ ! -f "$OUT/pack/manifest.json" ]; then
-  for f in $RUN/report.md $RUN/pipeline.json $RUN/calibrate/calibration.md $RUN/calibrate/alpha.png $RUN/eval/eval.md; do
+  for f in $RUN/report.md $RUN/pipeline.json $RUN/headline.md $RUN/calibrate/calibration.md $RUN/calibrate/alpha.png \
+           $RUN/eval/eval.md; do
     [ -f "$f" ] && cp "$f" "$OUT/"
   done
-  ls $RUN/eval/*.png >/dev/null 2>&1 && tar -cf "$OUT/eval-plots.tar" -C $RUN/eval $(cd $RUN/eval && ls *.png)
-  [ -f $RUN/report.md ] || { [ -f $RUN/eval/full/eval.md ] && cp $RUN/eval/full/eval.md "$OUT/full-eval.md"; }
+  if [ -f $RUN/report.md ]; then
+    ls $RUN/eval/*.png >/dev/null 2>&1 && tar -cf "$OUT/eval-plots.tar" -C $RUN/eval $(cd $RUN/eval && ls *.png)
+  elif ls $RUN/eval/*/eval.json >/dev/null 2>&1; then   # each model evaluated so far: its tables, cases and plots
+    tar -cf "$OUT/evals.tar" -C $RUN $(cd $RUN && ls eval/*/eval.md eval/*/eval.json eval/*/*.png 2>/dev/null)
+  fi
 fi
 echo "done: $(ls $RUN/done 2>/dev/null | sed 's/\.json//' | tr '\n' ' ')"
 tail -25 "$OUT/proxy_h200.log"

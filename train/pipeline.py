@@ -350,6 +350,17 @@ def target_checks(info: dict, seq_len: int, full_beyond_min: float = 0.95) -> li
   return out
 
 
+def headline_report(cfg: Config, results: dict[str, dict]) -> str:
+  """headline.md: the comparison table and the targets from the full and the mid-trained models alone. The pipeline
+  writes it as soon as mid-training ends, so a run whose device time ends before the remaining evaluations
+  (the sparse models before mid-training, YaRN) still has its result."""
+  info, seq_len = {"evaluation": {"results": results}}, cfg.data.seq_len
+  lines = [f"# LoZA headline: the full model and the mid-trained sparse models at {seq_len}", "",
+           headline_markdown(info, seq_len), "## Targets (docs/experiment.md)", ""]
+  lines += [f"- {c}" for c in target_checks(info, seq_len, cfg.pipeline.target_full_beyond)]
+  return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------------------
 # Throughput and perplexity by position.
 
@@ -700,14 +711,17 @@ def run_pipeline(cfg: Config, config_path: str, init: str | None = None, until: 
 
   bar.set_postfix_str("midtrain")
   info["midtrain"] = {}
+  compared = {"full": full}
   for name, model_dir in sparse.items():   # the same stages, steps, batch, learning rates and data order
     out = midtrain_dir(run_dir, name)
     info["midtrain"][name] = memo(f"midtrain-{name}", lambda out=out, model_dir=model_dir: {
         "model_dir": str(midtrain(replace(cfg, **{"train.run_dir": str(out)}), model_dir, print_fn=say)),
         "stages": json.loads((out / "stages.json").read_text()), "run_dir": str(out)})
     # evaluated at once, so a run cut short by its device budget keeps numbers for every model it finished
-    evaluate_model(cfg, eval_name(name), info["midtrain"][name]["model_dir"], run_dir, memo)
+    compared[eval_name(name)], _ = evaluate_model(cfg, eval_name(name), info["midtrain"][name]["model_dir"], run_dir,
+                                                  memo)
   info["stages"] = info["midtrain"]["loza"]["stages"]
+  (run_dir / "headline.md").write_text(headline_report(cfg, compared))
   if finish("midtrain", sum(m["wall_s"] for m in info["midtrain"].values())):
     return None
 
