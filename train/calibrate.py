@@ -211,12 +211,17 @@ def plot_alphas(summary: dict, path: Path) -> None:
   fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(a) + 2), 3.4))
   colors = ["tab:orange" if i in chosen else "tab:blue" for i in range(len(a))]
   ax.bar(range(len(a)), a, color=colors)
-  ax.set_ylim(0, 1.05)
+  # the value above each bar and the chosen sublayers' numbers in orange: an α of 0 draws no bar at all
+  for i, v in enumerate(a):
+    ax.text(i, v + 0.02, f"{v:.2f}", ha="center", va="bottom", fontsize=7, color=colors[i])
+  ax.set_ylim(0, 1.12)
   ax.set_xlabel("attention sublayer")
   ax.set_ylabel("α (1 = full, 0 = SSA)")
   ax.set_title(f"calibrated α per attention sublayer\norange: the {len(chosen)} of {len(a)} chosen as SSA "
                f"(ratio {summary['ratio']})", fontsize=10)
   ax.set_xticks(range(len(a)))
+  for i, label in enumerate(ax.get_xticklabels()):
+    label.set_color(colors[i])
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
