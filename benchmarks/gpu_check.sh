@@ -4,7 +4,9 @@
 #   STAGES: comma list of small (GPU sweep tests), large (real-size GPU tests), tune, mtune (Mosaic
 #   forward vs Triton and tokamax), btune (backward choices and kernels), ncu (profile of one SSA
 #   fwd+bwd, PROFILE_ARGS), kernels (duration of every kernel of one SSA fwd+bwd, PROFILE_ARGS),
-#   bench, bench-quick
+#   bench, bench-quick, serve (the GPU tests of generation and the prefix kernel), compile (seconds to compile
+#   the proxy's training step: default impl, attention.impl=xla, XLA autotuning off), prefill1m (LoZA chunked
+#   prefill of 1M tokens in 128K chunks, benchmarks.e2e)
 #   Env: *_S per-stage timeouts, LARGE_K pytest -k filter, BENCH_ARGS, TUNE_ARGS, PROFILE_ARGS,
 #   NCU_FILTER (kernel-name regex), NCU_LAUNCHES.
 set -o pipefail
@@ -31,6 +33,14 @@ for stage in ${STAGES//,/ }; do
            --csv python3 -m benchmarks.profile_ssa ${PROFILE_ARGS} > "$OUT/kernels.csv" 2>&1
              python3 -m benchmarks.kernel_times "$OUT/kernels.csv" | tee "$OUT/kernels.txt" ;;
     bench) timeout ${BENCH_S:-300} python3 -m benchmarks.attention --out "$OUT" ${BENCH_ARGS} 2>&1 | tee "$OUT/bench.log" | tail -${BENCH_TAIL:-40} ;;
+    serve) timeout ${SERVE_S:-300} python3 -m pytest -m gpu tests/test_generate.py tests/test_prefix_kernel.py -q -s -x \
+             -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests_serve.log" | grep -E "passed|failed|rror" ;;
+    compile) for v in "" "--set attention.impl=xla" "XLA_FLAGS=--xla_gpu_autotune_level=0"; do
+               case $v in XLA_FLAGS=*) env "$v" timeout 200 python3 -m benchmarks.compile_time ;;
+                          *) timeout 200 python3 -m benchmarks.compile_time $v ;; esac 2>&1 | tail -1 | tee -a "$OUT/compile_time.jsonl"
+             done ;;
+    prefill1m) timeout ${PREFILL_S:-420} python3 -m benchmarks.e2e --decode "" --prefill 1048576 --prefill-models loza \
+             --prefill-chunk 131072 --train "" --reps 1 --out "$OUT" 2>&1 | tee "$OUT/prefill1m.log" | tail -20 ;;
     bench-quick) timeout ${BENCH_S:-200} python3 -m benchmarks.attention --quick --out "$OUT" ${BENCH_ARGS} 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
   esac
 done
