@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import jax
@@ -31,7 +32,8 @@ def compile_seconds(cfg) -> dict:
   lowered.compile()
   t2 = time.perf_counter()
   return {"trace_lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2), "batch": B, "seq_len": T,
-          "impl": cfg.attention.impl, "layer_types": list(cfg.layer_types), "device": jax.devices()[0].device_kind}
+          "impl": cfg.attention.impl, "layer_types": list(cfg.layer_types), "device": jax.devices()[0].device_kind,
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def main(argv=None) -> None:

@@ -350,15 +350,19 @@ def target_checks(info: dict, seq_len: int, full_beyond_min: float = 0.95) -> li
   return out
 
 
+def comparison_lines(info: dict, cfg: Config, heading: str) -> list[str]:
+  """The comparison table, then the targets under a `heading`-level title: report.md's summary and headline.md."""
+  seq_len = cfg.data.seq_len
+  return [headline_markdown(info, seq_len), f"{heading} Targets (docs/experiment.md)", ""] + [
+      f"- {c}" for c in target_checks(info, seq_len, cfg.pipeline.target_full_beyond)]
+
+
 def headline_report(cfg: Config, results: dict[str, dict]) -> str:
   """headline.md: the comparison table and the targets from the full and the mid-trained models alone. The pipeline
   writes it as soon as mid-training ends, so a run whose device time ends before the remaining evaluations
   (the sparse models before mid-training, YaRN) still has its result."""
-  info, seq_len = {"evaluation": {"results": results}}, cfg.data.seq_len
-  lines = [f"# LoZA headline: the full model and the mid-trained sparse models at {seq_len}", "",
-           headline_markdown(info, seq_len), "## Targets (docs/experiment.md)", ""]
-  lines += [f"- {c}" for c in target_checks(info, seq_len, cfg.pipeline.target_full_beyond)]
-  return "\n".join(lines) + "\n"
+  title = f"# LoZA headline: the full model and the mid-trained sparse models at {cfg.data.seq_len}"
+  return "\n".join([title, ""] + comparison_lines({"evaluation": {"results": results}}, cfg, "##")) + "\n"
 
 
 # ----------------------------------------------------------------------------------------
@@ -446,9 +450,7 @@ def report(run_dir: Path, cfg: Config, info: dict) -> str:
             f"Sparse models are chosen by α at sparsities {', '.join(f'{r:.2f}' for r in alpha_ratios(cfg))}; the "
             f"random and alternating baselines at {cfg.sparsify.ratio:.2f}. Every sparse model is mid-trained "
             "through the same stages (steps, seq_len, batch, learning rate, data order); random selection: "
-            "mean ± std (min–max) over seeds.", "", headline_markdown(info, seq_len),
-            "### Targets (docs/experiment.md)", ""]
-  lines += [f"- {c}" for c in target_checks(info, seq_len, cfg.pipeline.target_full_beyond)] + [""]
+            "mean ± std (min–max) over seeds.", ""] + comparison_lines(info, cfg, "###") + [""]
   if "pretrain" in info and "stages" in info["pretrain"]:
     p = info["pretrain"]
     lines += ["## 1. Pretrain", "",
