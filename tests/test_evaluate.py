@@ -6,8 +6,8 @@ import pytest
 
 from loza_jax.config import load_config
 from train import data as data_lib
-from train.evaluate import (Answer, accuracy_table, evaluate_logits_fn, greedy_answer, markdown, perplexity,
-                            retrieval_cases, score_cases)
+from train.evaluate import (Answer, accuracy_table, evaluate_logits_fn, greedy_answer, length_label, line_style, markdown,
+                            perplexity, retrieval_cases, score_cases)
 
 CFG = ["evaluate.tasks=[passkey, multikey, multivalue, vartrack]", "evaluate.lengths=[256, 400]", "evaluate.depths=[0.0, 0.5, 1.0]", "evaluate.samples=2",
        "evaluate.ppl_rows=2", "evaluate.ppl_buckets=4", "evaluate.ppl_lengths=[]", "attention.block_size=16"]
@@ -197,3 +197,10 @@ def test_generated_answers_past_the_positions_are_refused_up_front(tmp_path):
   check_positions(load_config("configs/demo_cpu.yaml", over + ["evaluate.answers=teacher_forced"]))
   check_positions(load_config("configs/demo_cpu.yaml", over + [
       "model.rope_scaling={factor: 2.0, original_max_position_embeddings: 256}"]))
+
+
+def test_plot_labels_and_styles_stay_apart():
+  """Heatmap ticks shorten only exact multiples of 1024; eleven models get eleven distinct line styles."""
+  assert [length_label(n) for n in (128, 1000, 4096, 32768)] == ["128", "1000", "4K", "32K"]
+  styles = {tuple(sorted(line_style(i).items())) for i in range(11)}
+  assert len(styles) == 11

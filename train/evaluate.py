@@ -302,6 +302,17 @@ def evaluate_logits_fn(logits_fn: LogitsFn, cfg: Config, *, corpus=None, tokeniz
   return {"perplexity": ppl, "retrieval": accuracy_table(scored, e.tasks, e.lengths, e.depths), "cases": scored}
 
 
+def length_label(n: int) -> str:
+  """A token count as a short tick label: 8192 -> '8K', 1000 -> '1000' (only exact multiples of 1024 shorten)."""
+  return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def line_style(i: int) -> dict:
+  """Matplotlib colour and dash for the i-th line: the 10 default colours, then again dashed, then dotted, so
+  more than 10 models on one plot stay apart."""
+  return {"color": f"C{i % 10}", "linestyle": ("-", "--", ":")[(i // 10) % 3]}
+
+
 def plot_results(results: dict[str, dict], cfg: Config, out_dir: Path) -> list[str]:
   """One accuracy heatmap (length x requested depth, all tasks averaged, each cell labelled with the mean
   actual token depth of its needles) per model + perplexity by position."""
@@ -316,7 +327,7 @@ def plot_results(results: dict[str, dict], cfg: Config, out_dir: Path) -> list[s
     grid = np.array([[np.mean([cells.get(f"{k}|{n}|{float(d)}", np.nan) for k in e.tasks]) for n in e.lengths]
                      for d in e.depths])
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
-    ax.set_xticks(range(len(e.lengths)), [str(n) for n in e.lengths])
+    ax.set_xticks(range(len(e.lengths)), [length_label(n) for n in e.lengths])
     actual = results[name]["retrieval"].get("depth_actual", {})
     ax.set_yticks(range(len(e.depths)), [f"{d:.2f}" for d in e.depths])
     ax.set_xlabel("context length (tokens)")
@@ -333,10 +344,11 @@ def plot_results(results: dict[str, dict], cfg: Config, out_dir: Path) -> list[s
   fig.savefig(heat, dpi=120, bbox_inches="tight")
   plt.close(fig)
   fig, ax = plt.subplots(figsize=(5, 3.2))
-  for name in names:
+  for i, name in enumerate(names):
     b = results[name]["perplexity"]["buckets"]
     if b and any(x["ppl"] for x in b):
-      ax.plot([(x["from"] + x["to"]) / 2 for x in b], [x["ppl"] for x in b], marker="o", label=name)
+      ax.plot([(x["from"] + x["to"]) / 2 for x in b], [x["ppl"] for x in b], marker="o", label=name,
+              **line_style(i))
   ax.set_xlabel("position in document (tokens)")
   ax.set_ylabel("perplexity")
   ax.legend(fontsize=7)

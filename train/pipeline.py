@@ -42,7 +42,7 @@ from loza_jax.sparsity import select_layers
 from train import cli
 from train import pretrain as pretrain_lib
 from train.calibrate import calibrate, markdown as calibration_markdown
-from train.evaluate import check_positions, evaluate, markdown as eval_markdown, plot_results
+from train.evaluate import check_positions, evaluate, length_label, line_style, markdown as eval_markdown, plot_results
 from train.metrics import logged_steps
 from train.midtrain import midtrain
 from train.sparsify import sparsify
@@ -420,13 +420,14 @@ def plot_ppl_by_position(results: dict[str, dict], path: Path, window: int | Non
   lengths = list(next(iter(results.values()))["perplexity"]["by_length"])
   fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.4), squeeze=False)
   for ax, n in zip(axes[0], lengths):
-    for name, r in results.items():
+    for i, (name, r) in enumerate(results.items()):
       b = [x for x in r["perplexity"]["by_length"][n]["buckets"] if x["ppl"] is not None]
       if b:
-        ax.plot([(x["from"] + x["to"]) / 2 for x in b], [x["ppl"] for x in b], marker="o", label=name)
+        ax.plot([(x["from"] + x["to"]) / 2 for x in b], [x["ppl"] for x in b], marker="o", label=name,
+                **line_style(i))
     if window is not None and window < int(n):
       ax.axvline(window, color="gray", linestyle=":", linewidth=1)
-    ax.set_title(f"held-out documents of {n} tokens", fontsize=9)
+    ax.set_title(f"held-out documents of {length_label(int(n))} tokens", fontsize=9)
     ax.set_xlabel("position (tokens)")
   axes[0][0].set_ylabel("perplexity")
   axes[0][-1].legend(fontsize=6)
