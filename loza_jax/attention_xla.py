@@ -29,10 +29,13 @@ def masked_softmax(s, mask):
   """Softmax over the last (key) axis where `mask` (broadcasting), fp32: (p, lse). A row with no
   visible key gets p = 0 and lse = -inf, so its output is 0 and its gradients are finite."""
   s = jnp.where(mask, s, _MASK_VALUE)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  p = jnp.where(mask, jnp.exp(s - m), 0.0)
-  l_safe, lse = finish_softmax(m, jnp.sum(p, axis=-1, keepdims=True))
-  return p / l_safe, lse[..., 0]
+  # The row max only keeps exp in range; the result does not depend on it, so no gradient flows through it
+  # (differentiating the max costs a compare and select over every score).
+  m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+  e = jnp.exp(s - m)                  # exactly 0 at hidden keys of a row with a visible one; 1 in an empty row
+  row_ok = m > _MASK_VALUE / 2        # the row has a visible key; empty rows are zeroed per row, not per score
+  l_safe, lse = finish_softmax(m, jnp.where(row_ok, jnp.sum(e, axis=-1, keepdims=True), 0.0))
+  return e * (row_ok / l_safe), lse[..., 0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -42,14 +45,18 @@ def masked_softmax(s, mask):
 def xla_dense(q, k, v, *, pattern, segment_ids, positions, scale):
   """Reference attention with a materialised mask; any segmentation and positions."""
   B, T, H, D = q.shape
-  K = k.shape[2]
-  qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
-  s = jnp.einsum("btkgd,bskd->bkgts", _group(qf, K), kf) * scale
+  G = H // k.shape[2]
+  # [B, H, T, D] operands (each key head repeated for its G query heads): 4-d contractions with heads
+  # before tokens, which the CPU's matmul library takes whole and whose scores the softmax fusions read in
+  # order (on the CPU, ~20% less time for a whole training step of the demo than [B, T, K, G, D] operands).
+  q_BHTD, k_BHSD, v_BHSE = (jnp.swapaxes(jnp.repeat(x.astype(jnp.float32), r, axis=2), 1, 2)
+                            for x, r in ((q, 1), (k, G), (v, G)))
+  s = jnp.einsum("bhtd,bhsd->bhts", q_BHTD, k_BHSD) * scale
   mask = visible(pattern, segment_ids[:, :, None], positions[:, :, None],
                  segment_ids[:, None, :], positions[:, None, :])
-  p, lse = masked_softmax(s, mask[:, None, None])
-  o = jnp.einsum("bkgts,bske->btkge", p, vf)
-  return o.reshape(B, T, H, -1).astype(q.dtype), lse.reshape(B, H, T)
+  p, lse = masked_softmax(s, mask[:, None])
+  o = jnp.swapaxes(jnp.einsum("bhts,bhse->bhte", p, v_BHSE), 1, 2)
+  return o.astype(q.dtype), lse
 
 
 # ----------------------------------------------------------------------------------------
