@@ -47,8 +47,8 @@ def xla_dense(q, k, v, *, pattern, segment_ids, positions, scale):
   B, T, H, D = q.shape
   G = H // k.shape[2]
   # [B, H, T, D] operands (each key head repeated for its G query heads): 4-d contractions with heads
-  # before tokens, which the CPU's matmul library takes whole and whose scores the softmax fusions read in
-  # order (on the CPU, ~20% less time for a whole training step of the demo than [B, T, K, G, D] operands).
+  # before tokens, whose scores the softmax fusions read in order (the demo's whole CPU training step takes
+  # ~12% less time than with [B, T, K, G, D] operands: benchmarks/results/2026-12-07-cpu-demo-speed.md).
   q_BHTD, k_BHSD, v_BHSE = (jnp.swapaxes(jnp.repeat(x.astype(jnp.float32), r, axis=2), 1, 2)
                             for x, r in ((q, 1), (k, G), (v, G)))
   s = jnp.einsum("bhtd,bhsd->bhts", q_BHTD, k_BHSD) * scale

@@ -73,6 +73,14 @@ def test_compile_time_reports_a_step(capsys):
   assert out["compile_s"] > 0 and out["trace_lower_s"] > 0 and out["seq_len"] == 128 and len(out["layer_types"]) == 4
 
 
+def test_cpu_step_times_the_configs_step(capsys):
+  from benchmarks import cpu_step
+  cpu_step.main(["--config", "configs/demo_cpu.yaml", "--set", "train.batch_size=2", "--set", "data.seq_len=64",
+                 "--set", "data.retrieval_lengths=[64]", "--blocks", "2", "--steps", "1"])
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert out["batch"] == 2 and out["seq_len"] == 64 and 0 < out["min_ms"] <= out["median_ms"]
+
+
 def test_data_prefetch_table(capsys):
   from benchmarks import data_prefetch
   data_prefetch.main(["--config", "configs/demo_cpu.yaml", "--set", "train.batch_size=4", "--batches", "5",
