@@ -13,11 +13,6 @@ import jax.numpy as jnp
 from loza_jax.attention import _MASK_VALUE, NEG_INF, SSA, visible
 
 
-def _group(q_BTHD, K):
-  B, T, H, D = q_BTHD.shape
-  return q_BTHD.reshape(B, T, K, H // K, D)
-
-
 def finish_softmax(m, l):
   """(l with empty rows set to 1, lse) from a row max m and a row sum l; empty rows get lse = -inf."""
   ok = l > 0
