@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels_pallas import tiling
-from kernels_pallas.tile_io import LN2, LOG2E, MASK, NEG_INF, Tiles, dot, load_parts, store, store_parts
+from kernels_pallas.tile_io import LN2, LOG2E, MASK, NEG_INF, Tiles, attend_tile, load_parts, store, store_parts
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
@@ -84,23 +84,15 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: PrefixConfig):
   n_all = (k_end + cols - 1) // cols
 
   def visit(c, carry, masked):
-    acc, m, l = carry
     k0 = c * cols
     keys_ok = (k0 + jnp.arange(cols) < cfg.k_len) if masked and cfg.k_len % cols else None
     k = load_parts(k_ref, k0, cols, cfg.d_parts, keys_ok)
-    s = sum(dot(qp, kp, trans_b=True, precision=cfg.precision) for qp, kp in zip(q, k)) * qk_scale
+    mask = None
     if masked:
       kpos = k0 + jnp.arange(cols)
-      ok = (kpos[None, :] <= g0 + jnp.arange(rows)[:, None]) & (kpos[None, :] < cfg.k_len)
-      s = jnp.where(ok, s, MASK)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    l = l * alpha + jnp.sum(p, axis=1)
-    v = load_parts(v_ref, k0, cols, cfg.e_parts, keys_ok)
-    p = p.astype(v[0].dtype)
-    acc = [a * alpha[:, None] + dot(p, vp, precision=cfg.precision) for a, vp in zip(acc, v)]
-    return acc, m_new, l
+      mask = (kpos[None, :] <= g0 + jnp.arange(rows)[:, None]) & (kpos[None, :] < cfg.k_len)
+    return attend_tile(q, k, lambda: load_parts(v_ref, k0, cols, cfg.e_parts, keys_ok), carry, qk_scale,
+                       cfg.precision, mask)
 
   carry = ([jnp.zeros((rows, size), jnp.float32) for _, size in cfg.e_parts],
            jnp.full((rows,), MASK, jnp.float32), jnp.zeros((rows,), jnp.float32))

@@ -19,8 +19,8 @@ from kernels_pallas.tile_io import (
   MASK,
   NEG_INF,
   KernelConfig,
+  attend_tile,
   causal_mask,
-  dot,
   load,
   load_parts,
   row_mask,
@@ -66,21 +66,11 @@ def _fwd_kernel(start_ref, seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg:
   n, tile_of, diag = key_tile_loops(cfg, r0, rows, cols, start_ref[r0 // cfg.tile])
 
   def visit(c, carry, masked):
-    acc, m, l = carry
     k0 = (c if masked else tile_of(c)) * cols
     keys_ok = row_mask(cfg, k0, cols) if masked else None    # only the diagonal block can be the tail
     k = load_parts(k_ref, k0, cols, cfg.d_parts, keys_ok)
-    s = sum(dot(qp, kp, trans_b=True, precision=cfg.precision) for qp, kp in zip(q, k)) * qk_scale
-    if masked:
-      s = jnp.where(causal_mask(r0, rows, k0, cols), s, MASK)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    l = l * alpha + jnp.sum(p, axis=1)
-    v = load_parts(v_ref, k0, cols, cfg.e_parts, keys_ok)
-    p = p.astype(v[0].dtype)
-    acc = [a * alpha[:, None] + dot(p, vp, precision=cfg.precision) for a, vp in zip(acc, v)]
-    return acc, m_new, l
+    return attend_tile(q, k, lambda: load_parts(v_ref, k0, cols, cfg.e_parts, keys_ok), carry, qk_scale,
+                       cfg.precision, causal_mask(r0, rows, k0, cols) if masked else None)
 
   carry = ([jnp.zeros((rows, size), jnp.float32) for _, size in cfg.e_parts],
            jnp.full((rows,), MASK, jnp.float32), jnp.zeros((rows,), jnp.float32))

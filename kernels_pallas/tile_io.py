@@ -116,3 +116,21 @@ def causal_mask(q0, nq: int, k0, nk: int, transposed: bool = False):
   if transposed:
     return k[:, None] <= q[None, :]
   return k[None, :] <= q[:, None]
+
+
+def attend_tile(q, k, load_v, carry, qk_scale: float, precision=None, mask=None):
+  """One key tile of a forward's online softmax (base 2): scores of the query parts `q` against the key
+  parts `k` (masked where `mask` is False), the running max and sum, and acc += P·V, with V loaded by
+  `load_v()` after the scores. carry = (acc parts, m, l)."""
+  acc, m, l = carry
+  s = sum(dot(qp, kp, trans_b=True, precision=precision) for qp, kp in zip(q, k)) * qk_scale
+  if mask is not None:
+    s = jnp.where(mask, s, MASK)
+  m_new = jnp.maximum(m, jnp.max(s, axis=1))
+  alpha = jnp.exp2(m - m_new)
+  p = jnp.exp2(s - m_new[:, None])
+  l = l * alpha + jnp.sum(p, axis=1)
+  v = load_v()
+  p = p.astype(v[0].dtype)
+  acc = [a * alpha[:, None] + dot(p, vp, precision=precision) for a, vp in zip(acc, v)]
+  return acc, m_new, l
