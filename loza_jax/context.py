@@ -36,6 +36,7 @@ from loza_jax import attention as attn
 AXIS = "context"
 BATCH_AXES = ("data", "fsdp")
 _LAYOUT = contextvars.ContextVar("loza_context_layout", default="contiguous")
+_FORCE = contextvars.ContextVar("loza_context_force", default=False)
 
 
 # ----------------------------------------------------------------------------------------
@@ -91,6 +92,22 @@ def context_size() -> int:
   if mesh is None or mesh.empty or AXIS not in mesh.axis_names:
     return 1
   return mesh.shape[AXIS]
+
+
+@contextlib.contextmanager
+def force_shard_map():
+  """Inside this block the model takes the `shard_map` path even when `context` has size 1 (the mesh must
+  still name the axis): to measure that path's cost against the plain one, and to test it."""
+  token = _FORCE.set(True)
+  try:
+    yield
+  finally:
+    _FORCE.reset(token)
+
+
+def active() -> bool:
+  """Whether attention goes through the context-parallel (`shard_map`) path."""
+  return context_size() > 1 or _FORCE.get()
 
 
 def check_split(T: int, layout: Layout, block_size: int | None = None, sink_tokens: int = 0) -> int:

@@ -57,7 +57,7 @@ class MLA(nn.Module):
                                 kv, step)
       return o_proj(o_BTHE.astype(dt).reshape(B, T, H * E)), kv
 
-    if context.context_size() > 1 and not self.is_initializing():
+    if context.active() and not self.is_initializing():
       run = self._context_parallel(q_BTHD[..., :Dn], q_rope_BTHR, ckv_BTC, k_rope_BT1R, kv_b, segment_ids_BT, scale)
     else:
       q_BTHD, k_BTKD, v_BTKE = expand_qkv(q_BTHD[..., :Dn], q_rope_BTHR, ckv_BTC, k_rope_BT1R, kv_b, K)

@@ -102,11 +102,10 @@ class Transformer(nn.Module):
 
 
 def _zigzag_layout(T: int) -> context.Layout | None:
-  """The zig-zag layout when the active mesh splits the sequence over `context` (size > 1), else None."""
-  C = context.context_size()
-  if C == 1:
+  """The zig-zag layout when the sequence goes through the context-parallel path, else None."""
+  if not context.active():
     return None
-  layout = context.Layout(C, "zigzag")
+  layout = context.Layout(context.context_size(), "zigzag")
   context.check_split(T, layout)
   return layout
 
