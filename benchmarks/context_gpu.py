@@ -44,6 +44,8 @@ def batch(B: int, T: int, docs: int = 4, vocab: int = 256):
 
 
 def step_fn(cfg):
+  """(loss + gradient function, random params). Call it once per path: jit caches a trace per function, and the
+  path (`context.force_shard_map`) is chosen when the function is traced."""
   model = build_model(cfg)
 
   def loss(p, tokens, seg):
@@ -56,7 +58,7 @@ def step_fn(cfg):
 
 def mesh_scope(forced: bool):
   stack = contextlib.ExitStack()
-  stack.enter_context(jax.set_mesh(shd.make_mesh(MeshConfig(data=1, context=1))))
+  stack.enter_context(jax.set_mesh(shd.make_mesh(MeshConfig(data=1, fsdp=1, context=1), jax.devices()[:1])))
   stack.enter_context(nn.logical_axis_rules(shd.LOGICAL_AXIS_RULES))
   if forced:
     stack.enter_context(context.force_shard_map())
@@ -66,11 +68,11 @@ def mesh_scope(forced: bool):
 def cost(cfg, B: int, T: int, reps: int) -> dict:
   """Median step seconds, plain vs forced shard_map at context = 1, and the losses (identical up to rounding)."""
   tokens, seg = batch(B, T, vocab=cfg.model.vocab_size)
-  fn, params = step_fn(cfg)
   out = {}
   for name, forced in (("plain", False), ("shard_map", True)):
+    fn, params = step_fn(cfg)
     with mesh_scope(forced):
-      step = jax.jit(fn).lower(params, tokens, seg).compile()   # traced here: the path is fixed at trace time
+      step = jax.jit(fn).lower(params, tokens, seg).compile()
       loss, _ = jax.block_until_ready(step(params, tokens, seg))
       times = []
       for _ in range(reps):

@@ -97,7 +97,8 @@ def context_size() -> int:
 @contextlib.contextmanager
 def force_shard_map():
   """Inside this block the model takes the `shard_map` path even when `context` has size 1 (the mesh must
-  still name the axis): to measure that path's cost against the plain one, and to test it."""
+  still name the axis): to measure that path's cost against the plain one, and to test it. The path is chosen
+  when a function is traced and jit keeps one trace per function, so trace a fresh function inside the block."""
   token = _FORCE.set(True)
   try:
     yield

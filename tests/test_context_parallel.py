@@ -87,6 +87,31 @@ def test_documents_aligned_without_a_mesh(caplog):
   assert "row 1 has a document starting at token 3" in caplog.text
 
 
+def test_shard_map_path_at_context1_matches_plain():
+  """context.force_shard_map at context = 1 (what benchmarks/context_gpu.py times) takes the shard_map path and
+  gives the plain path's loss and gradients on packed, padded rows."""
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks.context_gpu import mesh_scope, step_fn
+  from loza_jax.config import load_config
+  cfg = load_config(str(ROOT / "configs/demo_cpu.yaml"), [
+      "model.num_hidden_layers=2", "model.hidden_size=32", "model.intermediate_size=64", "model.kv_lora_rank=16",
+      "model.num_attention_heads=2", "attention.block_size=16", "attention.layer_types=[full, ssa]",
+      "attention.impl=xla", f"model.max_position_embeddings={T}"])
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, T)), jnp.int32)
+  seg = jnp.asarray(_segments(2, T))
+  out = {}
+  for forced in (False, True):
+    fn, params = step_fn(cfg)   # a fresh function per path: jit keeps one trace per function
+    with mesh_scope(forced):
+      assert ("shard_map" in str(jax.make_jaxpr(fn)(params, tokens, seg))) == forced
+      out[forced] = jax.jit(fn)(params, tokens, seg)
+  np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(out[False][1]), jax.tree.leaves(out[True][1])):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
 def test_check_split_messages():
   from loza_jax import context
   with pytest.raises(ValueError, match=r"T=100 is not divisible into 8 chunks \(mesh.context=8"):
