@@ -4,7 +4,7 @@ and unpack them into a model directory again.
 A GPU machine's disk goes with the machine, and files brought back from it (and sent to it) are size-capped,
 so a pretrained model that must outlive one lease travels as these parts (docs/experiment.md):
 
-  python tools/pack_params.py pack MODEL_DIR PACK_DIR [--part-mib 15]
+  python tools/pack_params.py pack MODEL_DIR PACK_DIR [--part-mib 15] [--source "how the model was made"]
   python tools/pack_params.py unpack PACK_DIR MODEL_DIR
 
 Each parameter is rounded to bf16 (the compute dtype of the configs that use this); the high and low bytes
@@ -33,8 +33,9 @@ from train.partition import flat, unflat
 MANIFEST = "manifest.json"
 
 
-def pack(model_dir: str | Path, pack_dir: str | Path, part_mib: float = 15.0) -> dict:
-  """Write PACK_DIR/manifest.json and params.NNN parts (each ≤ part_mib MiB); returns the manifest."""
+def pack(model_dir: str | Path, pack_dir: str | Path, part_mib: float = 15.0, source: str = "") -> dict:
+  """Write PACK_DIR/manifest.json and params.NNN parts (each ≤ part_mib MiB); returns the manifest.
+  `source` (how the model was made: command, commit, date) is kept in the manifest."""
   params, cfg = load_model(model_dir)
   items = [(name, np.asarray(x)) for name, x in flat(params).items()]
   bits = np.concatenate([x.astype(ml_dtypes.bfloat16).reshape(-1).view(np.uint16) for _, x in items])
@@ -48,7 +49,7 @@ def pack(model_dir: str | Path, pack_dir: str | Path, part_mib: float = 15.0) ->
     name = f"params.{len(parts):03d}"
     (out / name).write_bytes(blob[i:i + step])
     parts.append(name)
-  manifest = {"format": "loza_jax packed params (bf16, high/low bytes, zlib)",
+  manifest = {"format": "loza_jax packed params (bf16, high/low bytes, zlib)", "source": source,
               "params": [{"name": n, "shape": list(x.shape), "dtype": str(x.dtype)} for n, x in items],
               "values": int(bits.size), "sha256": hashlib.sha256(raw).hexdigest(), "parts": parts,
               "compressed_bytes": len(blob), "config": to_dict(cfg)}
@@ -91,12 +92,13 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("model_dir")
   p.add_argument("pack_dir")
   p.add_argument("--part-mib", type=float, default=15.0)
+  p.add_argument("--source", default="", help="how the model was made (kept in manifest.json)")
   u = sub.add_parser("unpack", help="compressed parts -> model directory")
   u.add_argument("pack_dir")
   u.add_argument("model_dir")
   args = ap.parse_args(argv)
   if args.cmd == "pack":
-    m = pack(args.model_dir, args.pack_dir, args.part_mib)
+    m = pack(args.model_dir, args.pack_dir, args.part_mib, args.source)
     print(f"{len(m['params'])} parameters, {m['values']:,} values -> {len(m['parts'])} parts, "
           f"{m['compressed_bytes'] / 2**20:.1f} MiB; sha256 {m['sha256'][:16]}")
   else:
