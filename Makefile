@@ -16,9 +16,12 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 # The LoZA stages on the committed pretrained demo model (assets/demo_pretrained, made by demo-scratch).
-demo: $(STAMP)
-	$(PY) tools/pack_params.py unpack assets/demo_pretrained $(DEMO_MODEL)
+demo: $(STAMP) $(DEMO_MODEL)/loza_model.json
 	$(PY) -m train.pipeline --config configs/demo_cpu.yaml --init $(DEMO_MODEL)
+
+$(DEMO_MODEL)/loza_model.json: $(STAMP) assets/demo_pretrained/manifest.json assets/demo_pretrained/params.*
+	rm -rf $(DEMO_MODEL)
+	$(PY) tools/pack_params.py unpack assets/demo_pretrained $(DEMO_MODEL)
 
 # The same, pretraining the full model from scratch first (~12 min on 2 cores; docs/demo.md).
 demo-scratch: $(STAMP)

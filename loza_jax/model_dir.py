@@ -20,6 +20,7 @@ from loza_jax.config import Config, from_dict, save_config
 CONFIG_FILE = "config.yaml"
 PARAMS_DIR = "params"
 MODEL_MARKER = "loza_model.json"
+SOURCE_FILE = "source.txt"   # optional: how the model was made (reports quote it)
 
 
 class CheckpointMismatchError(ValueError):

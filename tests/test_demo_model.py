@@ -31,6 +31,7 @@ def test_demo_model_matches_the_demo_config_and_names_its_source(model_dir):
   assert to_dict(got)["attention"] == to_dict(want)["attention"]
   source = json.loads((PACK / "manifest.json").read_text())["source"]
   assert "demo_cpu.yaml" in source and "commit" in source, source
+  assert (model_dir / "source.txt").read_text().strip() == source   # what the pipeline's report quotes
 
 
 def test_demo_model_retrieves_beyond_the_ssa_window(model_dir, tmp_path):

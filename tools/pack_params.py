@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 
 from loza_jax.config import Config, from_dict, to_dict
-from loza_jax.model_dir import load_model, save_model
+from loza_jax.model_dir import SOURCE_FILE, load_model, save_model
 from train.partition import flat, unflat
 
 MANIFEST = "manifest.json"
@@ -82,7 +82,10 @@ def unpack(pack_dir: str | Path, model_dir: str | Path) -> Path:
     items.append((p["name"], x))
     at += size
   cfg = from_dict(Config, yaml.safe_load(yaml.safe_dump(manifest["config"])))
-  return save_model(model_dir, unflat(dict(items)), cfg)
+  out = save_model(model_dir, unflat(dict(items)), cfg)
+  if manifest.get("source"):
+    (Path(out) / SOURCE_FILE).write_text(manifest["source"] + "\n")
+  return out
 
 
 def main(argv: list[str] | None = None) -> int:

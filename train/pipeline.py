@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from loza_jax import config as config_lib
 from loza_jax.config import (Config, MidtrainStage, PretrainStage, RopeScaling, pretrain_stage_data, replace,
                              save_config, to_dict)
-from loza_jax.model_dir import export_model, load_config_file, load_model
+from loza_jax.model_dir import SOURCE_FILE, export_model, load_config_file, load_model
 from loza_jax.sharding import maybe_initialize_distributed
 from loza_jax.sparsity import select_layers
 from train import cli
@@ -472,7 +472,9 @@ def report(run_dir: Path, cfg: Config, info: dict) -> str:
               f"{p['steps']} steps; held-out loss {p['eval_loss']:.4f} nats/token vs unigram baseline "
               f"{p['unigram_baseline']:.4f}. Model: `{p['model_dir']}`.", ""]
   else:
-    lines += ["## 1. Model", "", f"Started from `{info['init']}`.", ""]
+    source = Path(info["init"]) / SOURCE_FILE
+    about = f" {source.read_text().strip()}" if source.is_file() else ""
+    lines += ["## 1. Model", "", f"Started from `{info['init']}`.{about}", ""]
   lines += ["## 2. Calibrate", "", calibration_markdown(cal), "![alpha](calibrate/alpha.png)", ""]
   lines += ["## 3. Sparsify", ""]
   for name, sel in info["alpha_selections"].items():
