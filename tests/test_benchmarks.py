@@ -1,5 +1,7 @@
-"""benchmarks/kernel_times.py: per-kernel sums of an ncu CSV log."""
+"""Benchmark scripts: ncu CSV sums (kernel_times) and CPU smoke runs of the others."""
 import json
+
+import pytest
 
 from benchmarks.kernel_times import kernel_times
 
@@ -87,3 +89,17 @@ def test_data_prefetch_table(capsys):
                       "--step-ms", "1"])
   rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| 0 ") or r.startswith("| 2 ")]
   assert len(rows) == 2 and all(r.rstrip().endswith("% |") for r in rows)
+
+
+def test_context_gpu_cost_and_fit_lines(capsys, tmp_path):
+  """benchmarks/context_gpu.py on the CPU: both paths give the same loss; fit reports bytes per length."""
+  from benchmarks import context_gpu
+  context_gpu.main(["--config", "configs/demo_cpu.yaml", "--set", "attention.impl=xla", "--set",
+                    "model.num_hidden_layers=2", "--set", "attention.layer_types=[full, ssa]", "--cost-len", "128",
+                    "--cost-batch", "1", "--cost-types", "loza", "--reps", "1", "--fit", "128,256",
+                    "--fit-types", "loza", "--out", str(tmp_path)])
+  recs = [json.loads(line) for line in (tmp_path / "context_gpu.jsonl").read_text().splitlines()]
+  cost, fits = recs[0], recs[1:]
+  assert cost["what"] == "cost" and cost["shard_map"]["loss"] == pytest.approx(cost["plain"]["loss"], rel=1e-6)
+  assert [r["T"] for r in fits] == [128, 256] and 0 < fits[0]["need_bytes"] < fits[1]["need_bytes"]
+  assert "| cost | loza | 1 x 128 |" in capsys.readouterr().out
