@@ -73,13 +73,17 @@ class Layout:
 
 
 @contextlib.contextmanager
-def use_layout(kind: str):
-  """Inside this block MLA assumes the sequence is stored in `kind` layout (the Transformer sets zigzag)."""
-  token = _LAYOUT.set(kind)
+def _setting(var: contextvars.ContextVar, value):
+  token = var.set(value)
   try:
     yield
   finally:
-    _LAYOUT.reset(token)
+    var.reset(token)
+
+
+def use_layout(kind: str):
+  """Inside this block MLA assumes the sequence is stored in `kind` layout (the Transformer sets zigzag)."""
+  return _setting(_LAYOUT, kind)
 
 
 def current_layout_kind() -> str:
@@ -94,16 +98,11 @@ def context_size() -> int:
   return mesh.shape[AXIS]
 
 
-@contextlib.contextmanager
 def force_shard_map():
   """Inside this block the model takes the `shard_map` path even when `context` has size 1 (the mesh must
   still name the axis): to measure that path's cost against the plain one, and to test it. The path is chosen
   when a function is traced and jit keeps one trace per function, so trace a fresh function inside the block."""
-  token = _FORCE.set(True)
-  try:
-    yield
-  finally:
-    _FORCE.reset(token)
+  return _setting(_FORCE, True)
 
 
 def active() -> bool:
