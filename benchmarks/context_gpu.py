@@ -84,23 +84,24 @@ def cost(cfg, B: int, T: int, reps: int) -> dict:
   return out
 
 
-def fit(cfg, T: int, run: bool) -> dict:
-  """Bytes a batch-1 step of T tokens needs (remat per layer); with run, the step's seconds too."""
+def fit(cfg, T: int):
+  """(bytes a batch-1 step of T tokens needs with remat per layer, and a function that runs the compiled step
+  once more after a warm-up and returns its seconds)."""
   positions = max(T, cfg.model.max_position_embeddings)
   cfg = replace(cfg, **{"model.remat": True, "model.max_position_embeddings": positions})
   fn, params = step_fn(cfg)
   tokens, seg = batch(1, T, vocab=cfg.model.vocab_size)
   with mesh_scope(False):
-    lowered = jax.jit(fn).lower(params, tokens, seg)
-    need, limit = needed_bytes(lowered), device_bytes_limit()
-    out = {"need_bytes": need, "limit_bytes": limit, "fits": None if limit is None else need <= limit}
-    if run and out["fits"]:
-      step = lowered.compile()
-      jax.block_until_ready(step(params, tokens, seg))
-      t0 = time.perf_counter()
-      jax.block_until_ready(step(params, tokens, seg))
-      out["s"] = time.perf_counter() - t0
-  return out
+    step = jax.jit(fn).lower(params, tokens, seg).compile()
+  need, limit = needed_bytes(step), device_bytes_limit()
+
+  def run() -> float:
+    jax.block_until_ready(step(params, tokens, seg))
+    t0 = time.perf_counter()
+    jax.block_until_ready(step(params, tokens, seg))
+    return time.perf_counter() - t0
+
+  return {"need_bytes": need, "limit_bytes": limit, "fits": None if limit is None else need <= limit}, run
 
 
 def main(argv=None):
@@ -133,11 +134,11 @@ def main(argv=None):
           **cost(with_types(base, kind), args.cost_batch, args.cost_len, args.reps)})
   for kind in filter(None, args.fit_types.split(",")):
     lengths = [int(x) for x in args.fit.split(",") if x]
-    fits = {T: fit(with_types(base, kind), T, run=False) for T in lengths}
-    longest = max((T for T, r in fits.items() if r["fits"]), default=None)
-    for T, r in fits.items():
+    fits = {T: fit(with_types(base, kind), T) for T in lengths}
+    longest = max((T for T, (r, _) in fits.items() if r["fits"]), default=None)
+    for T, (r, run) in fits.items():
       if args.run_fit and T == longest:
-        r = fit(with_types(base, kind), T, run=True)
+        r["s"] = run()
       emit({"what": "fit", "types": kind, "T": T, "device": dev, **r})
   print("\n| what | layer types | B x T | plain / need | shard_map / limit | ratio / fits |\n|---|---|---|---|---|---|")
   for r in rows:

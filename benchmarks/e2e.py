@@ -163,9 +163,9 @@ def random_cache(cfg: Config, batch: int, ctx: int, capacity: int, key) -> kc.Ca
   return kc.Cache(jnp.full((batch,), ctx, jnp.int32), tuple(layers))
 
 
-def needed_bytes(lowered) -> int:
-  """Device bytes a lowered call needs when run: arguments, outputs (less what aliases them), temporaries."""
-  ma = lowered.compile().memory_analysis()
+def needed_bytes(compiled) -> int:
+  """Device bytes a compiled call needs when run: arguments, outputs (less what aliases them), temporaries."""
+  ma = compiled.memory_analysis()
   return ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
 
 
@@ -183,7 +183,7 @@ def prefill_bytes(cfg: Config, params, T: int, chunk: int | None = None) -> int:
   sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt)
   need = lambda start: needed_bytes(gen._prefill_fn(cfg, start).lower(
       params, cache, sds((1, min(chunk, T - start)), jnp.int32), sds((1,), jnp.int32),
-      sds((1, cfg.model.vocab_size), jnp.float32)))
+      sds((1, cfg.model.vocab_size), jnp.float32)).compile())
   return max(need(start) for start in {0, (T - 1) // chunk * chunk})
 
 
@@ -310,7 +310,7 @@ def train_fit(cfgs, params, T: int, remat: str = "layer") -> dict:
   limit = device_bytes_limit()
   out = {"remat": remat, "limit_bytes": limit}
   for name, cfg in cfgs.items():
-    need = needed_bytes(train_step(cfg, remat).lower(params, jax.ShapeDtypeStruct((1, T), jnp.int32)))
+    need = needed_bytes(train_step(cfg, remat).lower(params, jax.ShapeDtypeStruct((1, T), jnp.int32)).compile())
     out[name] = {"need_bytes": need, "fits": None if limit is None else need <= limit}
   return out
 
