@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from kernels_pallas import tiling
-from loza_jax import attention as attn
+from loza_jax import attention as attn, cache
 
 AXIS = "context"
 BATCH_AXES = ("data", "fsdp")
@@ -308,14 +308,14 @@ class Expand(NamedTuple):
   dtype: jnp.dtype
 
 
-def expand_chunk(lat_BCF, w_CX, ex: Expand):
-  """Latents of one key chunk -> fp32 (k_BCKD, v_BCKE)."""
+def expand_chunk(lat_BCF, w_CX, ex: Expand, out_dtype=jnp.float32):
+  """Latents of one key chunk -> (k_BCKD, v_BCKE) in out_dtype."""
   B, c, F = lat_BCF.shape
   Cl = w_CX.shape[0]
   kv = jnp.dot(lat_BCF[..., :Cl].astype(ex.dtype), w_CX.astype(ex.dtype)).reshape(B, c, ex.kv_heads, -1)
   rope = jnp.broadcast_to(lat_BCF[:, :, None, Cl:], (B, c, ex.kv_heads, F - Cl)).astype(kv.dtype)
   k = jnp.concatenate([kv[..., :ex.nope_dim], rope], axis=-1)
-  return k.astype(jnp.float32), kv[..., ex.nope_dim:].astype(jnp.float32)
+  return k.astype(out_dtype), kv[..., ex.nope_dim:].astype(out_dtype)
 
 
 def _blocks(x, c: int, axis: int = 1):
@@ -514,23 +514,36 @@ def ssa_attention(q_BTHD, k_BXKD, v_BXKE, seg_BX, layout: Layout, pattern: attn.
       q_BTHD, k_BXKD, v_BXKE, seg_BX)
 
 
-def full_attention(q_BTHD, lat_BTF, seg_BT, w_CX, ex: Expand, layout: Layout, scale: float, chunk: int = 512):
+def full_attention(q_BTHD, lat_BTF, seg_BT, w_CX, ex: Expand, layout: Layout, scale: float, chunk: int = 512,
+                   impl: str = "xla"):
   """Causal Full attention of the local queries to every token -> o_BTHE (context-sharded).
 
-  The latents lat_BTF (kv_lora_rank + rope values per token) are all-gathered and expanded chunk by
-  chunk inside the attention loop with w_CX (the kv_b kernel), so the backward returns a latent
-  reduce-scatter and no device holds per-head keys and values for the whole sequence.
+  The latents lat_BTF (kv_lora_rank + rope values per token) are all-gathered, so the backward returns a
+  latent reduce-scatter. `impl` (an attention impl name) picks the form: kernel impls on a GPU (and their
+  "_interpret" names) expand every token's keys and values in the model dtype and run the prefix kernel per
+  local chunk at its offset (kernels_pallas/prefix.py, with its backward); XLA impls expand one key chunk
+  at a time inside an fp32 online softmax (`latent_attention`), so no device holds per-head keys and values
+  for the whole sequence.
   """
   bs = batch_spec(q_BTHD.shape[0])
   hs = heads_spec(q_BTHD.shape[2], ex.kv_heads)
   inv = jnp.asarray([layout.order().index(v) for v in range(layout.n)])
   gather = lambda x: _from_slots(jax.lax.all_gather(_to_slots(x, layout.P), AXIS, axis=1, tiled=True)[:, inv])
 
+  mode = cache.latent_impl(impl)
+
   def local(q, lat, seg, w):
     Tc = q.shape[1] // layout.P
-    qi = (_chunk_ids(layout)[:, None] * Tc + jnp.arange(Tc)[None, :]).reshape(-1)
     lat_all, seg_all = gather(lat), gather(seg)
     ex_local = ex._replace(kv_heads=q.shape[2] * ex.kv_heads // q_BTHD.shape[2])
+    if mode is not None:
+      from kernels_pallas import prefix
+      k, v = expand_chunk(lat_all, w, ex_local, q.dtype)
+      ids = _chunk_ids(layout)
+      return jnp.concatenate([prefix.prefix_attention(
+          q[:, p * Tc:(p + 1) * Tc], k, v, offset=ids[p] * Tc, scale=float(scale), segment_ids_BS=seg_all,
+          interpret=mode == "interpret")[0] for p in range(layout.P)], axis=1)
+    qi = (_chunk_ids(layout)[:, None] * Tc + jnp.arange(Tc)[None, :]).reshape(-1)
     return latent_attention(q, lat_all, w, seg, jnp.broadcast_to(qi, seg.shape), seg_all,
                             jnp.arange(lat_all.shape[1]), float(scale), chunk, ex_local)
 

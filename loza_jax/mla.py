@@ -102,7 +102,7 @@ class MLA(nn.Module):
       if isinstance(pattern, attn.Full):
         w_CX = nn.unbox(kv_b.variables["params"]["kernel"])
         ex = context.Expand(K, q_nope_BTHD.shape[-1], kv_b.dtype)
-        return context.full_attention(q_BTHD, lat_BTF, seg_BT, w_CX, ex, layout, scale)
+        return context.full_attention(q_BTHD, lat_BTF, seg_BT, w_CX, ex, layout, scale, impl=a.impl)
       ext_BXF, seg_BX = context.ssa_exchange(lat_BTF, seg_BT, layout, pattern)
       k_BXKD, v_BXKE = expand(ext_BXF)
       return context.ssa_attention(q_BTHD, k_BXKD, v_BXKE, seg_BX, layout, pattern, scale, a.impl)

@@ -40,7 +40,7 @@ def _check(case):
 
 
 @pytest.mark.parametrize("name", ["mixed_c8", "mixed_c4_fsdp2", "mixed_c4_data2", "mixed_c4_tensor2",
-                                  "ssa_pallas_c8"])
+                                  "ssa_pallas_c8", "mixed_pallas_c8", "mixed_pallas_c4_tensor2"])
 def test_context8_matches_context1(eight, name):
   _check(eight[name])
 
@@ -87,9 +87,11 @@ def test_documents_aligned_without_a_mesh(caplog):
   assert "row 1 has a document starting at token 3" in caplog.text
 
 
-def test_shard_map_path_at_context1_matches_plain():
+@pytest.mark.parametrize("impl", ["xla", "pallas_triton_interpret"])
+def test_shard_map_path_at_context1_matches_plain(impl):
   """context.force_shard_map at context = 1 (what benchmarks/context_gpu.py times) takes the shard_map path and
-  gives the plain path's loss and gradients on packed, padded rows."""
+  gives the plain path's loss and gradients on packed, padded rows (Full sublayers: the XLA latent form, or the
+  prefix kernel at each chunk's offset)."""
   import jax
   import jax.numpy as jnp
 
@@ -98,7 +100,7 @@ def test_shard_map_path_at_context1_matches_plain():
   cfg = load_config(str(ROOT / "configs/demo_cpu.yaml"), [
       "model.num_hidden_layers=2", "model.hidden_size=32", "model.intermediate_size=64", "model.kv_lora_rank=16",
       "model.num_attention_heads=2", "attention.block_size=16", "attention.layer_types=[full, ssa]",
-      "attention.impl=xla", f"model.max_position_embeddings={T}"])
+      f"attention.impl={impl}", f"model.max_position_embeddings={T}"])
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, T)), jnp.int32)
   seg = jnp.asarray(_segments(2, T))
   out = {}
@@ -222,6 +224,10 @@ def _worker(devices: int) -> dict:
                                            "mixed_c4_data2": MeshConfig(data=2, context=4),
                                            "mixed_c4_tensor2": MeshConfig(data=1, tensor=2, context=4)})
   loss_and_grad(cfg_for(["ssa"], "pallas_triton_interpret"), {"ssa_pallas_c8": MeshConfig(data=1, context=8)}, B=1)
+  # Full sublayers through the prefix kernel (and its backward) at each chunk's offset.
+  loss_and_grad(cfg_for(["full", "ssa"], "pallas_triton_interpret"),
+                {"mixed_pallas_c8": MeshConfig(data=1, context=8),
+                 "mixed_pallas_c4_tensor2": MeshConfig(data=1, tensor=2, context=4)})
 
   # The trainer (every stage's loop) on a data=2 x context=4 mesh vs one device, on packed real batches.
   import tempfile

@@ -90,3 +90,65 @@ def test_expanded_past_attention_over_several_blocks():
   o_ref, lse_ref = prefix.reference(q, k, v, offset=start, scale=0.2)
   np.testing.assert_allclose(o, o_ref, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(lse, lse_ref, rtol=1e-5, atol=1e-5)
+
+
+def _packed_ids(rng, B, S, docs):
+  """Random packing of `docs` documents per row at arbitrary (unaligned) starts, padding after the last."""
+  seg = np.zeros((B, S), np.int32)
+  for b in range(B):
+    cuts = np.sort(rng.choice(np.arange(1, S), docs, replace=False))
+    for d, (a, e) in enumerate(zip(np.r_[0, cuts[:-1]], cuts)):
+      seg[b, a:e] = 10 * b + d + 1
+  return jnp.asarray(seg)
+
+
+def _value_and_grads(fn, q, k, v, w_o, w_lse):
+  def loss(q, k, v):
+    o, lse = fn(q, k, v)
+    return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * w_lse), (o, lse)
+  (_, (o, lse)), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return (o, lse, *g)
+
+
+def _check_grads(T, S, offset, H, K, D, E, dtype, seed, docs, tol, interpret, traced=True, tiles=None):
+  rng = np.random.default_rng(seed)
+  q, k, v = _inputs(2, T, S, H, K, D, E, dtype, seed)
+  w_o = jnp.asarray(rng.standard_normal((2, T, H, E)), jnp.float32)
+  w_lse = jnp.asarray(rng.standard_normal((2, H, T)), jnp.float32)
+  seg = _packed_ids(rng, 2, S, docs) if docs else None
+  off = jnp.int32(offset) if traced else offset
+  kw = dict(tiles=tiles, bwd_tiles=tiles) if tiles else {}
+  got = _value_and_grads(lambda q, k, v: prefix.prefix_attention(
+      q, k, v, offset=off, scale=0.3, segment_ids_BS=seg, interpret=interpret, **kw), q, k, v, w_o, w_lse)
+  up = lambda x: x.astype(jnp.float32)
+  ref = _value_and_grads(lambda q, k, v: prefix.reference(q, k, v, offset=offset, scale=0.3, segment_ids_BS=seg),
+                         up(q), up(k), up(v), w_o, w_lse)
+  np.testing.assert_array_equal(np.isinf(got[1]), np.isinf(ref[1]))
+  for name, g, r in zip(("o", "lse", "dq", "dk", "dv"), got, ref):
+    g, r = np.float64(np.where(np.isfinite(g), g, 0)), np.float64(np.where(np.isfinite(r), r, 0))
+    err = np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30)
+    assert err <= tol, f"{name}: rel err {err:.2e} > {tol}"
+
+
+# (T, S, offset, docs): one chunk of a context-parallel row (the keys are the whole row) with packed
+# documents at unaligned starts, ragged lengths, GQA; no ids; the first chunk; the last chunk.
+GRAD_CASES = [(32, 96, 32, 3), (40, 88, 48, 4), (48, 64, 16, 0), (32, 96, 0, 2), (32, 96, 64, 5)]
+
+
+@pytest.mark.parametrize("T,S,offset,docs", GRAD_CASES)
+def test_prefix_grads_match_dense(T, S, offset, docs):
+  """Outputs, lse and the gradients of q, k, v (with an lse cotangent) against the dense form, offset traced."""
+  _check_grads(T, S, offset, 4, 2, 32, 16, jnp.float32, T + offset + docs, docs, 1e-5, interpret=True)
+
+
+def test_prefix_static_offset_with_ids_must_fit_the_keys():
+  q, k, v = _inputs(1, 32, 48, 2, 2)
+  with pytest.raises(ValueError, match="keys must cover the queries: offset 32 \\+ T 32 > S 48"):
+    prefix.prefix_attention(q, k, v, offset=32, scale=1.0, segment_ids_BS=jnp.ones((1, 48), jnp.int32),
+                            interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,S,offset,docs", [(1024, 4096, 2048, 3), (1000, 2048, 1024, 0), (2048, 2048, 0, 5)])
+def test_prefix_gpu_grads_match_dense(T, S, offset, docs):
+  _check_grads(T, S, offset, 4, 2, 192, 128, jnp.bfloat16, T + docs, docs, 2e-2, interpret=False)
