@@ -103,3 +103,13 @@ def test_context_gpu_cost_and_fit_lines(capsys, tmp_path):
   assert cost["what"] == "cost" and cost["shard_map"]["loss"] == pytest.approx(cost["plain"]["loss"], rel=1e-6)
   assert [r["T"] for r in fits] == [128, 256] and 0 < fits[0]["need_bytes"] < fits[1]["need_bytes"]
   assert "| cost | loza | 1 x 128 |" in capsys.readouterr().out
+
+
+def test_sweep_errors_replays_the_sweep_and_reports_each_output(capsys):
+  """benchmarks.sweep_errors draws the GPU sweep's case (as the test does) and prints five error lines per impl."""
+  from benchmarks.sweep_errors import errors, sweep_case
+  _, pattern, B, T, H, K, D, E, _ = sweep_case(0)
+  assert (str(pattern), B, T, H, K, D, E) == ("SSA(block_size=128, sink_blocks=1, local_blocks=3)", 1, 768, 2, 2,
+                                             192, 128)
+  assert errors([1.0, 2.0], [1.0, 2.0]).startswith("rel 0.000e+00, worst 0.000e+00")
+  assert "worst 5.000e-01 at (1,) (got 3, ref 2)" in errors([1.0, 3.0], [1.0, 2.0])

@@ -5,7 +5,6 @@ Run on a GPU machine: pytest -m gpu tests/test_kernels_gpu.py (skipped elsewhere
 from __future__ import annotations
 
 import functools
-import zlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -130,10 +129,9 @@ A.register(A.Impl("test_mosaic_all",
 @pytest.mark.xfail(strict=True, reason="backward='mosaic' (Mosaic dK/dV with sink items) gave dK rel. err 0.99 on "
                                        "an H100 here (kernels_pallas/README.md, Tests); fix, then drop this mark")
 def test_mosaic_dkv_sink_items_local1():
-  """The inputs test_mosaic_random_sweep[1] drew (its rng, same draws), through backward='mosaic'."""
-  rng = np.random.default_rng(zlib.crc32(b"tests/test_kernels_gpu.py::test_mosaic_random_sweep[1]"))
-  draws = (rng.choice([64, 128]), rng.choice([1, 2, 4]), rng.integers(1, 4), rng.integers(4, 40),
-           rng.integers(0, 3), rng.integers(1, 8), rng.integers(1, 3))
-  assert [int(x) for x in draws] == [128, 2, 3, 24, 1, 1, 2]      # SSA(128, 1, 1), K 2, H 6, T 3072, B 2
-  compare_to_reference(rng, "test_mosaic_all", A.SSA(128, 1, 1), 2, 3072, 6, 2, 64, 64, jnp.bfloat16, 3,
-                       lse_cot=True, ref_impl="xla_dense", block=128)
+  """The inputs test_mosaic_random_sweep[1] draws, through backward='mosaic'."""
+  from benchmarks.sweep_errors import sweep_case
+  rng, pattern, B, T, H, K, D, E, block = sweep_case(1)
+  assert (pattern, B, T, H, K, D, E) == (A.SSA(128, 1, 1), 2, 3072, 6, 2, 64, 64)
+  compare_to_reference(rng, "test_mosaic_all", pattern, B, T, H, K, D, E, jnp.bfloat16, 3,
+                       lse_cot=True, ref_impl="xla_dense", block=block)
