@@ -56,25 +56,30 @@ def comm_per_layer(T: int, C: int, g=LONGCAT, bytes_per=2) -> dict:
           "full_expanded_kv": T * (C - 1) // C * g["heads"] * (g["qk"] + g["v"]) * bytes_per}
 
 
-def activation_bytes(T: int, C: int, g=LONGCAT, working_per_token=400e3) -> float:
+def activation_bytes(T: int, C: int, g=LONGCAT, working_per_token=400e3, full_form="latent", tensor=8) -> float:
   """Per-device activation bytes with per-layer remat: layer-input checkpoints and one layer's working set per
-  local token, plus the Full layer's all-gathered latents (bf16) and their fp32 gradient for the whole sequence."""
+  local token, plus, for the whole sequence, the Full layer's all-gathered latents (bf16) and their fp32 gradient,
+  and with full_form="kernel" (the prefix-kernel path of kernel impls) the expanded K/V of the device's heads
+  (heads / tensor) and their gradients, bf16."""
   local = T / C
   checkpoints = g["layers"] * g["hidden"] * 2
   gathered = 0 if C == 1 else T * (g["kv_lora"] + g["rope"]) * (2 + 4)
+  if C > 1 and full_form == "kernel":
+    gathered += T * g["heads"] // tensor * (g["qk"] + g["v"]) * 2 * 2
   return local * (checkpoints + working_per_token) + gathered
 
 
-def longest_context(C: int, budget=100e9, block=128) -> int:
+def longest_context(C: int, budget=100e9, block=128, full_form="latent") -> int:
   """Longest T (a multiple of 2·C·block) whose activations fit `budget` bytes per device."""
   step = 2 * C * block
+  fits = lambda T: activation_bytes(T, C, full_form=full_form) <= budget
   lo = step
-  while activation_bytes(2 * lo, C) <= budget:
+  while fits(2 * lo):
     lo *= 2
   hi = 2 * lo
   while hi - lo > step:
     mid = (lo + hi) // 2 // step * step
-    lo, hi = (mid, hi) if activation_bytes(mid, C) <= budget else (lo, mid)
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
   return lo
 
 
@@ -148,7 +153,8 @@ def main(argv=None) -> None:
   args = ap.parse_args(argv)
   if args.model:
     for C in (1, 8, 64):
-      print(f"C={C}: longest context {longest_context(C):,} tokens; per-layer bytes at T=131072: "
+      print(f"C={C}: longest context {longest_context(C):,} tokens (XLA Full form), "
+            f"{longest_context(C, full_form='kernel'):,} (prefix-kernel Full form); per-layer bytes at T=131072: "
             + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in comm_per_layer(131072, C).items()))
     return
   _setup(args.devices)
