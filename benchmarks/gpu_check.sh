@@ -6,7 +6,9 @@
 #   fwd+bwd, PROFILE_ARGS), kernels (duration of every kernel of one SSA fwd+bwd, PROFILE_ARGS),
 #   bench, bench-quick, serve (the GPU tests of generation and the prefix kernel), compile (seconds to compile
 #   the proxy's training step: default impl, attention.impl=xla, XLA autotuning off), prefill1m (LoZA chunked
-#   prefill of 1M tokens in 128K chunks, benchmarks.e2e)
+#   prefill of 1M tokens in 128K chunks, benchmarks.e2e), context (benchmarks.context_gpu: the shard_map path's cost
+#   at context 1, then the longest trainable LoZA row among FIT_LENS), sweep-errors (benchmarks.sweep_errors: every
+#   output of the Mosaic sweep cases through each backward choice)
 #   Env: *_S per-stage timeouts, LARGE_K pytest -k filter, BENCH_ARGS, TUNE_ARGS, PROFILE_ARGS,
 #   NCU_FILTER (kernel-name regex), NCU_LAUNCHES.
 set -o pipefail
@@ -41,6 +43,11 @@ for stage in ${STAGES//,/ }; do
              } 2>&1 | grep '^{' | tee -a "$OUT/compile_time.jsonl" ;;
     prefill1m) timeout ${PREFILL_S:-420} python3 -m benchmarks.e2e --decode "" --prefill 1048576 --prefill-models loza \
              --prefill-chunk 131072 --train "" --reps 1 --out "$OUT" 2>&1 | tee "$OUT/prefill1m.log" | tail -20 ;;
+    context) timeout ${CONTEXT_S:-240} python3 -m benchmarks.context_gpu --cost-types ${COST_TYPES:-loza,full} --out "$OUT" \
+               2>&1 | tee "$OUT/context_cost.log" | grep '^|'
+             timeout ${FIT_S:-300} python3 -m benchmarks.context_gpu --cost-types "" --fit ${FIT_LENS:-262144,524288} \
+               --fit-types loza --run-fit --out "$OUT" 2>&1 | tee "$OUT/context_fit.log" | grep '^|' ;;
+    sweep-errors) timeout ${SWEEP_S:-200} python3 -m benchmarks.sweep_errors 2>&1 | tee "$OUT/sweep_errors.log" | grep -v Warn ;;
     bench-quick) timeout ${BENCH_S:-200} python3 -m benchmarks.attention --quick --out "$OUT" ${BENCH_ARGS} 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
   esac
 done
