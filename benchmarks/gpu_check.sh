@@ -43,7 +43,7 @@ for stage in ${STAGES//,/ }; do
              } 2>&1 | grep '^{' | tee -a "$OUT/compile_time.jsonl" ;;
     prefill1m) timeout ${PREFILL_S:-420} python3 -m benchmarks.e2e --decode "" --prefill 1048576 --prefill-models loza \
              --prefill-chunk 131072 --train "" --reps 1 --out "$OUT" 2>&1 | tee "$OUT/prefill1m.log" | tail -20 ;;
-    context) timeout ${CONTEXT_S:-240} python3 -m benchmarks.context_gpu --cost-types ${COST_TYPES:-loza,full} --out "$OUT" \
+    context) timeout ${CONTEXT_S:-420} python3 -m benchmarks.context_gpu --cost-types ${COST_TYPES:-loza,full} --out "$OUT" \
                2>&1 | tee "$OUT/context_cost.log" | grep '^|'
              timeout ${FIT_S:-300} python3 -m benchmarks.context_gpu --cost-types "" --fit ${FIT_LENS:-262144,524288} \
                --fit-types loza --run-fit --out "$OUT" 2>&1 | tee "$OUT/context_fit.log" | grep '^|' ;;
