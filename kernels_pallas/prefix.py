@@ -29,7 +29,9 @@ from kernels_pallas.tile_io import (
   NEG_INF,
   Tiles,
   attend_tile,
-  dot,
+  dkv_tile,
+  dq_rows,
+  dq_tile,
   load,
   load_parts,
   store,
@@ -173,12 +175,7 @@ def _dq_kernel(off_ref, qseg_ref, qlo_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref,
                dq_ref, delta_ref, *, cfg: PrefixConfig):
   rows, cols = cfg.bwd.rows, cfg.bwd.cols
   r0, g0, rows_ok, qseg, loops = _query_tile(cfg, cfg.bwd, off_ref, qseg_ref, qlo_ref)
-  q = load_parts(q_ref, r0, rows, cfg.d_parts, rows_ok)
-  do = load_parts(do_ref, r0, rows, cfg.e_parts, rows_ok)
-  o = load_parts(o_ref, r0, rows, cfg.e_parts, rows_ok)
-  lse2 = load(lse_ref, (pl.ds(r0, rows),), rows_ok, (rows,), other=INF) * LOG2E
-  dlse = load(dlse_ref, (pl.ds(r0, rows),), rows_ok, (rows,))
-  delta = sum(jnp.sum(g.astype(jnp.float32) * op.astype(jnp.float32), axis=1) for g, op in zip(do, o)) - dlse
+  q, do, lse2, delta = dq_rows(q_ref, do_ref, o_ref, lse_ref, dlse_ref, r0, rows, cfg.d_parts, cfg.e_parts, rows_ok)
   qk_scale = cfg.scale * LOG2E
 
   def visit(c, dq, masked):
@@ -186,13 +183,8 @@ def _dq_kernel(off_ref, qseg_ref, qlo_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref,
     keys_ok = (k0 + jnp.arange(cols) < cfg.k_len) if masked and cfg.k_len % cols else None
     k = load_parts(k_ref, k0, cols, cfg.d_parts, keys_ok)
     v = load_parts(v_ref, k0, cols, cfg.e_parts, keys_ok)
-    s = sum(dot(qp, kp, trans_b=True, precision=cfg.precision) for qp, kp in zip(q, k)) * qk_scale
-    if masked:
-      s = jnp.where(_key_mask(cfg, g0, rows, k0, cols, qseg, kseg_ref), s, -INF)
-    p = jnp.exp2(s - lse2[:, None])
-    dp = sum(dot(g, vp, trans_b=True, precision=cfg.precision) for g, vp in zip(do, v))
-    ds = (p * (dp - delta[:, None])).astype(k[0].dtype)
-    return [a + dot(ds, kp, precision=cfg.precision) for a, kp in zip(dq, k)]
+    return dq_tile(dq, q, do, lse2, delta, k, v, qk_scale, cfg.precision,
+                   (lambda: _key_mask(cfg, g0, rows, k0, cols, qseg, kseg_ref)) if masked else None)
 
   dq = [jnp.zeros((rows, size), jnp.float32) for _, size in cfg.d_parts]
   for lo, hi, masked in loops:
@@ -230,27 +222,21 @@ def _dkv_kernel(off_ref, qseg_ref, kseg_ref, kend_ref, q_ref, k_ref, v_ref, do_r
     c2 = jnp.clip(cfg.q_len // cols, c1, c3)
 
   def step(c, g, carry, masked):
-    dk, dv = carry
     q0 = c * cols
     rows_ok = _row_ok(q0, cols, cfg.q_len, cfg.q_len % cols != 0)
     q = load_parts(q_ref, q0, cols, cfg.d_parts, rows_ok, lead=(g,))
     do = load_parts(do_ref, q0, cols, cfg.e_parts, rows_ok, lead=(g,))
     lse2 = load(lse_ref, (g, pl.ds(q0, cols)), rows_ok, (cols,), other=INF) * LOG2E
     delta = load(delta_ref, (g, pl.ds(q0, cols)), rows_ok, (cols,))
-    st = sum(dot(kp, qp, trans_b=True, precision=cfg.precision) for kp, qp in zip(k, q)) * (cfg.scale * LOG2E)
-    if masked:
+    def mask():
       qpos = off + q0 + jnp.arange(cols)
       ok = (k0 + jnp.arange(rows))[:, None] <= qpos[None, :]
       if cfg.segments:
         qseg = load(qseg_ref, (pl.ds(q0, cols),), rows_ok, (cols,), other=0)
         ok = ok & (kseg[:, None] == qseg[None, :]) & (qseg[None, :] > 0)
-      st = jnp.where(ok, st, -INF)
-    pt = jnp.exp2(st - lse2[None, :])
-    dv = [a + dot(pt.astype(gp.dtype), gp, precision=cfg.precision) for a, gp in zip(dv, do)]
-    dpt = sum(dot(vp, gp, trans_b=True, precision=cfg.precision) for vp, gp in zip(v, do))
-    dst = (pt * (dpt - delta[None, :])).astype(q[0].dtype)
-    dk = [a + dot(dst, qp, precision=cfg.precision) for a, qp in zip(dk, q)]
-    return dk, dv
+      return ok
+
+    return dkv_tile(carry, k, v, q, do, lse2, delta, cfg.scale * LOG2E, cfg.precision, mask if masked else None)
 
   def per_head(g, carry):
     for lo, hi, masked in ((c0, c1, True), (c1, c2, False), (c2, c3, True)):

@@ -23,7 +23,19 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels_pallas.ssa_fwd import key_tile_loops, query_row_tile
-from kernels_pallas.tile_io import LOG2E, KernelConfig, causal_mask, dot, load, load_parts, row_mask, store, store_parts
+from kernels_pallas.tile_io import (
+  LOG2E,
+  KernelConfig,
+  causal_mask,
+  dkv_tile,
+  dq_rows,
+  dq_tile,
+  load,
+  load_parts,
+  row_mask,
+  store,
+  store_parts,
+)
 
 INF = float("inf")
 
@@ -36,12 +48,7 @@ def _dq_kernel(start_ref, q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref,
   rows, cols = cfg.dq.rows, cfg.dq.cols
   r0 = query_row_tile(cfg, rows)
   rows_ok = row_mask(cfg, r0, rows)
-  q = load_parts(q_ref, r0, rows, cfg.d_parts, rows_ok)
-  do = load_parts(do_ref, r0, rows, cfg.e_parts, rows_ok)
-  o = load_parts(o_ref, r0, rows, cfg.e_parts, rows_ok)
-  lse2 = load(lse_ref, (pl.ds(r0, rows),), rows_ok, (rows,), other=INF) * LOG2E
-  dlse = load(dlse_ref, (pl.ds(r0, rows),), rows_ok, (rows,))
-  delta = sum(jnp.sum(g.astype(jnp.float32) * op.astype(jnp.float32), axis=1) for g, op in zip(do, o)) - dlse
+  q, do, lse2, delta = dq_rows(q_ref, do_ref, o_ref, lse_ref, dlse_ref, r0, rows, cfg.d_parts, cfg.e_parts, rows_ok)
   qk_scale = cfg.scale * LOG2E
   n, tile_of, diag = key_tile_loops(cfg, r0, rows, cols, start_ref[r0 // cfg.tile])
 
@@ -50,13 +57,8 @@ def _dq_kernel(start_ref, q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dlse_ref,
     keys_ok = row_mask(cfg, k0, cols) if masked else None
     k = load_parts(k_ref, k0, cols, cfg.d_parts, keys_ok)
     v = load_parts(v_ref, k0, cols, cfg.e_parts, keys_ok)
-    s = sum(dot(qp, kp, trans_b=True, precision=cfg.precision) for qp, kp in zip(q, k)) * qk_scale
-    if masked:
-      s = jnp.where(causal_mask(r0, rows, k0, cols), s, -INF)
-    p = jnp.exp2(s - lse2[:, None])
-    dp = sum(dot(g, vp, trans_b=True, precision=cfg.precision) for g, vp in zip(do, v))
-    ds = (p * (dp - delta[:, None])).astype(k[0].dtype)
-    return [a + dot(ds, kp, precision=cfg.precision) for a, kp in zip(dq, k)]
+    return dq_tile(dq, q, do, lse2, delta, k, v, qk_scale, cfg.precision,
+                   (lambda: causal_mask(r0, rows, k0, cols)) if masked else None)
 
   dq = [jnp.zeros((rows, size), jnp.float32) for _, size in cfg.d_parts]
   dq = jax.lax.fori_loop(0, n, functools.partial(visit, masked=False), dq)
@@ -97,15 +99,8 @@ def _kv_step(k, v, k0, q_ref, do_ref, lse_ref, delta_ref, c, g, carry, *, cfg, m
   do = load_parts(do_ref, q0, cols, cfg.e_parts, rows_ok, lead=(g,))
   lse2 = load(lse_ref, (g, pl.ds(q0, cols)), rows_ok, (cols,), other=INF) * LOG2E
   delta = load(delta_ref, (g, pl.ds(q0, cols)), rows_ok, (cols,))
-  st = sum(dot(kp, qp, trans_b=True, precision=cfg.precision) for kp, qp in zip(k, q)) * (cfg.scale * LOG2E)
-  if masked:
-    st = jnp.where(causal_mask(q0, cols, k0, rows, transposed=True), st, -INF)
-  pt = jnp.exp2(st - lse2[None, :])
-  dv = [a + dot(pt.astype(gp.dtype), gp, precision=cfg.precision) for a, gp in zip(dv, do)]
-  dpt = sum(dot(vp, gp, trans_b=True, precision=cfg.precision) for vp, gp in zip(v, do))
-  dst = (pt * (dpt - delta[None, :])).astype(q[0].dtype)
-  dk = [a + dot(dst, qp, precision=cfg.precision) for a, qp in zip(dk, q)]
-  return dk, dv
+  return dkv_tile((dk, dv), k, v, q, do, lse2, delta, cfg.scale * LOG2E, cfg.precision,
+                  (lambda: causal_mask(q0, cols, k0, rows, transposed=True)) if masked else None)
 
 
 def _zeros_kv(cfg):

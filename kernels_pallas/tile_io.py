@@ -134,3 +134,42 @@ def attend_tile(q, k, load_v, carry, qk_scale: float, precision=None, mask=None)
   p = p.astype(v[0].dtype)
   acc = [a * alpha[:, None] + dot(p, vp, precision=precision) for a, vp in zip(acc, v)]
   return acc, m_new, l
+
+
+def dq_rows(q_ref, do_ref, o_ref, lse_ref, dlse_ref, r0, rows: int, d_parts, e_parts, rows_ok):
+  """A dQ program's resident query rows: (q parts, dO parts, lse in base 2 (+inf past the sequence),
+  delta = rowsum(dO·O) − dlse)."""
+  q = load_parts(q_ref, r0, rows, d_parts, rows_ok)
+  do = load_parts(do_ref, r0, rows, e_parts, rows_ok)
+  o = load_parts(o_ref, r0, rows, e_parts, rows_ok)
+  lse2 = load(lse_ref, (pl.ds(r0, rows),), rows_ok, (rows,), other=math.inf) * LOG2E
+  dlse = load(dlse_ref, (pl.ds(r0, rows),), rows_ok, (rows,))
+  delta = sum(jnp.sum(g.astype(jnp.float32) * op.astype(jnp.float32), axis=1) for g, op in zip(do, o)) - dlse
+  return q, do, lse2, delta
+
+
+def dq_tile(dq, q, do, lse2, delta, k, v, qk_scale: float, precision=None, mask=None):
+  """One key tile of a dQ kernel (base 2): P from the saved lse2, dS = P·(dP − delta), dq parts += dS·K (unscaled).
+  `mask()` gives the [rows, cols] visibility, built after the scores; None: the whole tile is visible."""
+  s = sum(dot(qp, kp, trans_b=True, precision=precision) for qp, kp in zip(q, k)) * qk_scale
+  if mask is not None:
+    s = jnp.where(mask(), s, -math.inf)
+  p = jnp.exp2(s - lse2[:, None])
+  dp = sum(dot(g, vp, trans_b=True, precision=precision) for g, vp in zip(do, v))
+  ds = (p * (dp - delta[:, None])).astype(k[0].dtype)
+  return [a + dot(ds, kp, precision=precision) for a, kp in zip(dq, k)]
+
+
+def dkv_tile(carry, k, v, q, do, lse2, delta, qk_scale: float, precision=None, mask=None):
+  """One query tile of a dK/dV kernel, transposed (rows are keys): dv parts += Pᵀ·dO, dk parts += dSᵀ·Q
+  (unscaled). `mask()` gives the [keys, queries] visibility, built after the scores; None: all visible."""
+  dk, dv = carry
+  st = sum(dot(kp, qp, trans_b=True, precision=precision) for kp, qp in zip(k, q)) * qk_scale
+  if mask is not None:
+    st = jnp.where(mask(), st, -math.inf)
+  pt = jnp.exp2(st - lse2[None, :])
+  dv = [a + dot(pt.astype(gp.dtype), gp, precision=precision) for a, gp in zip(dv, do)]
+  dpt = sum(dot(vp, gp, trans_b=True, precision=precision) for vp, gp in zip(v, do))
+  dst = (pt * (dpt - delta[None, :])).astype(q[0].dtype)
+  dk = [a + dot(dst, qp, precision=precision) for a, qp in zip(dk, q)]
+  return dk, dv
