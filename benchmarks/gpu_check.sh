@@ -10,7 +10,7 @@
 #   at context 1, then the longest trainable LoZA row among FIT_LENS), sweep-errors (benchmarks.sweep_errors: every
 #   output of the Mosaic sweep cases through each backward choice)
 #   Env: *_S per-stage timeouts, LARGE_K pytest -k filter, BENCH_ARGS, TUNE_ARGS, PROFILE_ARGS,
-#   NCU_FILTER (kernel-name regex), NCU_LAUNCHES.
+#   NCU_FILTER (kernel-name regex), NCU_LAUNCHES, SWEEP_ARGS, COST_TYPES, FIT_LENS.
 set -o pipefail
 STAGES=${1:-small,large,bench}; OUT=${2:-${OUT:-/tmp/out}}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:tests
@@ -47,7 +47,7 @@ for stage in ${STAGES//,/ }; do
                2>&1 | tee "$OUT/context_cost.log" | grep '^|'
              timeout ${FIT_S:-300} python3 -m benchmarks.context_gpu --cost-types "" --fit ${FIT_LENS:-262144,524288} \
                --fit-types loza --run-fit --out "$OUT" 2>&1 | tee "$OUT/context_fit.log" | grep '^|' ;;
-    sweep-errors) timeout ${SWEEP_S:-200} python3 -m benchmarks.sweep_errors 2>&1 | tee "$OUT/sweep_errors.log" | grep -v Warn ;;
+    sweep-errors) timeout ${SWEEP_S:-200} python3 -m benchmarks.sweep_errors ${SWEEP_ARGS} 2>&1 | tee "$OUT/sweep_errors.log" | grep -v Warn ;;
     bench-quick) timeout ${BENCH_S:-200} python3 -m benchmarks.attention --quick --out "$OUT" ${BENCH_ARGS} 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
   esac
 done

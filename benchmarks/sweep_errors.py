@@ -1,13 +1,16 @@
 """Per-output errors of the Mosaic sweep's cases through each attention impl and backward choice, for diagnosis.
 
 Usage: PYTHONPATH=.:tests python -m benchmarks.sweep_errors [--cases 0,1,2,3] [--impls pallas_mosaic,...]
+           [--vary KEY=VALUE,... ...]
 
 Replays the inputs `tests/test_kernels_gpu.py::test_mosaic_random_sweep[case]` draws (its rng, same draws), runs
 o, lse and the q/k/v gradients (with an lse cotangent) through each impl, and prints, per output against the
 dense oracle in fp32: the relative error by norm, the worst element over the largest reference value, where it
 is, and its two values. Unlike the test, it never stops at the first failure. On a GPU by default; any impl
 name of the registry works (e.g. `pallas_mosaic_interpret` on CPU). Impls `mosaic:<backward>` run the Mosaic
-forward with that backward choice (kernels_pallas.flash.BACKWARDS).
+forward with that backward choice (kernels_pallas.flash.BACKWARDS). Each `--vary` reruns the cases with some of
+the drawn sizes replaced (keys B, T, H, K, D, E, sink, local, docs), to isolate which one a failure needs, e.g.
+`--cases 1 --impls mosaic:mosaic --vary local=2 --vary H=2 --vary D=128,E=128 --vary docs=1`.
 """
 from __future__ import annotations
 
@@ -70,20 +73,40 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--cases", default="0,1,2,3")
   ap.add_argument("--impls", default="pallas_mosaic,mosaic:mosaic,mosaic:mosaic_dq,pallas_triton,xla")
+  ap.add_argument("--vary", action="append", default=[], metavar="KEY=VALUE,...",
+                  help="also run each case with these sizes replaced (repeatable)")
   args = ap.parse_args(argv)
   impls = [impl_name(n) for n in args.impls.split(",")]
   for case in (int(c) for c in args.cases.split(",")):
-    rng, pattern, B, T, H, K, D, E, block = sweep_case(case)
-    seg = jnp.asarray(aligned_segments(rng, B, T, block, 3))
-    q, k, v, w_o, w_lse = random_inputs(rng, B, T, H, K, D, E, jnp.bfloat16)
-    up = lambda x: x.astype(jnp.float32)
-    with jax.default_matmul_precision("highest"):
-      ref = value_and_grads("xla_dense", pattern, up(q), up(k), up(v), seg, w_o, w_lse)
-    print(f"case {case}: {pattern} B={B} T={T} H={H} K={K} D={D} E={E}", flush=True)
-    for impl in impls:
-      got = value_and_grads(impl, pattern, q, k, v, seg, w_o, w_lse)
-      for name, g, r in zip(("o", "lse", "dq", "dk", "dv"), (got[0], got[1], *got[2]), (ref[0], ref[1], *ref[2])):
-        print(f"  {impl:24s} {name:3s} {errors(g, r)}", flush=True)
+    for vary in [""] + args.vary:
+      run_case(case, vary, impls)
+
+
+def run_case(case: int, vary: str, impls: list[str]):
+  """One sweep case (with `vary`'s replacements) through each impl: five error lines per impl."""
+  rng, pattern, B, T, H, K, D, E, block = sweep_case(case)
+  sizes = dict(B=B, T=T, H=H, K=K, D=D, E=E, docs=3)
+  if isinstance(pattern, A.SSA):
+    sizes.update(sink=pattern.sink_blocks, local=pattern.local_blocks)
+  for item in filter(None, vary.split(",")):
+    key, value = item.split("=")
+    if key not in sizes:
+      raise ValueError(f"--vary: unknown key {key!r}; one of {sorted(sizes)}")
+    sizes[key] = int(value)
+  if isinstance(pattern, A.SSA):
+    pattern = A.SSA(block, sizes["sink"], sizes["local"])
+  B, T, H, K, D, E = (sizes[k] for k in "B T H K D E".split())
+  seg = jnp.asarray(aligned_segments(rng, B, T, block, sizes["docs"]))
+  q, k, v, w_o, w_lse = random_inputs(rng, B, T, H, K, D, E, jnp.bfloat16)
+  up = lambda x: x.astype(jnp.float32)
+  with jax.default_matmul_precision("highest"):
+    ref = value_and_grads("xla_dense", pattern, up(q), up(k), up(v), seg, w_o, w_lse)
+  print(f"case {case}{' (' + vary + ')' if vary else ''}: {pattern} B={B} T={T} H={H} K={K} D={D} E={E} "
+        f"docs<={sizes['docs']}", flush=True)
+  for impl in impls:
+    got = value_and_grads(impl, pattern, q, k, v, seg, w_o, w_lse)
+    for name, g, r in zip(("o", "lse", "dq", "dk", "dv"), (got[0], got[1], *got[2]), (ref[0], ref[1], *ref[2])):
+      print(f"  {impl:24s} {name:3s} {errors(g, r)}", flush=True)
 
 
 if __name__ == "__main__":
