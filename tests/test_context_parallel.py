@@ -107,7 +107,10 @@ def test_shard_map_path_at_context1_matches_plain(impl):
   for forced in (False, True):
     fn, params = step_fn(cfg)   # a fresh function per path: jit keeps one trace per function
     with mesh_scope(forced):
-      assert ("shard_map" in str(jax.make_jaxpr(fn)(params, tokens, seg))) == forced
+      jaxpr = str(jax.make_jaxpr(fn)(params, tokens, seg))
+      assert ("shard_map" in jaxpr) == forced
+      # Full sublayers on the shard_map path: the prefix kernel for kernel impls, never for xla
+      assert ("prefix_attention_fwd" in jaxpr) == (forced and impl != "xla")
       out[forced] = jax.jit(fn)(params, tokens, seg)
   np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(out[False][1]), jax.tree.leaves(out[True][1])):
