@@ -432,6 +432,7 @@ class PretrainStage:
   batch_size: int = 0                           # 0 = train.batch_size
   learning_rate: float = 0.0                    # 0 = train.learning_rate
   warmup_steps: int = 0
+  weight_decay: float | None = None             # None = train.weight_decay
   retrieval_fraction: float | None = None       # None = data.retrieval_fraction
   retrieval_lengths: tuple[int, ...] = ()       # () = data.retrieval_lengths
   passkey_digits: tuple[int, ...] = ()          # () = data.passkey_digits
@@ -440,6 +441,8 @@ class PretrainStage:
     if self.seq_len < 2 or self.steps < 1 or self.batch_size < 0 or self.learning_rate < 0 or self.warmup_steps < 0:
       raise ValueError(f"pipeline.pretrain_stages: need seq_len >= 2, steps >= 1 and batch_size, learning_rate, "
                        f"warmup_steps >= 0; got {self}")
+    if self.weight_decay is not None and self.weight_decay < 0:
+      raise ValueError(f"pipeline.pretrain_stages: weight_decay must be >= 0, got {self.weight_decay}")
     if self.retrieval_fraction is not None and not 0.0 <= self.retrieval_fraction <= 1.0:
       raise ValueError(f"pipeline.pretrain_stages: retrieval_fraction must be in [0, 1], got {self.retrieval_fraction}")
 

@@ -260,3 +260,18 @@ def test_proxy_experiment_end_to_end_in_calls(tmp_path, monkeypatch):
     (tmp_path / "report.md").unlink()
     assert pipeline.main(_proxy_argv(tmp_path)) == 0
   assert (tmp_path / "report.md").read_text() == report
+
+
+def test_pretrain_stage_weight_decay_overrides_the_train_section():
+  """A stage's weight_decay replaces train.weight_decay for that stage only; left out, the train section's holds."""
+  from pathlib import Path
+
+  from loza_jax.config import load_config
+  cfg = load_config("configs/demo_cpu.yaml", [
+      "train.weight_decay=0.1", "pipeline.pretrain_stages=[{seq_len: 128, steps: 2, weight_decay: 0.0}, "
+      "{seq_len: 128, steps: 2}]"])
+  first, second = cfg.pipeline.pretrain_stages
+  assert pipeline.pretrain_stage_cfg(cfg, first, 0, Path("x")).train.weight_decay == 0.0
+  assert pipeline.pretrain_stage_cfg(cfg, second, 1, Path("y")).train.weight_decay == 0.1
+  with pytest.raises(ValueError, match="weight_decay must be >= 0, got -1"):
+    load_config("configs/demo_cpu.yaml", ["pipeline.pretrain_stages=[{seq_len: 128, steps: 2, weight_decay: -1}]"])

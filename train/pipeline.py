@@ -125,7 +125,8 @@ def check_same_run(run_dir: Path, cfg: Config, init: str | None) -> None:
 
 
 def pretrain_stage_cfg(cfg: Config, stage: PretrainStage, index: int, run_dir: Path) -> Config:
-  """The config of pretraining stage `index`: its data section (own seed), batch, steps, schedule and run dir."""
+  """The config of pretraining stage `index`: its data section (own seed), batch, steps, schedule, weight decay and
+  run dir."""
   return replace(cfg, **{
       "pipeline.pretrain_stages": (),
       "data": replace(pretrain_stage_data(cfg.data, stage), seed=cfg.data.seed + index),
@@ -133,6 +134,7 @@ def pretrain_stage_cfg(cfg: Config, stage: PretrainStage, index: int, run_dir: P
       "train.batch_size": stage.batch_size or cfg.train.batch_size,
       "train.learning_rate": stage.learning_rate or cfg.train.learning_rate,
       "train.warmup_steps": stage.warmup_steps,
+      "train.weight_decay": cfg.train.weight_decay if stage.weight_decay is None else stage.weight_decay,
       "train.decay_steps": 0,
       "train.run_dir": str(run_dir),
   })
