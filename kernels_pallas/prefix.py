@@ -29,6 +29,7 @@ from kernels_pallas.tile_io import (
   NEG_INF,
   Tiles,
   attend_tile,
+  dkv_cols,
   dkv_tile,
   dq_rows,
   dq_tile,
@@ -39,7 +40,6 @@ from kernels_pallas.tile_io import (
 )
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-INF = float("inf")
 FAR = 1 << 30          # a document start after every key: a padding query row sees nothing
 
 
@@ -152,7 +152,7 @@ def _fwd_kernel(off_ref, qseg_ref, qlo_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref
 
   def visit(c, carry, masked):
     k0 = c * cols
-    keys_ok = (k0 + jnp.arange(cols) < cfg.k_len) if masked and cfg.k_len % cols else None
+    keys_ok = _row_ok(k0, cols, cfg.k_len, masked and cfg.k_len % cols != 0)   # only a masked tile can be the tail
     k = load_parts(k_ref, k0, cols, cfg.d_parts, keys_ok)
     mask = _key_mask(cfg, g0, rows, k0, cols, qseg, kseg_ref) if masked else None
     return attend_tile(q, k, lambda: load_parts(v_ref, k0, cols, cfg.e_parts, keys_ok), carry, qk_scale,
@@ -180,7 +180,7 @@ def _dq_kernel(off_ref, qseg_ref, qlo_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref,
 
   def visit(c, dq, masked):
     k0 = c * cols
-    keys_ok = (k0 + jnp.arange(cols) < cfg.k_len) if masked and cfg.k_len % cols else None
+    keys_ok = _row_ok(k0, cols, cfg.k_len, masked and cfg.k_len % cols != 0)   # only a masked tile can be the tail
     k = load_parts(k_ref, k0, cols, cfg.d_parts, keys_ok)
     v = load_parts(v_ref, k0, cols, cfg.e_parts, keys_ok)
     return dq_tile(dq, q, do, lse2, delta, k, v, qk_scale, cfg.precision,
@@ -224,10 +224,8 @@ def _dkv_kernel(off_ref, qseg_ref, kseg_ref, kend_ref, q_ref, k_ref, v_ref, do_r
   def step(c, g, carry, masked):
     q0 = c * cols
     rows_ok = _row_ok(q0, cols, cfg.q_len, cfg.q_len % cols != 0)
-    q = load_parts(q_ref, q0, cols, cfg.d_parts, rows_ok, lead=(g,))
-    do = load_parts(do_ref, q0, cols, cfg.e_parts, rows_ok, lead=(g,))
-    lse2 = load(lse_ref, (g, pl.ds(q0, cols)), rows_ok, (cols,), other=INF) * LOG2E
-    delta = load(delta_ref, (g, pl.ds(q0, cols)), rows_ok, (cols,))
+    q, do, lse2, delta = dkv_cols(q_ref, do_ref, lse_ref, delta_ref, g, q0, cols, cfg.d_parts, cfg.e_parts, rows_ok)
+
     def mask():
       qpos = off + q0 + jnp.arange(cols)
       ok = (k0 + jnp.arange(rows))[:, None] <= qpos[None, :]

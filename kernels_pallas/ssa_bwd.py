@@ -27,18 +27,15 @@ from kernels_pallas.tile_io import (
   LOG2E,
   KernelConfig,
   causal_mask,
+  dkv_cols,
   dkv_tile,
   dq_rows,
   dq_tile,
-  load,
   load_parts,
   row_mask,
   store,
   store_parts,
 )
-
-INF = float("inf")
-
 
 # ----------------------------------------------------------------------------------------
 # dQ
@@ -95,10 +92,7 @@ def _kv_step(k, v, k0, q_ref, do_ref, lse_ref, delta_ref, c, g, carry, *, cfg, m
   rows, cols = cfg.dkv.rows, cfg.dkv.cols
   q0 = c * cols
   rows_ok = row_mask(cfg, q0, cols)
-  q = load_parts(q_ref, q0, cols, cfg.d_parts, rows_ok, lead=(g,))
-  do = load_parts(do_ref, q0, cols, cfg.e_parts, rows_ok, lead=(g,))
-  lse2 = load(lse_ref, (g, pl.ds(q0, cols)), rows_ok, (cols,), other=INF) * LOG2E
-  delta = load(delta_ref, (g, pl.ds(q0, cols)), rows_ok, (cols,))
+  q, do, lse2, delta = dkv_cols(q_ref, do_ref, lse_ref, delta_ref, g, q0, cols, cfg.d_parts, cfg.e_parts, rows_ok)
   return dkv_tile((dk, dv), k, v, q, do, lse2, delta, cfg.scale * LOG2E, cfg.precision,
                   (lambda: causal_mask(q0, cols, k0, rows, transposed=True)) if masked else None)
 

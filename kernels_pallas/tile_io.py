@@ -148,6 +148,16 @@ def dq_rows(q_ref, do_ref, o_ref, lse_ref, dlse_ref, r0, rows: int, d_parts, e_p
   return q, do, lse2, delta
 
 
+def dkv_cols(q_ref, do_ref, lse_ref, delta_ref, g, q0, cols: int, d_parts, e_parts, rows_ok):
+  """A dK/dV program's streamed query tile of head g (grouped [T, G, *] and [G, T] views): (q parts, dO parts,
+  lse in base 2 (+inf past the sequence), delta)."""
+  q = load_parts(q_ref, q0, cols, d_parts, rows_ok, lead=(g,))
+  do = load_parts(do_ref, q0, cols, e_parts, rows_ok, lead=(g,))
+  lse2 = load(lse_ref, (g, pl.ds(q0, cols)), rows_ok, (cols,), other=math.inf) * LOG2E
+  delta = load(delta_ref, (g, pl.ds(q0, cols)), rows_ok, (cols,))
+  return q, do, lse2, delta
+
+
 def dq_tile(dq, q, do, lse2, delta, k, v, qk_scale: float, precision=None, mask=None):
   """One key tile of a dQ kernel (base 2): P from the saved lse2, dS = P·(dP − delta), dq parts += dS·K (unscaled).
   `mask()` gives the [rows, cols] visibility, built after the scores; None: the whole tile is visible."""
